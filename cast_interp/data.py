@@ -186,6 +186,8 @@ def _read_rows(path: Path) -> list[dict]:
                 if len(lists) != 1:
                     raise DataError(f"{path}: JSON object must hold exactly one list of rows.")
                 data = lists[0]
+            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+                raise DataError(f"{path}: JSON must be a list of objects (rows with named fields).")
             return list(data)
     except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path} could not be parsed as {suffix[1:].upper()}: {exc}") from exc
@@ -239,8 +241,9 @@ def load_table(
         if input_column and str(r.get(input_column) or "").strip():
             prompt = f"{prompt}\n\n{str(r[input_column]).strip()}"
         resp = r.get(rc) if rc else None
+        cat = r.get(cc) if cc else None  # JSON null / empty cell: no category, not "None"
         examples.append(ChatExample(prompt, str(resp).strip() if resp else None,
-                                    str(r[cc]) if cc else None))
+                                    str(cat) if cat not in (None, "") else None))
     return _nonempty(ChatDataset(name or p.stem, examples, source=str(p)))
 
 

@@ -1,0 +1,371 @@
+"""Figures of CAST: what the diagnosis found, readable on paper and on screen.
+
+Diagnosis figures (stage 1):
+- `plot_head_heatmap`: one `[n_layers, n_heads]` array as a layer x head heatmap (sequential
+  colour-blind-safe map; a diverging map centred at 0 for signed values such as S);
+- `plot_conflict_maps`: O, S and C side by side;
+- `plot_o_vs_s`: each head as a point (O, S), the top-k heads by C (those CAST skips) marked and
+  labelled `L{l}H{h}`;
+- `plot_sorted_c`: C sorted with its cumulative share, the "not global" claim as a curve.
+
+Run figures (stages 2-4): `plot_tradeoff` (safety vs utility cost per arm, spread over seeds),
+`plot_drop_vs_k`, `plot_training_curves`, `plot_attribution_vs_map` (post-hoc causal share vs C).
+
+Every function returns a matplotlib `Figure` built without pyplot's global state (safe with the Agg
+backend, in scripts and in threads) and takes `save=path` to write it; `save_figure` writes
+atomically, the format following the suffix (.pdf/.svg vector, .png raster). NaN heads are grey.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from matplotlib import rc_context
+from matplotlib.axes import Axes
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
+
+PathLike = Union[str, Path]
+
+# Readable at column width (ours): larger fonts than matplotlib's default, no top/right spines.
+STYLE: dict[str, Any] = {
+    "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9,
+    "ytick.labelsize": 9, "legend.fontsize": 9, "figure.titlesize": 12,
+    "axes.spines.top": False, "axes.spines.right": False, "savefig.bbox": "tight",
+    "pdf.fonttype": 42, "svg.fonttype": "none",  # editable text in vector output
+}
+SEQUENTIAL_CMAP = "viridis"   # perceptually uniform, colour-blind safe
+DIVERGING_CMAP = "RdBu_r"     # centred at 0: red positive, blue negative
+NAN_COLOR = "#bdbdbd"
+HIGHLIGHT = "#d62728"
+_FORMATS = {".pdf": "pdf", ".svg": "svg", ".png": "png"}
+
+
+def _numpy(values: Any) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().float().cpu().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
+def _new_axes(ax: Optional[Axes], figsize: tuple[float, float]) -> tuple[Figure, Axes]:
+    if ax is not None:
+        return ax.figure, ax
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _heatmap_size(L: int, H: int) -> tuple[float, float]:
+    return (min(2.0 + 0.35 * H, 8.0), min(1.5 + 0.22 * L, 9.0))
+
+
+def _ticks(n: int, max_labels: int = 16) -> np.ndarray:
+    step = max(1, int(np.ceil(n / max_labels)))
+    return np.arange(0, n, step)
+
+
+def plot_head_heatmap(
+    values: Any,
+    title: str = "",
+    *,
+    diverging: bool = False,
+    ax: Optional[Axes] = None,
+    cbar_label: Optional[str] = None,
+    cmap: Optional[str] = None,
+    save: Optional[PathLike] = None,
+) -> Figure:
+    """Layer (rows, 0 at top) x head (columns) heatmap of a `[n_layers, n_heads]` array.
+
+    diverging: use a diverging colour map centred at 0 (for signed values such as S or the gradient
+    dot product); otherwise a sequential one. NaN entries are drawn grey.
+    """
+    v = _numpy(values)
+    if v.ndim != 2:
+        raise ValueError(f"values must be [n_layers, n_heads], got shape {v.shape}.")
+    L, H = v.shape
+    with rc_context(STYLE):
+        fig, ax = _new_axes(ax, _heatmap_size(L, H))
+        finite = v[np.isfinite(v)]
+        norm = None
+        if diverging:
+            bound = float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
+            norm = TwoSlopeNorm(vcenter=0.0, vmin=-bound, vmax=bound)
+        import matplotlib
+
+        cm = matplotlib.colormaps[cmap or (DIVERGING_CMAP if diverging else SEQUENTIAL_CMAP)]
+        cm = cm.with_extremes(bad=NAN_COLOR)
+        im = ax.imshow(np.ma.masked_invalid(v), cmap=cm, norm=norm, aspect="auto",
+                       interpolation="nearest")
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_xticks(_ticks(H))
+        ax.set_yticks(_ticks(L))
+        ax.spines[:].set_visible(False)
+        if title:
+            ax.set_title(title)
+        cb = fig.colorbar(im, ax=ax, shrink=0.9)
+        if cbar_label:
+            cb.set_label(cbar_label)
+    if save is not None:
+        save_figure(fig, save)
+    return fig
+
+
+def plot_conflict_maps(conflict_map: Any, *, save: Optional[PathLike] = None) -> Figure:
+    """O, S and C heatmaps side by side (S on a diverging map: a negative S means the ablation
+    helped utility)."""
+    L, H = tuple(conflict_map.O.shape)
+    w, h = _heatmap_size(L, H)
+    how = (getattr(conflict_map, "config", {}) or {}).get("combine", {}).get("how", "")
+    with rc_context(STYLE):
+        fig = Figure(figsize=(3 * w + 0.5, h + 0.4), layout="constrained")
+        axes = fig.subplots(1, 3)
+        plot_head_heatmap(conflict_map.O, "Optimization Conflict O", ax=axes[0],
+                          cbar_label="1 - cos(g_safe, g_util)")
+        plot_head_heatmap(conflict_map.S, "Functional Sensitivity S", diverging=True, ax=axes[1],
+                          cbar_label="ΔL_util when ablated")
+        plot_head_heatmap(conflict_map.C, "Conflict score C", ax=axes[2],
+                          cbar_label=f"C ({how})" if how else "C")
+    if save is not None:
+        save_figure(fig, save)
+    return fig
+
+
+def plot_o_vs_s(conflict_map: Any, k: Union[int, float] = 0.1, *, ax: Optional[Axes] = None,
+                save: Optional[PathLike] = None) -> Figure:
+    """Scatter of O (x) against S (y), one point per head coloured by C; the top-k heads by C
+    (the heads CAST skips; k a count or a fraction) ringed and labelled `L{l}H{h}`."""
+    O, S, C = _numpy(conflict_map.O), _numpy(conflict_map.S), _numpy(conflict_map.C)
+    top = conflict_map.top_heads(k, by="C") if k else []
+    with rc_context(STYLE):
+        fig, ax = _new_axes(ax, (5.0, 4.0))
+        ok = np.isfinite(O) & np.isfinite(S)
+        cvals = np.where(np.isfinite(C), C, np.nan)
+        sc = ax.scatter(O[ok], S[ok], c=cvals[ok], cmap=SEQUENTIAL_CMAP, s=18, linewidths=0)
+        fig.colorbar(sc, ax=ax, label="C")
+        if top:
+            tl = np.array([O[l, h] for l, h in top])
+            ts = np.array([S[l, h] for l, h in top])
+            ax.scatter(tl, ts, s=70, facecolors="none", edgecolors=HIGHLIGHT, linewidths=1.3,
+                       label=f"top {len(top)} by C (skipped)")
+            for (l, h), x, y in zip(top, tl, ts):
+                ax.annotate(f"L{l}H{h}", (x, y), xytext=(4, 3), textcoords="offset points",
+                            fontsize=8, color=HIGHLIGHT)
+            ax.legend(loc="best", frameon=False)
+        ax.axhline(0.0, color="0.6", linewidth=0.8, zorder=0)
+        ax.axvline(1.0, color="0.6", linewidth=0.8, linestyle=":", zorder=0)  # orthogonal
+        ax.set_xlabel("Optimization Conflict O (0 aligned, 1 orthogonal, 2 opposed)")
+        ax.set_ylabel("Functional Sensitivity S")
+        n_nan = int((~ok).sum())
+        ax.set_title("Conflict vs sensitivity" + (f" ({n_nan} NaN heads not shown)" if n_nan else ""))
+    if save is not None:
+        save_figure(fig, save)
+    return fig
+
+
+def plot_sorted_c(conflict_map: Any, *, ax: Optional[Axes] = None,
+                  save: Optional[PathLike] = None) -> Figure:
+    """Heads sorted by C (bars, left axis) and the cumulative share of total C (line, right axis),
+    with the top-10% share marked: how far from "global" the conflict is."""
+    C = _numpy(conflict_map.C).ravel()
+    C = np.sort(np.clip(C[np.isfinite(C)], 0, None))[::-1]
+    n, total = C.size, C.sum()
+    with rc_context(STYLE):
+        fig, ax = _new_axes(ax, (6.0, 3.4))
+        x = np.arange(1, n + 1)
+        ax.bar(x, C, width=1.0, color="#3b528b", linewidth=0)
+        ax.set_xlabel("heads, sorted by C")
+        ax.set_ylabel("C")
+        ax.set_xlim(0.5, n + 0.5)
+        ax2 = ax.twinx()
+        ax2.spines["right"].set_visible(True)
+        if total > 0:
+            share = np.cumsum(C) / total
+            ax2.plot(x, share, color=HIGHLIGHT, linewidth=1.5)
+            k10 = max(1, int(np.floor(0.1 * n + 0.5)))
+            ax2.axvline(k10, color="0.5", linestyle=":", linewidth=1)
+            ax2.annotate(f"top 10% ({k10} heads): {share[k10 - 1]:.0%} of C", (k10, share[k10 - 1]),
+                         xytext=(6, -14), textcoords="offset points", fontsize=8, color=HIGHLIGHT)
+        ax2.set_ylim(0, 1.02)
+        ax2.set_ylabel("cumulative share of C", color=HIGHLIGHT)
+        ax.set_title("Concentration of the conflict score")
+    if save is not None:
+        save_figure(fig, save)
+    return fig
+
+
+def save_figure(fig: Figure, path: PathLike, *, dpi: int = 200) -> Path:
+    """Write `fig` to `path` atomically (temporary file, then replace); the format follows the
+    suffix: .pdf / .svg (vector) or .png (raster, `dpi`). No creation date is written into vector
+    files, so re-running a script does not change them for that reason alone."""
+    path = Path(path)
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"Unsupported figure format {path.suffix!r} for {path}: use "
+                         f"{', '.join(_FORMATS)}.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(fd)
+    metadata = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}.get(fmt)
+    try:
+        with rc_context(STYLE):
+            fig.savefig(tmp, format=fmt, dpi=dpi, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 2-3 figures: the arms of a run (inputs are `pipeline.summarize` rows and arm pieces)
+# --------------------------------------------------------------------------------------------------
+
+ARM_STYLE: dict[str, tuple[str, str, str]] = {
+    # method: (label, colour (Okabe-Ito, colour-blind safe), marker)
+    "full": ("full tuning", "#000000", "s"),
+    "cast": ("CAST (skip top-k by C)", "#D55E00", "*"),
+    "random": ("random k", "#0072B2", "o"),
+    "bottom": ("bottom-k by C", "#009E73", "v"),
+    "top_o": ("top-k by O only", "#CC79A7", "^"),
+    "top_s": ("top-k by S only", "#E69F00", "D"),
+    "layer_band": ("layer band", "#56B4E9", "P"),
+}
+
+
+def _arm_label(method: str) -> tuple[str, str, str]:
+    return ARM_STYLE.get(method, (method, "#777777", "o"))
+
+
+def plot_tradeoff(summary: list[dict], *, utility: str = "kl_to_original",
+                  safety: str = "refusal_rate", ax: Optional[Axes] = None,
+                  save: Optional[PathLike] = None) -> Figure:
+    """Safety (y) against utility cost (x) for every arm, with the spread over seeds as error bars.
+
+    Up and to the left is better: more refusal, less utility drift.
+    """
+    with rc_context(STYLE):
+        fig, ax = _new_axes(ax, (5.2, 3.8))
+        seen = set()
+        for r in summary:
+            if safety not in r or utility not in r:
+                continue
+            label, color, marker = _arm_label(r["method"])
+            x = r[utility] if utility == "kl_to_original" else r[f"d_{utility}"]
+            ax.errorbar(x, r[safety], xerr=r.get(f"sd_{utility}", 0) or None,
+                        yerr=r.get(f"sd_{safety}", 0) or None, fmt=marker, color=color,
+                        ms=9 if r["method"] == "cast" else 6, capsize=2,
+                        label=None if label in seen else label)
+            seen.add(label)
+            if r["method"] != "full":
+                ax.annotate(f"k={r['k']}", (x, r[safety]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points", color=color)
+        ax.set_xlabel("KL(original ‖ tuned) on benign prompts" if utility == "kl_to_original"
+                      else f"Δ {utility.replace('_', ' ')}")
+        ax.set_ylabel(safety.replace("_", " ") + " on held-out harmful prompts")
+        ax.legend(frameon=False, fontsize=7, loc="best")
+        ax.set_title("Safety vs utility cost of each arm")
+    if save is not None:
+        save_figure(fig, save)
+    return fig
+
+
+def plot_drop_vs_k(summary: list[dict], *, utility: str = "kl_to_original",
+                   ax: Optional[Axes] = None, save: Optional[PathLike] = None) -> Figure:
+    """Utility cost against the number of skipped heads k, per method (full tuning as a line)."""
+    with rc_context(STYLE):
+        fig, ax = _new_axes(ax, (5.0, 3.5))
+        full = [r for r in summary if r["method"] == "full" and utility in r]
+        if full:
+            ax.axhline(full[0][utility], color="black", ls="--", lw=1, label="full tuning")
+        by_method: dict[str, list[dict]] = {}
+        for r in summary:
+            if r["method"] != "full" and utility in r:
+                by_method.setdefault(r["method"], []).append(r)
+        for method, rows in by_method.items():
+            rows = sorted(rows, key=lambda r: r["k"])
+            label, color, marker = _arm_label(method)
+            ax.errorbar([r["k"] for r in rows], [r[utility] for r in rows],
+                        yerr=[r.get(f"sd_{utility}", 0) for r in rows], color=color,
+                        marker=marker, capsize=2, label=label)
+        ax.set_xlabel("k (heads skipped)")
+        ax.set_ylabel(utility.replace("_", " "))
+        ax.legend(frameon=False, fontsize=7)
+        ax.set_title("Utility cost vs budget k")
+    if save is not None:
+        save_figure(fig, save)
+    return fig
+
+
+def plot_training_curves(results: dict[str, dict], *, ax: Optional[Axes] = None,
+                         save: Optional[PathLike] = None) -> Figure:
+    """Safety training loss per step for every arm (from each arm's `tuning.losses`)."""
+    with rc_context(STYLE):
+        fig, ax = _new_axes(ax, (5.0, 3.5))
+        seen = set()
+        for name, piece in sorted(results.items()):
+            losses = piece.get("tuning", {}).get("losses") or []
+            label, color, _ = _arm_label(piece["arm"]["method"])
+            ax.plot(range(1, len(losses) + 1), losses, color=color, alpha=0.8, lw=1.2,
+                    label=None if label in seen else label)
+            seen.add(label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("L_safe (training batch)")
+        ax.set_yscale("log")
+        ax.legend(frameon=False, fontsize=7)
+        ax.set_title("Safety fine-tuning curves")
+    if save is not None:
+        save_figure(fig, save)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 4 figure: post-hoc attribution against the map
+# --------------------------------------------------------------------------------------------------
+
+
+def plot_attribution_vs_map(result: Any, conflict_map: Any, *, k: Optional[int] = None,
+                            save: Optional[PathLike] = None):
+    """Scatter of each head's post-hoc utility_recovered against its pre-alignment C.
+
+    Spearman rho in the title; the top-k heads by utility_recovered are labelled `L{l}H{h}` and the
+    top-k by C ringed. Returns a matplotlib Figure (no pyplot state); `save=path` writes it.
+    """
+    from .sensitivity import compare_sensitivity
+
+    k = int(k or result.comparison.get("k") or result.config.get("k") or 5)
+    C = conflict_map.C.detach().double().cpu().flatten().numpy()
+    U = result.utility_recovered.detach().double().cpu().flatten().numpy()
+    H = result.utility_recovered.shape[1]
+    ok = np.isfinite(C) & np.isfinite(U)
+    try:
+        rho = compare_sensitivity(torch.as_tensor(C), torch.as_tensor(U), k=k)["spearman"]
+    except ValueError:
+        rho = math.nan
+    fig = Figure(figsize=(5, 4), dpi=150)
+    ax = fig.add_subplot()
+    ax.scatter(C[ok], U[ok], s=12, color="#4477AA", alpha=0.8, label="heads")
+    top_c = [l * H + h for l, h in conflict_map.top_heads(min(k, int(np.isfinite(C).sum())), by="C")]
+    top_c = [i for i in top_c if ok[i]]
+    ax.scatter(C[top_c], U[top_c], s=60, facecolors="none", edgecolors="#EE6677",
+               label=f"top-{k} by C")
+    for l, h in result.ranking()[:k]:
+        i = l * H + h
+        if ok[i]:
+            ax.annotate(f"L{l}H{h}", (C[i], U[i]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.axhline(0.0, color="grey", lw=0.6)
+    ax.set_xlabel("conflict score C (before alignment)")
+    ax.set_ylabel("utility recovered by reverting the head")
+    ax.set_title(f"Post-hoc causal share vs C (Spearman rho = {rho:.2f})", fontsize=9)
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    if save is not None:
+        save_figure(fig, save)
+    return fig
