@@ -51,11 +51,11 @@ def _cmd_diagnose(args) -> int:
     from .pipeline import _diagnosis_figures
 
     model = load_model(args.model, device=args.device)
-    cfg = DiagnosisConfig(n_calibration=args.n_calibration, batch_size=args.batch_size,
-                          ablation=args.ablation, sensitivity_method=args.sensitivity_method,
-                          combine=args.combine, n_bootstrap=args.n_bootstrap, seed=args.seed)
-    if args.n_sensitivity is not None and hasattr(cfg, "n_sensitivity"):
-        cfg.n_sensitivity = args.n_sensitivity
+    cfg = DiagnosisConfig(n_calibration=args.n_calibration, n_sensitivity=args.n_sensitivity,
+                          batch_size=args.batch_size, ablation=args.ablation,
+                          sensitivity_method=args.sensitivity_method, combine=args.combine,
+                          n_bootstrap=args.n_bootstrap, seed=args.seed,
+                          utility_reference=args.utility_reference)
     t = time.time()
     cmap = diagnose(model, load_dataset(args.safety_data), load_dataset(args.utility_data), cfg,
                     progress=True)
@@ -78,6 +78,7 @@ def _cmd_run(args) -> int:
         args.preset, out_dir=args.out, model=args.model, device=args.device, steps=args.steps,
         seed=args.seed, safety_data=args.safety_data, utility_data=args.utility_data,
         over_refusal_data=args.over_refusal_data,
+        **({"attribute": False} if args.no_attribute else {}),
     )
     run_experiment(cfg)
     print((Path(args.out) / "report.md").read_text())
@@ -88,8 +89,16 @@ def _cmd_attribute(args) -> int:
     from .pipeline import RunConfig, run_experiment
     from .io import read_json
 
-    cfg = RunConfig.from_dict(read_json(Path(args.run) / "config.json"))
+    path = Path(args.run) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: pass the output directory of a "
+                                "`cast-interp run` (it holds config.json).")
+    cfg = RunConfig.from_dict(read_json(path))
     cfg.attribute = True
+    if args.method:
+        cfg.attribution_method = args.method
+    if args.exact_heads is not None:
+        cfg.attribution_exact_heads = args.exact_heads
     run_experiment(cfg)  # finished stages are re-used; only attribution is computed
     print((Path(args.run) / "report.md").read_text())
     return 0
@@ -122,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--combine", choices=["product", "rank_product", "weighted_sum",
                                          "first_order_harm"], default="product")
     d.add_argument("--n-bootstrap", type=int, default=200)
+    d.add_argument("--utility-reference", choices=["dataset", "self"], default="dataset",
+                   help="utility answers: the dataset's, or the model's own greedy answers")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="runs/diagnosis")
     d.set_defaults(fn=_cmd_diagnose)
@@ -134,11 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--over-refusal-data", default=None)
     r.add_argument("--steps", type=int, default=None)
     r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--no-attribute", action="store_true", help="skip stage 4")
     r.add_argument("--out", default="runs/default")
     r.set_defaults(fn=_cmd_run)
 
     a = sub.add_parser("attribute", help="which heads caused the utility drop (stage 4)")
     a.add_argument("--run", required=True, help="output directory of `cast-interp run`")
+    a.add_argument("--method", choices=["first_order", "exact"], default=None)
+    a.add_argument("--exact-heads", type=int, default=None,
+                   help="also revert exactly this many heads (top by the first-order map)")
     a.set_defaults(fn=_cmd_attribute)
     return p
 
@@ -148,10 +163,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .data import DataError
     from .heads import HeadIndexError
     from .model import ModelLoadError
+    from .objectives import NonFiniteLossError
 
     try:
         return args.fn(args)
-    except (DataError, ModelLoadError, HeadIndexError, FileNotFoundError, ValueError) as exc:
+    except (DataError, ModelLoadError, HeadIndexError, NonFiniteLossError, FileNotFoundError,
+            ValueError) as exc:
         # Bad input: one clear line, no traceback from deep inside torch.
         print(f"cast-interp: error: {exc}", file=sys.stderr)
         return 2

@@ -33,12 +33,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {},
     # Smallest settings for a smoke test of the plumbing (tiny model or a quick look).
     "smoke": {"n_calibration": 4, "n_sensitivity": 4, "n_bootstrap": 10, "steps": 2,
-              "n_eval": 4, "eval_max_new_tokens": 8, "k_fractions": [0.1], "k_sweep": [],
-              "random_seeds": [0], "attribute": False},
+              "batch_size": 4, "n_eval": 4, "eval_max_new_tokens": 8, "k_fractions": [0.1],
+              "k_sweep": [], "random_seeds": [0], "attribution_examples": 4,
+              "attribution_exact_heads": 2},
     # A larger run for a GPU (the `device` machine): more data, steps and seeds.
-    "gpu": {"n_calibration": 128, "n_sensitivity": 64, "n_bootstrap": 500, "steps": 100,
+    "gpu": {"n_calibration": 128, "n_sensitivity": 64, "n_bootstrap": 500, "steps": 40,
             "batch_size": 16, "n_eval": 50, "eval_max_new_tokens": 32,
-            "k_sweep": [0.05, 0.1, 0.2, 0.3], "random_seeds": [0, 1, 2, 3, 4]},
+            "k_fractions": [0.05, 0.1, 0.2], "k_sweep": [0.3], "random_seeds": [0, 1, 2, 3, 4],
+            "attribution_method": "exact", "attribution_examples": 32},
 }
 
 
@@ -66,6 +68,7 @@ class RunConfig:
     steps: int = 12
     batch_size: int = 8
     lr: Optional[float] = None       # None: TuningConfig's default
+    benign_mix: float = 0.25         # share of benign examples per batch (tempers over-refusal)
     scope: str = "attention"
     kv_policy: str = "any"
     seed: int = 0
@@ -74,6 +77,9 @@ class RunConfig:
     eval_max_new_tokens: int = 16
     # Stage 4
     attribute: bool = True
+    attribution_method: str = "first_order"  # all heads; "exact" costs a forward per head
+    attribution_exact_heads: int = 27         # also exact on this many heads (top by first-order)
+    attribution_examples: int = 16
     preset: str = "cpu"
     device: Optional[str] = None
 
@@ -101,7 +107,8 @@ class RunConfig:
 
 DIAG_FIELDS = ("model", "safety_data", "utility_data", "n_calibration", "n_sensitivity",
                "diag_batch_size", "ablation", "sensitivity_method", "combine", "n_bootstrap", "seed")
-TUNE_FIELDS = DIAG_FIELDS + ("steps", "batch_size", "lr", "scope", "kv_policy")
+TUNE_FIELDS = DIAG_FIELDS + ("steps", "batch_size", "lr", "benign_mix", "scope", "kv_policy")
+ATTR_FIELDS = ("attribution_method", "attribution_exact_heads", "attribution_examples")
 EVAL_FIELDS = ("model", "safety_data", "utility_data", "over_refusal_data", "n_eval",
                "eval_max_new_tokens")
 
@@ -151,6 +158,7 @@ def _datasets(cfg: RunConfig):
         "safe_cal": split(cfg.safety_data, "calibration"),
         "util_cal": split(cfg.utility_data, "calibration"),
         "safe_train": split(cfg.safety_data, "train"),
+        "util_train": split(cfg.utility_data, "train"),
         "harmful_test": split(cfg.safety_data, "test").take(cfg.n_eval),
         "benign_test": split(cfg.utility_data, "test").take(cfg.n_eval),
         "over_refusal": load_dataset(cfg.over_refusal_data).take(cfg.n_eval),
@@ -186,11 +194,10 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict:
             cmap = None
     if cmap is None:
         _log("stage 1: diagnosis")
-        dcfg = DiagnosisConfig(n_calibration=cfg.n_calibration, batch_size=cfg.diag_batch_size,
-                               ablation=cfg.ablation, sensitivity_method=cfg.sensitivity_method,
-                               combine=cfg.combine, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
-        if hasattr(dcfg, "n_sensitivity"):
-            dcfg.n_sensitivity = cfg.n_sensitivity
+        dcfg = DiagnosisConfig(n_calibration=cfg.n_calibration, n_sensitivity=cfg.n_sensitivity,
+                               batch_size=cfg.diag_batch_size, ablation=cfg.ablation,
+                               sensitivity_method=cfg.sensitivity_method, combine=cfg.combine,
+                               n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
         cmap = diagnose(model, data["safe_cal"], data["util_cal"], dcfg, progress=progress)
         cmap.config["run_key"] = diag_key
         cmap.save(diag_dir)
@@ -199,7 +206,8 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict:
     _diagnosis_figures(cmap, out / "figures", k=max(1, round(cfg.k_fractions[0] * n_total)))
 
     # ---- Stage 3 on the original model
-    ecfg = EvalConfig(max_new_tokens=cfg.eval_max_new_tokens)
+    ecfg = EvalConfig(n_harmful=cfg.n_eval, n_benign=cfg.n_eval, n_over_refusal=cfg.n_eval,
+                      max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed)
     eval_kwargs = dict(harmful=data["harmful_test"], benign=data["benign_test"],
                        over_refusal=data["over_refusal"], config=ecfg)
     arms_dir = out / "arms"
@@ -220,7 +228,7 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict:
     arms = plan_arms(cfg, n_total)
     results: dict[str, dict] = {}
     tcfg_kwargs = dict(steps=cfg.steps, batch_size=cfg.batch_size, scope=cfg.scope,
-                       kv_policy=cfg.kv_policy)
+                       kv_policy=cfg.kv_policy, benign_mix=cfg.benign_mix)
     if cfg.lr is not None:
         tcfg_kwargs["lr"] = cfg.lr
     full_state = None
@@ -238,6 +246,7 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict:
             arm.method, cmap, arm.k, seed=arm.seed, kv_policy=cfg.kv_policy, model=model)
         tcfg = TuningConfig(seed=arm.seed, **tcfg_kwargs)
         tres = safety_finetune(model, data["safe_train"], skip_heads=skip, config=tcfg,
+                               benign_data=data["util_train"] if cfg.benign_mix > 0 else None,
                                progress=progress)
         res = evaluate(model, original=original, **eval_kwargs)
         piece = {"key": tune_key, "arm": asdict(arm), "skip_heads": skip,
@@ -246,7 +255,7 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict:
             from .io import atomic_save_safetensors
 
             full_state = {k: v.detach().cpu() for k, v in model.state_dict().items()
-                          if ".attn." in k}
+                          if ".attn." in k or cfg.scope == "all"}
             atomic_save_safetensors(full_state, arms_dir / "full_state.safetensors",
                                     {"key": tune_key})
         atomic_write_json(piece, path)  # written last: its presence means the arm is finished
@@ -273,7 +282,7 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict:
         "time_s": time.time() - t_start,
     }
     atomic_write_json(doc, out / "results.json")
-    _training_figures(results, summary, out / "figures")
+    run_figures(out)
     atomic_write_text(report_markdown(doc), out / "report.md")
     _log(f"done in {doc['time_s']:.0f} s: {out / 'report.md'}")
     return to_jsonable(doc)
@@ -290,25 +299,39 @@ def _load_piece(path: Path, key: str) -> Optional[dict]:
 
 
 def _attribution(cfg, model, original, cmap, data, arms_dir, tune_key, out, progress):
-    try:
-        from .attribution import causal_attribution
-    except ImportError:
-        return None
-    path = out / "attribution" / "attribution.json"
-    piece = _load_piece(path, tune_key)
-    if piece is not None:
-        return piece
+    """Stage 4 on the full-tuning arm: per-head utility recovered by reverting it, against the map.
+
+    `attribution_method` on every head ("first_order" by default: one backward per objective), then
+    "exact" reverts on the `attribution_exact_heads` heads that first-order ranks highest, with the
+    agreement of the two on those heads (`agreement_*`)."""
     from safetensors.torch import load_file
 
-    full_state = load_file(str(arms_dir / "full_state.safetensors"))
+    from .attribution import causal_attribution, compare_attribution
+
+    key = cfg.key(*TUNE_FIELDS, *EVAL_FIELDS, *ATTR_FIELDS)
+    path = out / "attribution" / "attribution.json"
+    piece = _load_piece(path, key)
+    if piece is not None:
+        return piece
     tuned = copy.deepcopy(original)
-    tuned.load_state_dict(full_state, strict=False)
-    _log("stage 4: post-hoc attribution of the full-tuning arm")
-    res = causal_attribution(tuned, original, utility_data=data["benign_test"],
-                             safety_data=data["harmful_test"], conflict_map=cmap,
-                             progress=progress)
+    tuned.load_state_dict(load_file(str(arms_dir / "full_state.safetensors")), strict=False)
+    _log(f"stage 4: post-hoc attribution of the full-tuning arm ({cfg.attribution_method})")
+    kw = dict(utility_data=data["benign_test"], safety_data=data["harmful_test"],
+              conflict_map=cmap, n_examples=cfg.attribution_examples, seed=cfg.seed,
+              progress=progress)
+    res = causal_attribution(tuned, original, method=cfg.attribution_method, **kw)
     res.save(out / "attribution")
-    piece = {"key": tune_key, **res.summary()}
+    summary = res.summary()
+    n_exact = min(cfg.attribution_exact_heads, len(res.ranking()))
+    if cfg.attribution_method != "exact" and n_exact > 0:
+        heads = res.ranking()[:n_exact]
+        _log(f"stage 4: exact reverts of the top {n_exact} heads")
+        exact = causal_attribution(tuned, original, method="exact", heads=heads, **kw)
+        exact.save(out / "attribution" / "exact_subset")
+        agree = compare_attribution(res, exact, k=max(1, n_exact // 3))["utility"]
+        summary.update({f"agreement_{k}": v for k, v in agree.items()
+                        if isinstance(v, (int, float))})
+    piece = {"key": key, **summary}
     atomic_write_json(piece, path)
     return piece
 
@@ -378,43 +401,68 @@ def report_markdown(doc: dict) -> str:
     lines += ["", "![trade-off](figures/tradeoff.png)", ""]
     att = doc.get("attribution")
     if att:
-        lines += ["## Which heads caused the utility drop", ""]
-        lines += [f"- {k}: {v}" for k, v in att.items() if k not in ("key",) and not isinstance(v, (list, dict))]
-        lines += ["", "![attribution](figures/attribution_vs_map.png)", ""]
+        lines += ["## Which heads caused the utility drop", "",
+                  f"Post-hoc attribution of the full-tuning arm ({att.get('method')}, "
+                  f"{att.get('n_examples')} examples per set): each head's parameters reverted to "
+                  "their pre-training values, one at a time; utility recovered = L_util(tuned) - "
+                  "L_util(head reverted).", ""]
+        f = lambda v: "n/a" if not isinstance(v, (int, float)) else f"{v:.4g}"  # noqa: E731
+        lines += ["| quantity | value |", "|---|---|",
+                  f"| utility drop of full tuning (ΔL_util, nats/token) | {f(att.get('total_drop'))} |",
+                  f"| Spearman(recovered, C) / (.., O) / (.., S) | {f(att.get('C_spearman'))} / "
+                  f"{f(att.get('O_spearman'))} / {f(att.get('S_spearman'))} |",
+                  f"| top-{att.get('k')} overlap with top-{att.get('k')} by C | "
+                  f"{f(att.get('C_top_k_overlap'))} |"]
+        for name, label in (("top_k_C", f"top-{att.get('k')} by C"),
+                            ("top_k_recovered", f"top-{att.get('k')} by recovered"),
+                            ("random_k", f"random {att.get('k')} (mean)"),
+                            ("all_heads", "all heads")):
+            lines.append(f"| share of the drop recovered by reverting {label} | "
+                         f"{f(att.get(f'joint_share_{name}'))} |")
+        if "agreement_spearman" in att:
+            lines.append(f"| first-order vs exact on {att.get('agreement_n_heads')} heads "
+                         f"(Spearman, max abs diff) | {f(att['agreement_spearman'])}, "
+                         f"{f(att.get('agreement_max_abs_diff'))} |")
+        lines += ["", f"Heads whose revert recovers most: {att.get('top_heads_recovered')}.", "",
+                  "![attribution](figures/attribution_vs_map.png)", ""]
     return "\n".join(lines) + "\n"
 
 
+def _save(fig, path: Path) -> None:
+    from .figures import save_figure
+
+    for ext in ("png", "pdf"):
+        save_figure(fig, path.with_suffix(f".{ext}"))
+
+
 def _diagnosis_figures(cmap, fig_dir: Path, k: int) -> None:
-    try:
-        from . import figures
-    except ImportError:
-        return
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    for name, fn in (("conflict_maps", lambda: figures.plot_conflict_maps(cmap)),
-                     ("o_vs_s", lambda: figures.plot_o_vs_s(cmap, k)),
-                     ("sorted_c", lambda: figures.plot_sorted_c(cmap))):
-        fig = fn()
-        for ext in ("png", "pdf"):
-            figures.save_figure(fig, fig_dir / f"{name}.{ext}")
-        import matplotlib.pyplot as plt
+    from . import figures
 
-        plt.close(fig)
+    _save(figures.plot_conflict_maps(cmap), fig_dir / "conflict_maps")
+    _save(figures.plot_o_vs_s(cmap, k), fig_dir / "o_vs_s")
+    _save(figures.plot_sorted_c(cmap), fig_dir / "sorted_c")
 
 
-def _training_figures(results: dict, summary: list, fig_dir: Path) -> None:
-    try:
-        from . import figures
-    except ImportError:
-        return
-    import matplotlib.pyplot as plt
+def run_figures(out_dir, fig_dir=None) -> list[Path]:
+    """Every figure of a finished run, regenerated from its saved files alone (no model needed).
 
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    for name, fn in (("tradeoff", getattr(figures, "plot_tradeoff", None)),
-                     ("drop_vs_k", getattr(figures, "plot_drop_vs_k", None)),
-                     ("training_curves", getattr(figures, "plot_training_curves", None))):
-        if fn is None:
-            continue
-        fig = fn(summary) if name != "training_curves" else fn(results)
-        for ext in ("png", "pdf"):
-            figures.save_figure(fig, fig_dir / f"{name}.{ext}")
-        plt.close(fig)
+    Reads `out_dir/results.json`, `diagnosis/` and `attribution/`; writes PNG and PDF into
+    `fig_dir` (default `out_dir/figures`). Returns the written paths."""
+    from . import figures
+    from .attribution import AttributionResult
+    from .conflict_map import ConflictMap
+
+    out = Path(out_dir)
+    fig_dir = Path(fig_dir) if fig_dir is not None else out / "figures"
+    doc = read_json(out / "results.json")
+    cmap = ConflictMap.load(out / "diagnosis")
+    n_total = cmap.n_heads_total
+    k = max(1, round(doc["config"]["k_fractions"][0] * n_total))
+    _diagnosis_figures(cmap, fig_dir, k)
+    _save(figures.plot_tradeoff(doc["summary"]), fig_dir / "tradeoff")
+    _save(figures.plot_drop_vs_k(doc["summary"]), fig_dir / "drop_vs_k")
+    _save(figures.plot_training_curves(doc["arms"]), fig_dir / "training_curves")
+    if (out / "attribution" / "attribution_result.json").exists():
+        res = AttributionResult.load(out / "attribution")
+        _save(figures.plot_attribution_vs_map(res, cmap, k=k), fig_dir / "attribution_vs_map")
+    return sorted(fig_dir.glob("*.p*"))
