@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -55,7 +56,7 @@ class RunConfig:
     over_refusal_data: str = "bundled:over_refusal"
     # Stage 1
     n_calibration: int = 32          # examples per calibration set for the gradients (O)
-    n_sensitivity: int = 16          # utility examples for S (exact ablation is the costly part)
+    n_sensitivity: int = 8           # utility examples for S (exact ablation is the costly part)
     diag_batch_size: int = 8
     ablation: str = "mean"
     sensitivity_method: str = "exact"
@@ -63,22 +64,23 @@ class RunConfig:
     n_bootstrap: int = 200
     # Stage 2
     k_fractions: list = field(default_factory=lambda: [0.1])   # k for the full set of baselines
-    k_sweep: list = field(default_factory=lambda: [0.05, 0.2])  # extra k for CAST and random
+    k_sweep: list = field(default_factory=lambda: [0.2])  # extra k for CAST and random (seed 0)
     random_seeds: list = field(default_factory=lambda: [0, 1, 2])
-    steps: int = 12
+    steps: int = 8
     batch_size: int = 8
     lr: Optional[float] = None       # None: TuningConfig's default
     benign_mix: float = 0.25         # share of benign examples per batch (tempers over-refusal)
+    benign_reference: str = "self"   # benign answers trained on: the model's own ("self") or the data's
     scope: str = "attention"
     kv_policy: str = "any"
     seed: int = 0
     # Stage 3
-    n_eval: int = 32
-    eval_max_new_tokens: int = 16
+    n_eval: int = 16                 # held-out examples per evaluation set
+    eval_max_new_tokens: int = 12    # refusals show in the first words
     # Stage 4
     attribute: bool = True
     attribution_method: str = "first_order"  # all heads; "exact" costs a forward per head
-    attribution_exact_heads: int = 27         # also exact on this many heads (top by first-order)
+    attribution_exact_heads: int = 9          # also exact on this many heads (top by first-order)
     attribution_examples: int = 16
     preset: str = "cpu"
     device: Optional[str] = None
@@ -107,7 +109,8 @@ class RunConfig:
 
 DIAG_FIELDS = ("model", "safety_data", "utility_data", "n_calibration", "n_sensitivity",
                "diag_batch_size", "ablation", "sensitivity_method", "combine", "n_bootstrap", "seed")
-TUNE_FIELDS = DIAG_FIELDS + ("steps", "batch_size", "lr", "benign_mix", "scope", "kv_policy")
+TUNE_FIELDS = DIAG_FIELDS + ("steps", "batch_size", "lr", "benign_mix", "benign_reference", "scope",
+                             "kv_policy")
 ATTR_FIELDS = ("attribution_method", "attribution_exact_heads", "attribution_examples")
 EVAL_FIELDS = ("model", "safety_data", "utility_data", "over_refusal_data", "n_eval",
                "eval_max_new_tokens")
@@ -143,8 +146,11 @@ def plan_arms(cfg: RunConfig, n_heads_total: int) -> list[Arm]:
     return arms
 
 
+_T0 = time.time()
+
+
 def _log(msg: str) -> None:
-    print(f"[cast] {msg}", flush=True)
+    print(f"[cast {time.time() - _T0:7.1f}s] {msg}", flush=True)
 
 
 def _datasets(cfg: RunConfig):
@@ -181,6 +187,19 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict:
     model = load_model(cfg.model, device=cfg.device)
     data = _datasets(cfg)
     n_total = model.cfg.n_layers * model.cfg.n_heads
+    if cfg.benign_mix > 0 and cfg.benign_reference == "self":
+        # The benign mix keeps what the model already does (its own greedy answers, made once and
+        # cached) rather than teaching the style of the dataset's answers, which would confound the
+        # reference NLL measured on held-out answers of that same style (ours).
+        from .data import self_reference
+
+        n_benign = min(len(data["util_train"]), math.ceil(cfg.steps * cfg.batch_size * cfg.benign_mix))
+        _log(f"benign mix: the model's own answers to {n_benign} training prompts")
+        data["util_train"] = self_reference(model, data["util_train"].take(n_benign),
+                                            max_new_tokens=64,
+                                            cache_path=out / "self_reference_train.jsonl")
+    elif cfg.benign_reference not in ("self", "dataset"):
+        raise ValueError(f"benign_reference must be 'self' or 'dataset', got {cfg.benign_reference!r}.")
 
     # ---- Stage 1: diagnosis (re-used if already on disk with the same settings)
     diag_dir, diag_key = out / "diagnosis", cfg.key(*DIAG_FIELDS)
