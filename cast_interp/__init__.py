@@ -12,6 +12,8 @@ The layout follows the method, stage by stage:
     evaluate.py                stage 3: safety and utility
     attribution.py             stage 4: which heads caused the utility drop
     figures.py                 the paper figures
+    inspect.py                 looking inside the flagged heads (where they attend)
+    planted.py                 tiny models with a planted conflict (known answers, teaching)
     pipeline.py, cli.py        the whole experiment, `cast-interp`
 """
 

@@ -66,7 +66,8 @@ def _cmd_diagnose(args) -> int:
     print(f"diagnosis done in {time.time() - t:.0f} s")
     print("concentration:", {k: (round(v, 4) if isinstance(v, float) else v)
                              for k, v in cmap.concentration().items()})
-    print("top 10 heads by C:", ", ".join(f"L{l}H{h}" for l, h in cmap.top_heads(10)))
+    k = min(10, n_total)
+    print(f"top {k} heads by C:", ", ".join(f"L{l}H{h}" for l, h in cmap.top_heads(k)))
     print(f"wrote {out}")
     return 0
 
@@ -95,6 +96,7 @@ def _cmd_attribute(args) -> int:
                                 "`cast-interp run` (it holds config.json).")
     cfg = RunConfig.from_dict(read_json(path))
     cfg.attribute = True
+    cfg.out_dir = str(args.run)  # the directory may have been moved or copied since the run
     if args.method:
         cfg.attribution_method = args.method
     if args.exact_heads is not None:

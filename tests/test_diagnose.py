@@ -1,79 +1,11 @@
-import random
-
 import pytest
 import torch
 
 from cast_interp.conflict_map import ConflictMap
-from cast_interp.data import ChatDataset, ChatExample, load_bundled, make_batches
+from cast_interp.data import ChatDataset, ChatExample, load_bundled
 from cast_interp.diagnose import DiagnosisConfig, diagnose
 from cast_interp.model import tiny_model
-
-# Planted heads of the known-answer model (one layer, four heads).
-H_STAR, H_ALIGN, H_WEAK, H_UNUSED = 0, 1, 2, 3
-
-
-def planted_model():
-    """A one-layer model whose heads have hand-set roles (MLP off, features on reserved dims).
-
-    Tokens: `<|assistant|>` carries feature dim 0, the response tokens "a" and "b" (identical
-    embeddings) feature dim 1; every token has dim 5 = 1; prompt tokens are random in dims 8+.
-    Unembedding: dim 0 -> "a" and "b" equally (so at the first response position almost all mass is
-    on {a, b}: then the safety target "b" and the utility target "a" give exactly opposed logit
-    gradients), dim 2 -> "a" minus "b", dims 1 and 3 -> end of turn.
-
-    H_STAR:  at `<|assistant|>` attends to itself and writes +dim 2 (prefers "a"): utility uses it,
-             its gradient comes from the opposed position -> high O and high S.
-    H_WEAK:  the same with a 6x smaller output: same high O, small S.
-    H_ALIGN: at "a"/"b" attends to itself and writes dim 3 (prefers end of turn), which both sets
-             want after identical contexts -> O ~ 0, yet the largest S.
-    H_UNUSED: random Q/K/V, output scaled by 1e-6 -> S ~ 0.
-    """
-    m = tiny_model(seed=0, n_layers=1, n_heads=4, d_model=32, d_head=8, d_mlp=16)
-    tok = m.tokenizer
-    ida, idb = tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b")
-    end, asst = tok.eos_token_id, tok.convert_tokens_to_ids("<|assistant|>")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        blk = m.blocks[0]
-        blk.mlp.W_out.zero_()
-        blk.mlp.b_out.zero_()
-        E = torch.zeros_like(m.embed.W_E)
-        E[:, 8:] = 0.3 * torch.randn(E.shape[0], 24, generator=g)
-        E[:, 5] = 1.0
-        E[asst] = 0.0
-        E[asst, 0] = E[asst, 5] = 1.0
-        for t in (ida, idb):
-            E[t] = 0.0
-            E[t, 1] = E[t, 5] = 1.0
-        m.embed.W_E.copy_(E)
-        U = torch.zeros_like(m.unembed.W_U)
-        U[8:] = 0.05 * torch.randn(24, U.shape[1], generator=g)
-        U[0, ida] = U[0, idb] = 4.0
-        U[2, ida], U[2, idb] = 0.5, -0.5
-        U[1, end] = U[3, end] = 1.0
-        m.unembed.W_U.copy_(U)
-        m.unembed.b_U.zero_()
-        a = blk.attn
-        for p in (a.W_Q, a.W_K, a.W_V, a.W_O, a.b_Q, a.b_K, a.b_V, a.b_O):
-            p.zero_()
-        for h, feature, out_dim, scale in ((H_STAR, 0, 2, 0.3), (H_WEAK, 0, 2, 0.05),
-                                           (H_ALIGN, 1, 3, 0.4)):
-            a.W_Q[h, feature, 0] = a.W_K[h, feature, 0] = 1.5  # self-attention on the feature
-            a.W_V[h, feature, 0] = 1.0
-            a.W_O[h, 0, out_dim] = scale
-        for p in (a.W_Q, a.W_K, a.W_V):
-            p[H_UNUSED] = 0.3 * torch.randn(32, 8, generator=g)
-        a.W_O[H_UNUSED] = 1e-6 * torch.randn(8, 32, generator=g)
-    return m
-
-
-def planted_data(n=8):
-    """Same prompts (no "a"/"b" in them); utility answers "a", safety answers "b"."""
-    rng = random.Random(0)
-    alphabet = "CDEFGHIJKLMNOPQRSTUVWXYZ0123456789 "
-    prompts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(8, 16))) for _ in range(n)]
-    return (ChatDataset("planted-safe", [ChatExample(p, "b") for p in prompts]),
-            ChatDataset("planted-util", [ChatExample(p, "a") for p in prompts]))
+from cast_interp.planted import H_ALIGN, H_STAR, H_UNUSED, H_WEAK, planted_data, planted_model
 
 
 def test_known_answer_planted_heads():

@@ -134,3 +134,28 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
     assert "no-such-model" in capsys.readouterr().err
     with pytest.raises(ValueError, match="Unknown preset"):
         RunConfig.from_preset("huge")
+
+
+def test_cli_diagnose_writes_map_and_figures(tmp_path, capsys):
+    from cast_interp.conflict_map import ConflictMap
+
+    out = tmp_path / "diag"
+    assert main(["diagnose", "--model", "tiny", "--n-calibration", "4", "--n-sensitivity", "4",
+                 "--batch-size", "2", "--n-bootstrap", "10", "--out", str(out)]) == 0
+    cmap = ConflictMap.load(out)
+    assert cmap.shape == (2, 4) and cmap.config["diagnosis"]["n_sensitivity"] == 4
+    assert "top 8 heads by C" in capsys.readouterr().out
+    for fig in ("conflict_maps", "o_vs_s", "sorted_c"):
+        assert (out / "figures" / f"{fig}.pdf").exists()
+
+
+def test_cli_attribute_on_a_finished_run(finished, tmp_path, capsys):
+    import shutil
+
+    src, _ = finished
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    assert main(["attribute", "--run", str(run), "--method", "exact"]) == 0
+    att = read_json(run / "results.json")["attribution"]
+    assert att["method"] == "exact" and att["n_heads_computed"] == 8
+    assert "Which heads caused the utility drop" in capsys.readouterr().out
