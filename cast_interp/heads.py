@@ -20,7 +20,7 @@ from transformer_lens import HookedTransformer
 Head = tuple[int, int]
 Component = Literal["q", "k", "v", "o"]
 COMPONENTS: tuple[Component, ...] = ("q", "k", "v", "o")
-KVPolicy = Literal["any", "all"]
+KVPolicy = Literal["any", "all", "none"]
 
 
 class HeadIndexError(IndexError):
@@ -126,11 +126,13 @@ def head_param_masks(
     Keys are full parameter names (`blocks.{l}.attn.W_Q`, ...), values have the parameter's shape.
     A skipped head freezes its Q and O slices; its K/V group is frozen when *any* head of the group
     is skipped (`kv_policy="any"`, default, ours: the skipped head's computation never changes) or
-    only when *all* are (`"all"`: fewer frozen parameters, but a skipped head's keys may move).
+    only when *all* are (`"all"`: fewer frozen parameters, but a skipped head's keys may move), or
+    never (`"none"`: only Q and O slices freeze, so under GQA every k-head selection freezes exactly
+    the same number of parameters: exact budget matching, at the price of shared K/V moving).
     """
     heads = validate_heads(model, heads)
-    if kv_policy not in ("any", "all"):
-        raise ValueError(f"kv_policy must be 'any' or 'all', got {kv_policy!r}.")
+    if kv_policy not in ("any", "all", "none"):
+        raise ValueError(f"kv_policy must be 'any', 'all' or 'none', got {kv_policy!r}.")
     masks: dict[str, Tensor] = {}
     for name, p in model.named_parameters():
         if ".attn." in name and name.split(".")[-1] in {

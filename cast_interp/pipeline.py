@@ -62,6 +62,7 @@ class RunConfig:
     sensitivity_method: str = "exact"
     combine: str = "product"
     n_bootstrap: int = 200
+    utility_reference: str = "dataset"  # D_util answers for O and S: the dataset's, or "self"
     # Stage 2
     k_fractions: list = field(default_factory=lambda: [0.1])   # k for the full set of baselines
     k_sweep: list = field(default_factory=lambda: [0.2])  # extra k for CAST and random (seed 0)
@@ -82,6 +83,10 @@ class RunConfig:
     attribution_method: str = "first_order"  # all heads; "exact" costs a forward per head
     attribution_exact_heads: int = 9          # also exact on this many heads (top by first-order)
     attribution_examples: int = 16
+    # Utility answers for stage 4: the original model's own greedy answers ("self", default, ours:
+    # the tax is drift from what the model did, which dataset answers of another style can hide)
+    # or the dataset's ("dataset").
+    attribution_reference: str = "self"
     preset: str = "cpu"
     device: Optional[str] = None
 
@@ -108,10 +113,12 @@ class RunConfig:
 
 
 DIAG_FIELDS = ("model", "safety_data", "utility_data", "n_calibration", "n_sensitivity",
-               "diag_batch_size", "ablation", "sensitivity_method", "combine", "n_bootstrap", "seed")
+               "diag_batch_size", "ablation", "sensitivity_method", "combine", "n_bootstrap", "seed",
+               "utility_reference")
 TUNE_FIELDS = DIAG_FIELDS + ("steps", "batch_size", "lr", "benign_mix", "benign_reference", "scope",
                              "kv_policy")
-ATTR_FIELDS = ("attribution_method", "attribution_exact_heads", "attribution_examples")
+ATTR_FIELDS = ("attribution_method", "attribution_exact_heads", "attribution_examples",
+               "attribution_reference")
 EVAL_FIELDS = ("model", "safety_data", "utility_data", "over_refusal_data", "n_eval",
                "eval_max_new_tokens")
 
@@ -216,7 +223,8 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict:
         dcfg = DiagnosisConfig(n_calibration=cfg.n_calibration, n_sensitivity=cfg.n_sensitivity,
                                batch_size=cfg.diag_batch_size, ablation=cfg.ablation,
                                sensitivity_method=cfg.sensitivity_method, combine=cfg.combine,
-                               n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
+                               n_bootstrap=cfg.n_bootstrap, seed=cfg.seed,
+                               utility_reference=cfg.utility_reference)
         cmap = diagnose(model, data["safe_cal"], data["util_cal"], dcfg, progress=progress)
         cmap.config["run_key"] = diag_key
         cmap.save(diag_dir)
@@ -334,8 +342,18 @@ def _attribution(cfg, model, original, cmap, data, arms_dir, tune_key, out, prog
         return piece
     tuned = copy.deepcopy(original)
     tuned.load_state_dict(load_file(str(arms_dir / "full_state.safetensors")), strict=False)
+    util = data["benign_test"].take(cfg.attribution_examples)
+    if cfg.attribution_reference == "self":
+        from .data import self_reference
+
+        _log(f"stage 4: the original model's own answers to {len(util)} benign test prompts")
+        util = self_reference(original, util, max_new_tokens=64,
+                              cache_path=out / "attribution" / "self_reference_test.jsonl")
+    elif cfg.attribution_reference != "dataset":
+        raise ValueError("attribution_reference must be 'self' or 'dataset', got "
+                         f"{cfg.attribution_reference!r}.")
     _log(f"stage 4: post-hoc attribution of the full-tuning arm ({cfg.attribution_method})")
-    kw = dict(utility_data=data["benign_test"], safety_data=data["harmful_test"],
+    kw = dict(utility_data=util, safety_data=data["harmful_test"],
               conflict_map=cmap, n_examples=cfg.attribution_examples, seed=cfg.seed,
               progress=progress)
     res = causal_attribution(tuned, original, method=cfg.attribution_method, **kw)
@@ -422,9 +440,10 @@ def report_markdown(doc: dict) -> str:
     if att:
         lines += ["## Which heads caused the utility drop", "",
                   f"Post-hoc attribution of the full-tuning arm ({att.get('method')}, "
-                  f"{att.get('n_examples')} examples per set): each head's parameters reverted to "
-                  "their pre-training values, one at a time; utility recovered = L_util(tuned) - "
-                  "L_util(head reverted).", ""]
+                  f"{att.get('n_examples')} examples per set, utility answers: "
+                  f"{doc['config'].get('attribution_reference', 'dataset')}): each head's parameters "
+                  "reverted to their pre-training values, one at a time; utility recovered = "
+                  "L_util(tuned) - L_util(head reverted).", ""]
         f = lambda v: "n/a" if not isinstance(v, (int, float)) else f"{v:.4g}"  # noqa: E731
         lines += ["| quantity | value |", "|---|---|",
                   f"| utility drop of full tuning (ΔL_util, nats/token) | {f(att.get('total_drop'))} |",

@@ -17,7 +17,8 @@ Budget-matched baselines (`select_arm_heads`): at the same k, every arm skips k 
 the same number of Q/O parameters; without grouped-query attention the whole count is equal. Under
 GQA with `kv_policy="any"` a K/V group is frozen when any of its heads is skipped, so arms whose k
 heads share groups freeze fewer K/V parameters than arms that scatter them; `TuningResult.n_trainable`
-and `n_frozen_in_scope` are reported so a table shows the actual budget. The layer band is rounded up
+and `n_frozen_in_scope` are reported so a table shows the actual budget. `kv_policy="none"` (only Q/O
+slices freeze) makes every k-head arm freeze exactly the same count under GQA too. The layer band is rounded up
 to whole layers (`layer_band_heads`).
 
 Choices that are ours, not the paper's, and recorded in `TuningConfig`: `scope="attention"` (only
@@ -88,7 +89,8 @@ class TuningConfig:
         max_grad_norm: clip the global norm of the trainable gradient (frozen entries excluded);
             None or 0 disables clipping.
         scope: trainable parameters (ours): "attention" (all heads' Q/K/V/O, biases and b_O) or "all".
-        kv_policy: GQA K/V group frozen when "any" (default, ours) or "all" its heads are skipped.
+        kv_policy: GQA K/V group frozen when "any" (default, ours) or "all" its heads are skipped,
+            or never ("none": exact parameter-budget matching between arms under GQA).
         benign_mix: fraction of each batch drawn from benign data (0 = pure safety SFT).
         seed: seeds torch's global RNG and the batch-order generator.
     """
@@ -110,7 +112,7 @@ class TuningConfig:
         _check_choice("optimizer", self.optimizer, get_args(Optimizer))
         _check_choice("schedule", self.schedule, get_args(Schedule))
         _check_choice("scope", self.scope, get_args(Scope))
-        _check_choice("kv_policy", self.kv_policy, ("any", "all"))
+        _check_choice("kv_policy", self.kv_policy, ("any", "all", "none"))
         if int(self.steps) < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}.")
         if int(self.batch_size) < 1:
@@ -202,7 +204,7 @@ def trainable_parameters(
         masks: `{name: bool mask}` (True = frozen) for each returned parameter that is partly frozen.
     """
     _check_choice("scope", scope, get_args(Scope))
-    _check_choice("kv_policy", kv_policy, ("any", "all"))
+    _check_choice("kv_policy", kv_policy, ("any", "all", "none"))
     heads = validate_heads(model, skip_heads)
     all_masks = head_param_masks(model, heads, kv_policy=kv_policy) if heads else {}
     params, masks = [], {}
@@ -577,7 +579,7 @@ def select_arm_heads(
     pass one set of options to selection and training.
     """
     _check_choice("arm", arm, ARMS)
-    _check_choice("kv_policy", kv_policy, ("any", "all"))
+    _check_choice("kv_policy", kv_policy, ("any", "all", "none"))
     if arm == "full":
         return []
     shape = None

@@ -322,6 +322,30 @@ def test_gqa_budget_q_and_o_match_kv_depends_on_grouping():
                                                                      (2, 2)])
 
 
+def test_gqa_budget_is_exactly_matched_with_kv_policy_none():
+    model = tiny_model(n_layers=3, n_key_value_heads=2)
+    sc = planted_scores()
+    heads = {a: select_arm_heads(a, sc, 3, seed=1, model=model)
+             for a in ("cast", "random", "bottom", "top_o", "top_s")}
+    counts = {a: head_param_count(model, hs, kv_policy="none") for a, hs in heads.items()}
+    assert len(set(counts.values())) == 1, counts
+    d_model, d_head = model.cfg.d_model, model.cfg.d_head
+    assert counts["cast"] == 3 * (2 * d_model * d_head + d_head)  # W_Q, W_O and b_Q per head
+    # Under "any" the same selections differ (K/V groups), which is why "none" exists.
+    assert len({head_param_count(model, hs) for hs in heads.values()}) > 1
+    # Training with "none": the skipped heads' Q/O slices stay bit-identical, their K/V may move.
+    m = tiny_model(n_layers=3, n_key_value_heads=2)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    skip = heads["cast"]
+    res = safety_finetune(m, SAFE, config=cfg(steps=3, kv_policy="none"), skip_heads=skip)
+    for l, h in skip:
+        a = m.blocks[l].attn
+        assert torch.equal(a.W_Q[h], before[f"blocks.{l}.attn.W_Q"][h])
+        assert torch.equal(a.W_O[h], before[f"blocks.{l}.attn.W_O"][h])
+    full = safety_finetune(tiny_model(n_layers=3, n_key_value_heads=2), SAFE, config=cfg(steps=1))
+    assert full.n_trainable - res.n_trainable == counts["cast"]
+
+
 def test_layer_band_placement():
     assert layer_band_heads((30, 9), 9) == [(14, h) for h in range(9)]
     assert len(layer_band_heads((30, 9), 10)) == 18
