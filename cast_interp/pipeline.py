@@ -56,7 +56,7 @@ class RunConfig:
     over_refusal_data: str = "bundled:over_refusal"
     # Stage 1
     n_calibration: int = 32          # examples per calibration set for the gradients (O)
-    n_sensitivity: int = 8           # utility examples for S (exact ablation is the costly part)
+    n_sensitivity: int = 6           # utility examples for S (exact ablation is the costly part)
     diag_batch_size: int = 8
     ablation: str = "mean"
     sensitivity_method: str = "exact"
@@ -81,7 +81,7 @@ class RunConfig:
     # Stage 4
     attribute: bool = True
     attribution_method: str = "first_order"  # all heads; "exact" costs a forward per head
-    attribution_exact_heads: int = 9          # also exact on this many heads (top by first-order)
+    attribution_exact_heads: int = 6          # also exact on this many heads (top by first-order)
     attribution_examples: int = 16
     # Utility answers for stage 4: the original model's own greedy answers ("self", default, ours:
     # the tax is drift from what the model did, which dataset answers of another style can hide)
@@ -347,7 +347,7 @@ def _attribution(cfg, model, original, cmap, data, arms_dir, tune_key, out, prog
         from .data import self_reference
 
         _log(f"stage 4: the original model's own answers to {len(util)} benign test prompts")
-        util = self_reference(original, util, max_new_tokens=64,
+        util = self_reference(original, util, max_new_tokens=48,
                               cache_path=out / "attribution" / "self_reference_test.jsonl")
     elif cfg.attribution_reference != "dataset":
         raise ValueError("attribution_reference must be 'self' or 'dataset', got "
@@ -363,7 +363,8 @@ def _attribution(cfg, model, original, cmap, data, arms_dir, tune_key, out, prog
     if cfg.attribution_method != "exact" and n_exact > 0:
         heads = res.ranking()[:n_exact]
         _log(f"stage 4: exact reverts of the top {n_exact} heads")
-        exact = causal_attribution(tuned, original, method="exact", heads=heads, **kw)
+        exact = causal_attribution(tuned, original, method="exact", heads=heads,
+                                   **{**kw, "conflict_map": None})  # agreement only: no map needed
         exact.save(out / "attribution" / "exact_subset")
         agree = compare_attribution(res, exact, k=max(1, n_exact // 3))["utility"]
         summary.update({f"agreement_{k}": v for k, v in agree.items()
