@@ -140,7 +140,7 @@ def plot_conflict_maps(conflict_map: Any, *, save: Optional[PathLike] = None) ->
 def plot_o_vs_s(conflict_map: Any, k: Union[int, float] = 0.1, *, ax: Optional[Axes] = None,
                 save: Optional[PathLike] = None) -> Figure:
     """Scatter of O (x) against S (y), one point per head coloured by C; the top-k heads by C
-    (the heads CAST skips; k a count or a fraction) ringed and labelled `L{l}H{h}`."""
+    (the heads CAST skips; k a count or a fraction) ringed, the 10 highest labelled `L{l}H{h}`."""
     O, S, C = _numpy(conflict_map.O), _numpy(conflict_map.S), _numpy(conflict_map.C)
     top = conflict_map.top_heads(k, by="C") if k else []
     with rc_context(STYLE):
@@ -154,7 +154,7 @@ def plot_o_vs_s(conflict_map: Any, k: Union[int, float] = 0.1, *, ax: Optional[A
             ts = np.array([S[l, h] for l, h in top])
             ax.scatter(tl, ts, s=70, facecolors="none", edgecolors=HIGHLIGHT, linewidths=1.3,
                        label=f"top {len(top)} by C (skipped)")
-            for (l, h), x, y in zip(top, tl, ts):
+            for (l, h), x, y in list(zip(top, tl, ts))[:10]:  # more labels overlap unreadably
                 ax.annotate(f"L{l}H{h}", (x, y), xytext=(4, 3), textcoords="offset points",
                             fontsize=8, color=HIGHLIGHT)
             ax.legend(loc="best", frameon=False)
@@ -295,8 +295,10 @@ def plot_drop_vs_k(summary: list[dict], *, utility: str = "kl_to_original",
                         yerr=[r.get(f"sd_{utility}", 0) for r in rows], color=color,
                         marker=marker, capsize=2, label=label)
         ax.set_xlabel("k (heads skipped)")
-        ax.set_ylabel(utility.replace("_", " "))
-        ax.legend(frameon=False, fontsize=7)
+        ax.set_ylabel("KL(original ‖ tuned) on benign prompts" if utility == "kl_to_original"
+                      else f"Δ {utility.replace('_', ' ')}")
+        # Outside the axes: the full-tuning line runs along the top, where "best" would sit.
+        ax.legend(frameon=False, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.set_title("Utility cost vs budget k")
     if save is not None:
         save_figure(fig, save)
@@ -305,20 +307,26 @@ def plot_drop_vs_k(summary: list[dict], *, utility: str = "kl_to_original",
 
 def plot_training_curves(results: dict[str, dict], *, ax: Optional[Axes] = None,
                          save: Optional[PathLike] = None) -> Figure:
-    """Safety training loss per step for every arm (from each arm's `tuning.losses`)."""
+    """Safety training loss per step for every arm (from each arm's `tuning.losses`); log scale
+    only when the losses span more than a factor of 10. Arms with another seed see other batches,
+    so their curves differ from the seed-0 arms step by step."""
     with rc_context(STYLE):
         fig, ax = _new_axes(ax, (5.0, 3.5))
-        seen = set()
+        seen, lo, hi = set(), math.inf, -math.inf
         for name, piece in sorted(results.items()):
             losses = piece.get("tuning", {}).get("losses") or []
             label, color, _ = _arm_label(piece["arm"]["method"])
             ax.plot(range(1, len(losses) + 1), losses, color=color, alpha=0.8, lw=1.2,
                     label=None if label in seen else label)
             seen.add(label)
+            finite = [x for x in losses if math.isfinite(x)]
+            if finite:
+                lo, hi = min(lo, min(finite)), max(hi, max(finite))
         ax.set_xlabel("step")
         ax.set_ylabel("L_safe (training batch)")
-        ax.set_yscale("log")
-        ax.legend(frameon=False, fontsize=7)
+        if lo > 0 and hi / lo > 10:
+            ax.set_yscale("log")
+        ax.legend(frameon=False, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.set_title("Safety fine-tuning curves")
     if save is not None:
         save_figure(fig, save)
@@ -334,8 +342,8 @@ def plot_attribution_vs_map(result: Any, conflict_map: Any, *, k: Optional[int] 
                             save: Optional[PathLike] = None):
     """Scatter of each head's post-hoc utility_recovered against its pre-alignment C.
 
-    Spearman rho in the title; the top-k heads by utility_recovered are labelled `L{l}H{h}` and the
-    top-k by C ringed. Returns a matplotlib Figure (no pyplot state); `save=path` writes it.
+    Spearman rho in the title; the top-k heads by C are ringed and the 8 heads whose revert recovers
+    most are labelled `L{l}H{h}` (more labels pile up unreadably at C near 0). Returns a matplotlib Figure (no pyplot state); `save=path` writes it.
     """
     from .sensitivity import compare_sensitivity
 
@@ -355,7 +363,7 @@ def plot_attribution_vs_map(result: Any, conflict_map: Any, *, k: Optional[int] 
     top_c = [i for i in top_c if ok[i]]
     ax.scatter(C[top_c], U[top_c], s=60, facecolors="none", edgecolors="#EE6677",
                label=f"top-{k} by C")
-    for l, h in result.ranking()[:k]:
+    for l, h in result.ranking()[:min(k, 8)]:
         i = l * H + h
         if ok[i]:
             ax.annotate(f"L{l}H{h}", (C[i], U[i]), fontsize=7, xytext=(3, 3),
