@@ -32,6 +32,7 @@ from .conflict import optimization_conflict
 from .conflict_map import COMBINE_KINDS, CombineKind, ConflictMap
 from .data import ChatDataset, DataError, make_batches, self_reference
 from .model import model_id
+from .io import check_fields
 
 DIAGNOSIS_VERSION = "diagnose-1"
 UtilityReference = Literal["dataset", "self"]
@@ -100,10 +101,7 @@ class DiagnosisConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiagnosisConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"Unknown DiagnosisConfig field(s) {unknown}; known: {sorted(known)}.")
+        check_fields(cls, d)
         return cls(**d)
 
 

@@ -30,7 +30,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float
@@ -48,7 +48,7 @@ from .data import (
     make_batches,
 )
 from .generation import generate
-from .io import atomic_write_json, read_json
+from .io import atomic_write_json, check_fields, read_json
 from .objectives import token_nll
 
 DataLike = Union[ChatDataset, str, Sequence[str]]
@@ -536,10 +536,7 @@ class EvalConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "EvalConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"Unknown EvalConfig fields {sorted(unknown)}; known: {sorted(known)}.")
+        check_fields(cls, d)
         d = dict(d)
         if "openings" in d:
             d["openings"] = tuple(d["openings"])

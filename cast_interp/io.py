@@ -15,6 +15,17 @@ import torch
 PathLike = Union[str, Path]
 
 
+def check_fields(cls: type, d: dict) -> None:
+    """Raise a ValueError naming any key of `d` that is not a field of the dataclass `cls`: a config
+    read back from JSON with a typo or from a newer version fails loudly, not silently."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"Unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}.")
+
+
 def atomic_write_text(text: str, path: PathLike) -> None:
     """Write `text` to `path` via a temporary file and `os.replace` (atomic on POSIX)."""
     path = Path(path)

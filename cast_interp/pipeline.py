@@ -182,7 +182,7 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict:
     """Run (or resume) the whole experiment; returns the content of `results.json`."""
     from .conflict_map import ConflictMap
     from .diagnose import DiagnosisConfig, diagnose
-    from .evaluate import EvalConfig, EvalResult, evaluate
+    from .evaluate import EvalConfig, evaluate
     from .model import load_model, model_id
     from .sparse_tuning import TuningConfig, safety_finetune, select_arm_heads
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, Optional, Protocol, Sequence, Union, get_args
 
 import torch
@@ -44,7 +44,7 @@ from transformer_lens import HookedTransformer
 from .data import ChatBatch, ChatDataset, make_batches
 from .heads import (Head, HeadIndexError, KVPolicy, head_param_count, head_param_masks,
                     validate_heads)
-from .io import atomic_write_json, read_json, to_jsonable
+from .io import atomic_write_json, check_fields, read_json, to_jsonable
 from .model import model_id
 from .objectives import NonFiniteLossError, response_nll
 
@@ -132,10 +132,7 @@ class TuningConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TuningConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"Unknown TuningConfig keys {sorted(unknown)}; known: {sorted(known)}.")
+        check_fields(cls, d)
         return cls(**d)
 
 

@@ -185,7 +185,7 @@ def test_progress_bar_runs(capsys):
 def test_config_and_result_round_trip(tmp_path):
     c = cfg(optimizer="sgd", scope="all")
     assert TuningConfig.from_dict(c.to_dict()) == c
-    with pytest.raises(ValueError, match="Unknown TuningConfig keys"):
+    with pytest.raises(ValueError, match="Unknown TuningConfig field"):
         TuningConfig.from_dict({"stepz": 3})
     model = tiny_model()
     res = safety_finetune(model, SAFE, skip_heads=[(1, 1)], config=c)
