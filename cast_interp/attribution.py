@@ -55,7 +55,7 @@ from transformer_lens import HookedTransformer
 
 from .data import ChatBatch, ChatDataset, DataError, make_batches, with_refusals
 from .heads import (COMPONENTS, Head, all_heads, component_index, component_param_names,
-                    validate_heads)
+                    rank_heads, validate_heads)
 from .model import model_id
 from .objectives import NonFiniteLossError, dataset_nll, token_nll
 from .sensitivity import (_check_batches, _data_sha, _default_heads_per_pass, _heads_by_layer,
@@ -326,10 +326,7 @@ class AttributionResult:
 
     def ranking(self) -> list[Head]:
         """Computed heads, largest utility_recovered first (NaN heads left out)."""
-        flat = self.utility_recovered.flatten()
-        order = torch.argsort(torch.nan_to_num(flat, nan=-math.inf), descending=True, stable=True)
-        H = self.utility_recovered.shape[1]
-        return [(int(i) // H, int(i) % H) for i in order if not torch.isnan(flat[i])]
+        return rank_heads(self.utility_recovered)
 
     def summary(self) -> dict:
         """Flat dict of scalars (numbers and short strings) for a report."""

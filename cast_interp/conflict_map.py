@@ -35,7 +35,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from .heads import Head, HeadIndexError
+from .heads import Head, HeadIndexError, rank_heads
 
 CombineKind = Literal["product", "rank_product", "weighted_sum", "first_order_harm"]
 COMBINE_KINDS: tuple[str, ...] = ("product", "rank_product", "weighted_sum", "first_order_harm")
@@ -273,12 +273,7 @@ class ConflictMap:
     def ranking(self, *, by: RankBy = "C", largest: bool = True) -> list[Head]:
         """All heads ordered by `by` (descending if `largest`), NaN heads last; ties keep
         (layer, head) order, so the ranking is deterministic."""
-        v = self._values(by).double().flatten().cpu().numpy()
-        H = self.shape[1]
-        finite = np.isfinite(v)
-        key = np.where(finite, -v if largest else v, 0.0)
-        order = np.lexsort((np.arange(v.size), key, ~finite))  # last key sorts first
-        return [(int(i // H), int(i % H)) for i in order]
+        return rank_heads(self._values(by), largest=largest, nan_last=True)
 
     def top_heads(self, k: Union[int, float], *, by: RankBy = "C",
                   largest: bool = True) -> list[Head]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Iterable, Literal, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
@@ -38,6 +39,20 @@ def kv_group(model: HookedTransformer, head: int) -> int:
 
 def uses_gqa(model: HookedTransformer) -> bool:
     return model.cfg.n_key_value_heads is not None and model.cfg.n_key_value_heads != model.cfg.n_heads
+
+
+def rank_heads(scores: Tensor, *, largest: bool = True, nan_last: bool = False) -> list[Head]:
+    """Heads of a `[layer, head]` score tensor ordered by score (descending if `largest`); ties keep
+    (layer, head) order, so a ranking is deterministic. Heads with a non-finite score are left out,
+    or put last (in (layer, head) order) with `nan_last=True`."""
+    v = scores.detach().double().cpu().flatten().numpy()
+    H = scores.shape[1]
+    finite = np.isfinite(v)
+    key = np.where(finite, -v if largest else v, 0.0)
+    order = np.lexsort((np.arange(v.size), key, ~finite))  # last key sorts first
+    if not nan_last:
+        order = order[: int(finite.sum())]
+    return [(int(i // H), int(i % H)) for i in order]
 
 
 def all_heads(model: HookedTransformer) -> list[Head]:

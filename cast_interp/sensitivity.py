@@ -49,7 +49,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.utilities.activation_functions import apply_softcap
 
 from .data import ChatBatch, DataError
-from .heads import Head, validate_heads
+from .heads import Head, rank_heads, validate_heads
 from .model import model_id
 from .objectives import NonFiniteLossError, token_nll
 
@@ -94,10 +94,7 @@ class SensitivityResult:
 
     def ranking(self) -> list[Head]:
         """Computed heads, most sensitive first (largest S); heads with NaN S are left out."""
-        flat = self.S.flatten()
-        order = torch.argsort(torch.nan_to_num(flat, nan=-math.inf), descending=True, stable=True)
-        H = self.S.shape[1]
-        return [(int(i) // H, int(i) % H) for i in order if not torch.isnan(flat[i])]
+        return rank_heads(self.S)
 
     def to_dict(self) -> dict:
         """Plain JSON-able values (NaN S entries become None)."""

@@ -43,7 +43,7 @@ from transformer_lens import HookedTransformer
 
 from .data import ChatBatch, ChatDataset, make_batches
 from .heads import (Head, HeadIndexError, KVPolicy, head_param_count, head_param_masks,
-                    validate_heads)
+                    rank_heads, validate_heads)
 from .io import atomic_write_json, check_fields, read_json, to_jsonable
 from .model import model_id
 from .objectives import NonFiniteLossError, response_nll
@@ -501,15 +501,11 @@ class _HasScores(Protocol):
 
 def _ranked(scores: Float[Tensor, "n_layers n_heads"], k: int, *, largest: bool) -> list[Head]:
     """Top-k (or bottom-k) heads by score; NaN never selected; ties by (layer, head) order."""
-    flat = scores.detach().float().cpu().flatten()
-    finite = torch.isfinite(flat)
-    if int(finite.sum()) < k:
-        raise ValueError(f"Only {int(finite.sum())} heads have a finite score, fewer than k={k}; "
+    ranked = rank_heads(scores, largest=largest)
+    if len(ranked) < k:
+        raise ValueError(f"Only {len(ranked)} heads have a finite score, fewer than k={k}; "
                          "the conflict map is incomplete (NaN scores mean undefined values).")
-    key = torch.where(finite, flat if largest else -flat, torch.tensor(-math.inf))
-    order = torch.argsort(key, descending=True, stable=True)[:k]
-    H = scores.shape[1]
-    return sorted((int(i) // H, int(i) % H) for i in order)
+    return sorted(ranked[:k])
 
 
 def _resolve_k(k: Union[int, float], n_total: int) -> int:

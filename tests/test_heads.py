@@ -3,7 +3,7 @@ import torch
 
 from cast_interp.heads import (
     HeadIndexError, head_param_count, head_param_masks, heads_from_selection, kv_group,
-    per_head_gradients, validate_heads,
+    per_head_gradients, rank_heads, validate_heads,
 )
 from cast_interp.model import tiny_model
 
@@ -15,6 +15,18 @@ def test_validate_heads_rejects_out_of_range_with_a_clear_message():
         validate_heads(m, [(2, 0)])
     with pytest.raises(HeadIndexError, match="pair"):
         validate_heads(m, ["x"])
+
+
+def test_rank_heads_orders_by_score_ties_by_position_and_handles_nan():
+    nan = float("nan")
+    s = torch.tensor([[0.5, nan, 2.0], [0.5, -1.0, 2.0]])
+    # Ties (2.0 at (0,2) and (1,2); 0.5 at (0,0) and (1,0)) keep (layer, head) order.
+    assert rank_heads(s) == [(0, 2), (1, 2), (0, 0), (1, 0), (1, 1)]
+    assert rank_heads(s, largest=False) == [(1, 1), (0, 0), (1, 0), (0, 2), (1, 2)]
+    assert rank_heads(s, nan_last=True)[-1] == (0, 1)
+    # The same order as a plain sort of the finite values (computed another way).
+    flat = [(float(s[l, h]), l, h) for l in range(2) for h in range(3) if s[l, h] == s[l, h]]
+    assert rank_heads(s) == [(l, h) for _, l, h in sorted(flat, key=lambda t: (-t[0], t[1], t[2]))]
 
 
 def test_kv_group_matches_transformer_lens_repeat_interleave():
