@@ -59,7 +59,7 @@ from .heads import (COMPONENTS, Head, all_heads, component_index, component_para
 from .model import model_id
 from .objectives import NonFiniteLossError, dataset_nll, token_nll
 from .sensitivity import (_check_batches, _data_sha, _default_heads_per_pass, _heads_by_layer,
-                          _resid_pre_name, _response_nll_from_resid, compare_sensitivity)
+                          _resid_pre_name, _copies_nll_from_layer, compare_sensitivity)
 
 AttributionMethod = Literal["exact", "first_order"]
 RevertKV = Literal["any", "own"]
@@ -224,13 +224,8 @@ def _exact_losses(tuned: HookedTransformer, original: HookedTransformer, batches
                     def hook(x, hook, new=new):
                         return new
 
-                    rep = lambda t, k=k: None if t is None else t.repeat(k, *([1] * (t.dim() - 1)))
-                    with tuned.hooks(fwd_hooks=[(_attn_out_name(l), hook)]):
-                        final = tuned(rep(resid), start_at_layer=l, stop_at_layer=cfg.n_layers,
-                                      shortformer_pos_embed=rep(shortformer),
-                                      attention_mask=rep(attn_mask))
-                    sums[l, hs] += _response_nll_from_resid(tuned, final, b, k).double().cpu()
-                    del final
+                    sums[l, hs] += _copies_nll_from_layer(tuned, l, _attn_out_name(l), hook, resid,
+                                                          shortformer, attn_mask, b, k).double().cpu()
                 del outs
                 if bar is not None:
                     bar.update(1)

@@ -299,6 +299,19 @@ def _default_heads_per_pass(model: HookedTransformer, batch_size: int, width: in
     return max(1, min(cfg.n_heads, k))
 
 
+def _copies_nll_from_layer(model: HookedTransformer, layer: int, hook_name: str, hook,
+                           resid: Tensor, shortformer: Optional[Tensor],
+                           attn_mask: Optional[Tensor], batch: ChatBatch, n_copies: int) -> Tensor:
+    """Summed response NLL of each of `n_copies` stacked copies of `batch`, run from `layer` on
+    (from its cached `resid_pre`, repeated along the batch) with `hook` on `hook_name`, which
+    edits copy i for head i. Layers before `layer` are not recomputed: they cannot change."""
+    rep = lambda t: None if t is None else t.repeat(n_copies, *([1] * (t.dim() - 1)))
+    with model.hooks(fwd_hooks=[(hook_name, hook)]):
+        final = model(rep(resid), start_at_layer=layer, stop_at_layer=model.cfg.n_layers,
+                      shortformer_pos_embed=rep(shortformer), attention_mask=rep(attn_mask))
+    return _response_nll_from_resid(model, final, batch, n_copies)
+
+
 def _response_nll_from_resid(model: HookedTransformer, resid: Tensor, batch: ChatBatch,
                              n_copies: int) -> Tensor:
     """Summed response NLL of each of `n_copies` stacked copies of `batch`, from the final residual.
@@ -367,13 +380,8 @@ def _exact(model: HookedTransformer, batches: Sequence[ChatBatch], ablation: _Ab
                             zz[i, :, :, h] = repl[:, :, h]
                         return z
 
-                    rep = lambda t: None if t is None else t.repeat(k, *([1] * (t.dim() - 1)))
-                    with model.hooks(fwd_hooks=[(_z_name(l), hook)]):
-                        final = model(rep(resid), start_at_layer=l, stop_at_layer=cfg.n_layers,
-                                      shortformer_pos_embed=rep(shortformer),
-                                      attention_mask=rep(attn_mask))
-                    sums[l, hs] += _response_nll_from_resid(model, final, b, k).double().cpu()
-                    del final
+                    sums[l, hs] += _copies_nll_from_layer(model, l, _z_name(l), hook, resid,
+                                                          shortformer, attn_mask, b, k).double().cpu()
                 if bar is not None:
                     bar.update(1)
             del cache
