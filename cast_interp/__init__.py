@@ -4,23 +4,33 @@ on TransformerLens's `HookedTransformer`.
 The layout follows the method, stage by stage:
 
     data.py, model.py          D_safe / D_util and the hooked model
-    conflict.py                stage 1: Optimization Conflict O(h) = 1 - cos(g_safe, g_util)
-    sensitivity.py             stage 1: Functional Sensitivity S(h) (head ablation)
-    conflict_map.py            stage 1: the conflict map C(h), `ConflictMap`
+    units.py                   what a query head and a key/value group own (every stage's units)
+    conflict.py                stage 1: Optimization Conflict O(u) = 1 - cos(g_safe, g_util)
+    sensitivity.py             stage 1: Functional Sensitivity S(u) (unit ablation, screened)
+    conflict_map.py            stage 1: the conflict map C(u), `ConflictMap`, nulls
     diagnose.py                stage 1 end to end
-    sparse_tuning.py           stage 2: safety fine-tuning that skips heads, budget-matched arms
-    evaluate.py                stage 3: safety and utility
-    attribution.py             stage 4: which heads caused the utility drop
-    figures.py                 the paper figures
+    sparse_tuning.py           stage 2: safety fine-tuning that skips units, budget-matched arms
+    safety.py, utility.py      stage 3: the refusal judge and safety metrics; utility and task accuracy
+    evaluate.py                stage 3: both, per prompt, as one `EvalResult`
+    attribution.py             stage 4: which units caused the utility drop
+    stats.py                   paired bootstrap CIs, nulls, seeded ranks (shared by every stage)
+    figures.py, report.py      the paper figures; the run's report and its inference
     inspect.py                 looking inside the flagged heads (where they attend)
     planted.py                 tiny models with a planted conflict (known answers, teaching)
     pipeline.py, cli.py        the whole experiment, `cast-interp`
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
+from .conflict_map import ConflictMap
 from .data import ChatBatch, ChatDataset, ChatExample, load_bundled, load_dataset, make_batches
+from .diagnose import DiagnosisConfig, diagnose
+from .evaluate import EvalConfig, evaluate
 from .model import load_model, tiny_model
+from .pipeline import RunConfig, run_experiment
+from .sparse_tuning import TuningConfig, safety_finetune
 
 __all__ = ["ChatBatch", "ChatDataset", "ChatExample", "load_bundled", "load_dataset",
-           "make_batches", "load_model", "tiny_model"]
+           "make_batches", "load_model", "tiny_model", "ConflictMap", "DiagnosisConfig", "diagnose",
+           "TuningConfig", "safety_finetune", "EvalConfig", "evaluate", "RunConfig",
+           "run_experiment"]

@@ -44,31 +44,47 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _check_out_dir(out: Path, marker: str, overwrite: bool) -> None:
+    """Fail before any work if `out` cannot take the result (a file, a finished result, read-only)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: pass a directory path.")
+    if (out / marker).exists() and not overwrite:
+        raise ValueError(f"--out {out} already holds a result ({marker}); pass --overwrite to "
+                         "replace it, or another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / ".write-test"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"--out {out} is not writable ({exc.strerror}).") from exc
+
+
 def _cmd_diagnose(args) -> int:
+    from .conflict_map import META_FILE, map_report
     from .data import load_dataset
     from .diagnose import DiagnosisConfig, diagnose
+    from .figures import diagnosis_figures
+    from .io import atomic_write_text
     from .model import load_model
-    from .pipeline import _diagnosis_figures
 
-    model = load_model(args.model, device=args.device)
-    cfg = DiagnosisConfig(n_calibration=args.n_calibration, n_sensitivity=args.n_sensitivity,
-                          batch_size=args.batch_size, ablation=args.ablation,
-                          sensitivity_method=args.sensitivity_method, combine=args.combine,
-                          n_bootstrap=args.n_bootstrap, seed=args.seed,
-                          utility_reference=args.utility_reference)
-    t = time.time()
-    cmap = diagnose(model, load_dataset(args.safety_data), load_dataset(args.utility_data), cfg,
-                    progress=True)
+    # Only options given on the command line override DiagnosisConfig's defaults (one source).
+    names = ("n_calibration", "n_sensitivity", "batch_size", "ablation", "sensitivity_method",
+             "n_exact", "combine", "n_bootstrap", "seed", "utility_reference", "max_new_tokens")
+    cfg = DiagnosisConfig(**{n: getattr(args, n) for n in names if getattr(args, n) is not None},
+                          include_end_of_turn=args.include_end_of_turn)
     out = Path(args.out)
+    _check_out_dir(out, META_FILE, args.overwrite)
+    safety, utility = load_dataset(args.safety_data), load_dataset(args.utility_data)
+    model = load_model(args.model, device=args.device)
+    t = time.time()
+    cmap = diagnose(model, safety, utility, cfg, progress=True)
     cmap.save(out)
-    n_total = model.cfg.n_layers * model.cfg.n_heads
-    _diagnosis_figures(cmap, out / "figures", k=max(1, round(0.1 * n_total)))
-    print(f"diagnosis done in {time.time() - t:.0f} s")
-    print("concentration:", {k: (round(v, 4) if isinstance(v, float) else v)
-                             for k, v in cmap.concentration().items()})
-    k = min(10, n_total)
-    print(f"top {k} heads by C:", ", ".join(f"L{l}H{h}" for l, h in cmap.top_heads(k)))
-    print(f"wrote {out}")
+    diagnosis_figures(cmap, out / "figures", k=0.1)
+    report = map_report(cmap, k=0.1)
+    atomic_write_text(report, out / "report.md")
+    print(report)
+    print(f"diagnosis done in {time.time() - t:.0f} s; wrote {out}")
     return 0
 
 
@@ -97,10 +113,9 @@ def _cmd_attribute(args) -> int:
     cfg = RunConfig.from_dict(read_json(path))
     cfg.attribute = True
     cfg.out_dir = str(args.run)  # the directory may have been moved or copied since the run
-    if args.method:
-        cfg.attribution_method = args.method
-    if args.exact_heads is not None:
-        cfg.attribution_exact_heads = args.exact_heads
+    for name in ("examples", "candidates", "spread", "draws"):
+        if getattr(args, name) is not None:
+            setattr(cfg, f"attribution_{name}", getattr(args, name))
     run_experiment(cfg)  # finished stages are re-used; only attribution is computed
     print((Path(args.run) / "report.md").read_text())
     return 0
@@ -125,23 +140,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(d)
     d.add_argument("--safety-data", default="bundled:harmful:calibration")
     d.add_argument("--utility-data", default="bundled:benign:calibration")
-    d.add_argument("--n-calibration", type=int, default=32)
-    d.add_argument("--n-sensitivity", type=int, default=None)
-    d.add_argument("--batch-size", type=int, default=8)
-    d.add_argument("--ablation", choices=["mean", "zero", "resample"], default="mean")
-    d.add_argument("--sensitivity-method", choices=["exact", "attribution"], default="exact")
-    d.add_argument("--combine", choices=["product", "rank_product", "weighted_sum",
-                                         "first_order_harm"], default="product")
-    d.add_argument("--n-bootstrap", type=int, default=200)
-    d.add_argument("--utility-reference", choices=["dataset", "self"], default="dataset",
-                   help="utility answers: the dataset's, or the model's own greedy answers")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--n-calibration", type=int, default=None, help="default 16")
+    d.add_argument("--n-sensitivity", type=int, default=None, help="default 16")
+    d.add_argument("--batch-size", type=int, default=None)
+    d.add_argument("--ablation", choices=["mean", "zero", "resample"], default=None)
+    d.add_argument("--sensitivity-method", choices=["screened", "exact", "attribution"],
+                   default=None, help="default screened: attribution for all, exact for the top")
+    d.add_argument("--n-exact", type=int, default=None,
+                   help="exact candidates per unit kind when screened (default 2 x 10%%)")
+    d.add_argument("--combine", choices=["rank_product", "product", "weighted_sum",
+                                         "first_order_harm"], default=None)
+    d.add_argument("--n-bootstrap", type=int, default=None)
+    d.add_argument("--utility-reference", choices=["self", "dataset"], default=None,
+                   help="utility answers: the model's own (default) or the dataset's")
+    d.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap on self-reference answers (default 128)")
+    d.add_argument("--include-end-of-turn", action="store_true",
+                   help="put the end-of-turn token in the diagnosis losses (v1 behaviour)")
+    d.add_argument("--seed", type=int, default=None)
     d.add_argument("--out", default="runs/diagnosis")
+    d.add_argument("--overwrite", action="store_true", help="replace a map already in --out")
     d.set_defaults(fn=_cmd_diagnose)
 
     r = sub.add_parser("run", help="the whole experiment: diagnose, tune every arm, evaluate")
     _add_model_args(r)
-    r.add_argument("--preset", choices=["cpu", "gpu", "smoke"], default="cpu")
+    from .pipeline import PRESETS
+
+    r.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     r.add_argument("--safety-data", default=None)
     r.add_argument("--utility-data", default=None)
     r.add_argument("--over-refusal-data", default=None)
@@ -153,9 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("attribute", help="which heads caused the utility drop (stage 4)")
     a.add_argument("--run", required=True, help="output directory of `cast-interp run`")
-    a.add_argument("--method", choices=["first_order", "exact"], default=None)
-    a.add_argument("--exact-heads", type=int, default=None,
-                   help="also revert exactly this many heads (top by the first-order map)")
+    a.add_argument("--examples", type=int, default=None, help="examples (halves A and B)")
+    a.add_argument("--candidates", type=int, default=None,
+                   help="exact reverts of the top first-order units (default 2k)")
+    a.add_argument("--spread", type=int, default=None, help="exact reverts spread over the range")
+    a.add_argument("--draws", type=int, default=None, help="random revert sets (default 20)")
     a.set_defaults(fn=_cmd_attribute)
     return p
 

@@ -1,32 +1,33 @@
-"""Optimization Conflict: do the safety and utility gradients of a head point in opposite directions?
+"""Optimization Conflict: do the safety and utility gradients of a unit point in opposite directions?
 
-For head h, g_safe(h) and g_util(h) are the gradients of the mean response-token NLL over the whole
-safety set D_safe and utility set D_util with respect to the head's parameters, flattened and
-concatenated over its components (Q, K, V, O). The paper's Optimization Conflict is
+For a unit u (a query head, or under grouped-query attention a key/value group; see `units.py`),
+g_safe(u) and g_util(u) are the gradients of the mean response-content NLL over the whole safety set
+D_safe and utility set D_util with respect to the parameters u *owns*, flattened. The paper's
+Optimization Conflict is
 
-    O(h) = 1 - cos(g_safe(h), g_util(h))        in [0, 2]: 0 aligned, 1 orthogonal, 2 opposed.
+    O(u) = 1 - cos(g_safe(u), g_util(u))      in [0, 2]: 0 aligned, 1 orthogonal, 2 opposed.
 
-A head with O near 2 cannot be moved towards safety without moving it away from what utility wants.
+A head's O is computed over its own Q/O slices only: the shared K/V gradient of its group is the
+group's, measured once for the group, never copied into its heads (METHOD.md v2). Without GQA a
+head owns Q, K, V and O.
 
 What this module adds (ours, recorded in every result's `config`):
-- per-component conflict (`component_O`: Q, K, V, O slices alone), gradient norms and the raw dot
-  product g_safe . g_util (the first-order utility harm of a safety step is its negative);
-- under grouped-query attention the K/V part of g(h) is the gradient of the group's shared K/V
-  weights (every head of a group sees the same K/V gradient), and `kv_group_O` gives the conflict of
-  each group's K/V parameters alone;
-- a percentile bootstrap over calibration *batches*. The cosine of a resampled sum
-  sum_b w_b g_b needs only inner products between per-batch gradients, so we keep per-head Gram
-  matrices <g_b, g_b'> (safe-safe, util-util, safe-util, per component) and the bootstrap is exact and
-  costs no extra forward or backward pass.
+- `O_balanced`: 1 - mean of the per-component cosines (Q and O for a head under GQA; K and V for a
+  group), so that no component wins by its gradient norm (V carried 77% of SmolLM2's norm);
+- per-component O, gradient norms and the raw dot product g_safe . g_util;
+- a percentile bootstrap over calibration *examples*. The cosine of a resampled sum
+  sum_i w_i g_i needs only inner products between per-example gradients, so per-unit Gram matrices
+  <g_i, g_j> are kept (safe-safe, util-util, safe-util, per component) and the bootstrap costs no
+  extra model pass. Its draws are kept (`O_boot`) for the concentration null of the map.
+- the count of units with O > 1 (opposed gradients); "high conflict" is relative otherwise.
 
-Undefined values are NaN, never a number: a head whose safety or utility gradient is exactly zero
-has no direction, so its O is NaN (with a warning naming it). Gradients are taken on the weights as
-loaded (`load_model` keeps them unfolded: folding LayerNorm changes the coordinates and so the cosines).
+Undefined values are NaN, never a number: a unit whose safety or utility gradient is exactly zero has
+no direction, so its O is NaN (with a warning naming it). Gradients are taken on the weights as
+loaded (`load_model` keeps them unfolded).
 
-Memory: the bootstrap keeps one copy of the attention-parameter gradient per batch until the Gram
-matrices are built: (B_safe + B_util) x (number of attention parameters) x 4 bytes, K/V stored once
-per group. SmolLM2-135M has ~26.5M attention parameters, so ~106 MB per batch (~850 MB for the
-default 32 + 32 examples in batches of 8). With `n_bootstrap=0` nothing per batch is kept.
+Memory: the bootstrap keeps one copy of the owned-parameter gradient per example until the Gram
+matrices are built: (n_safe + n_util) x (owned attention parameters) x 4 bytes; SmolLM2-135M has
+~26.5M, so ~106 MB per example (6.8 GB for 32 + 32). `n_bootstrap=0` keeps nothing per example.
 """
 
 from __future__ import annotations
@@ -37,59 +38,22 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from .data import ChatBatch
-from .heads import COMPONENTS, Component, component_index, component_param_names, n_kv_heads
-from .objectives import NonFiniteLossError, response_nll
+from .objectives import NonFiniteLossError, token_nll
+from .units import UnitKind, label, unit_components, unit_grads, unit_params, uses_gqa
 
-METHOD_VERSION = "conflict-1"
+METHOD_VERSION = "conflict-2"
 
 
 class ZeroGradientWarning(UserWarning):
-    """Some heads have an exactly zero gradient: their cosine, and so O, is undefined (NaN)."""
+    """Some units have an exactly zero gradient: their cosine, and so O, is undefined (NaN)."""
 
 
 # --------------------------------------------------------------------------------------------------
-# Gradients
+# Gradients, one example at a time
 # --------------------------------------------------------------------------------------------------
-
-
-def _head_params(model: HookedTransformer) -> list[torch.nn.Parameter]:
-    """The parameters heads own (Q/K/V/O weights and Q/K/V biases; b_O belongs to no head)."""
-    return [getattr(model.blocks[l].attn, n)
-            for l in range(model.cfg.n_layers) for c in COMPONENTS
-            for n in component_param_names(model, c)]
-
-
-def _compact_grads(model: HookedTransformer) -> dict[Component, Tensor]:
-    """`.grad` of head parameters as `{c: [n_layers, n_c, numel_c]}` float32, with n_c = n_heads for
-    Q/O and n_kv_heads for K/V (a group's shared gradient stored once)."""
-    out = {}
-    for c in COMPONENTS:
-        rows = []
-        for l in range(model.cfg.n_layers):
-            attn = model.blocks[l].attn
-            parts = []
-            for n in component_param_names(model, c):
-                p = getattr(attn, n)
-                g = p.grad if p.grad is not None else torch.zeros_like(p)
-                parts.append(g.detach().float().reshape(p.shape[0], -1))
-            rows.append(torch.cat(parts, dim=1))
-        out[c] = torch.stack(rows)
-    return out
-
-
-def _head_index(model: HookedTransformer, c: Component, device) -> Tensor:
-    """For each query head, its row in the compact storage of component c (the group for K/V)."""
-    return torch.tensor([component_index(model, c, h) for h in range(model.cfg.n_heads)],
-                        device=device)
-
-
-def _expand(model: HookedTransformer, compact: dict[Component, Tensor]) -> dict[Component, Tensor]:
-    return {c: t[:, _head_index(model, c, t.device)] for c, t in compact.items()}
 
 
 def _check_batches(batches: Sequence[ChatBatch], what: str) -> int:
@@ -109,71 +73,76 @@ def _check_batches(batches: Sequence[ChatBatch], what: str) -> int:
     return n
 
 
-def _gradient_pass(
-    model: HookedTransformer, batches: Sequence[ChatBatch], *, what: str, keep_per_batch: bool,
-    progress: bool = False,
-) -> tuple[dict[Component, Tensor], list[dict[Component, Tensor]], float, int]:
-    """One forward+backward per batch of (summed NLL of the batch) / (tokens in all batches).
+def split_examples(batches: Sequence[ChatBatch]) -> list[tuple[Tensor, Tensor]]:
+    """Each example of `batches` as `(tokens [1, len], loss_mask [1, len])` without padding."""
+    out = []
+    for b in batches:
+        T = b.tokens.shape[1]
+        pos = torch.arange(1, T + 1)
+        for r in range(len(b)):
+            n = max(int((pos * b.loss_mask[r].cpu()).max()), b.prompt_lengths[r])
+            out.append((b.tokens[r:r + 1, :n], b.loss_mask[r:r + 1, :n]))
+    return out
 
-    Returns (compact gradient of the token-mean loss, per-batch compact gradients if kept, the loss,
-    the number of response tokens). Only head parameters get `.grad` during the pass (cheaper: no
-    embedding/MLP weight gradients); `requires_grad` is restored and all `.grad` cleared afterwards.
+
+def _kinds(model) -> tuple[UnitKind, ...]:
+    return ("head", "group") if uses_gqa(model) else ("head",)
+
+
+def _grads(model) -> dict[tuple[str, str], Tensor]:
+    return {(k, c): g for k in _kinds(model) for c, g in unit_grads(model, k).items()}
+
+
+def example_gradients(
+    model, batches: Sequence[ChatBatch], *, what: str, keep_per_example: bool,
+    progress: bool = False,
+) -> tuple[dict, list[dict], float, int]:
+    """Gradients of the token-mean response NLL over all of `batches`, one example at a time.
+
+    Example i contributes (summed NLL of i) / (response tokens of all examples), so the sum over
+    examples is the gradient of the whole-set loss. Returns (the total `{(kind, component): [L, n,
+    numel]}`, the per-example gradients if kept, the loss, the token count). Only owned parameters
+    get `.grad`; `requires_grad` is restored and every `.grad` cleared afterwards.
     """
     n_tokens = _check_batches(batches, what)
+    examples = split_examples(batches)
     params = list(model.parameters())
     saved = [p.requires_grad for p in params]
-    head_ids = {id(p) for p in _head_params(model)}
-    total: Optional[dict[Component, Tensor]] = None
-    per_batch: list[dict[Component, Tensor]] = []
-    loss_sum = 0.0
-    it = enumerate(batches)
+    owned = {id(p) for p in unit_params(model)}
+    total, per, loss_sum = None, [], 0.0
+    it = enumerate(examples)
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, total=len(batches), desc=f"gradients ({what})")
+        it = tqdm(it, total=len(examples), desc=f"gradients ({what})")
     try:
         for p in params:
-            p.requires_grad_(id(p) in head_ids)
+            p.requires_grad_(id(p) in owned)
             p.grad = None
-        for i, batch in it:
+        for i, (tokens, mask) in it:
             with torch.enable_grad():
-                loss = response_nll(model, batch, reduction="sum") / n_tokens
+                logits = model(tokens.to(model.cfg.device))
+                nll = token_nll(logits, ChatBatch(tokens=tokens, loss_mask=mask, prompt_lengths=[0]))
+                loss = nll.sum() / n_tokens
             if not torch.isfinite(loss.detach()):
                 raise NonFiniteLossError(
-                    f"The {what} loss is {float(loss.detach())} on {what} batch {i} (of {len(batches)}). "
-                    "Check the model weights and that this batch's responses are non-empty; use "
-                    "float32.")
+                    f"The {what} loss is {float(loss.detach())} on {what} example {i} (of "
+                    f"{len(examples)}). Check the model weights and that the response is "
+                    "non-empty; use float32.")
             loss.backward()
-            g = _compact_grads(model)
+            g = _grads(model)
             for p in params:
                 p.grad = None
             loss_sum += float(loss.detach())
-            if keep_per_batch:
-                per_batch.append(g)
-            total = g if total is None else {c: total[c] + g[c] for c in COMPONENTS}
+            if keep_per_example:
+                per.append(g)
+            total = {k: v.clone() for k, v in g.items()} if total is None else \
+                {k: total[k] + g[k] for k in total}
     finally:
         for p, r in zip(params, saved):
             p.grad = None
             p.requires_grad_(r)
-    assert total is not None
-    if keep_per_batch:  # `total` aliases the first batch's tensors otherwise: make it its own
-        total = {c: t.clone() for c, t in total.items()}
-    return total, per_batch, loss_sum, n_tokens
-
-
-def accumulate_gradients(
-    model: HookedTransformer, batches: Sequence[ChatBatch], *, progress: bool = False,
-) -> dict[Component, Float[Tensor, "layer head numel"]]:
-    """Per-head gradients of the token-mean response NLL over *all* `batches`, float32.
-
-    Each batch's summed NLL is weighted by 1 / (response tokens in all batches), so the result equals
-    the gradient of the loss on one big batch. One forward and backward per batch. Returns
-    `{c: [n_layers, n_heads, numel_c]}` for c in q, k, v, o (under GQA the K/V entries of a head are
-    its group's shared gradient). Leaves every `.grad` cleared (None) and `requires_grad` as it was.
-    """
-    total, _, _, _ = _gradient_pass(model, batches, what="calibration", keep_per_batch=False,
-                                    progress=progress)
-    return _expand(model, total)
+    return total, per, loss_sum, n_tokens
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,147 +152,136 @@ def accumulate_gradients(
 
 @dataclass
 class ConflictResult:
-    """Optimization Conflict of every head, with its parts and uncertainty (all `[n_layers, n_heads]`
-    unless said otherwise; NaN where undefined).
+    """Optimization Conflict of every unit, with its parts and uncertainty.
 
-    O: 1 - cos(g_safe(h), g_util(h)) over the concatenated Q, K, V, O gradients of the head.
-    component_O: `{c: [L, H]}`, the same on one component's slice only.
-    kv_group_O: `[L, n_kv_heads]`, conflict of each K/V group's own K and V parameters (ours).
-    norms: `{"safe", "util", "safe_q", "util_q", ...}` gradient norms (of the token-mean losses).
-    dot: g_safe(h) . g_util(h) (float64 accumulation, stored float32); -dot is the first-order
-        increase of L_util per unit safety step on head h.
-    ci_low, ci_high: percentile bootstrap interval of O over calibration batches (ours);
-        component_ci_low / component_ci_high the same per component.
-    config: options, data sizes, losses, timings, method version.
+    `head` and (under GQA) `group` map names to `[n_layers, n_units]` float32 tensors (NaN where
+    undefined): "O", "O_low", "O_high" (bootstrap interval), "O_balanced" (+ "_low"/"_high"),
+    "O_{c}" per component c the unit owns, "dot" (g_safe . g_util; -dot is the first-order L_util
+    increase of a unit safety step), "norm_safe", "norm_util", "norm_safe_{c}", "norm_util_{c}";
+    and "O_boot" `[n_bootstrap, n_layers, n_units]` (the bootstrap draws).
+    config: options, data sizes, losses, timings, method version, counts of O > 1.
     """
 
-    O: Float[Tensor, "layer head"]
-    component_O: dict[str, Tensor]
-    kv_group_O: Float[Tensor, "layer kv_head"]
-    norms: dict[str, Tensor]
-    dot: Float[Tensor, "layer head"]
-    ci_low: Float[Tensor, "layer head"]
-    ci_high: Float[Tensor, "layer head"]
-    component_ci_low: dict[str, Tensor] = field(default_factory=dict)
-    component_ci_high: dict[str, Tensor] = field(default_factory=dict)
+    head: dict[str, Tensor]
+    group: dict[str, Tensor] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
-        """Flat `{name: tensor}` plus `"config"`: the form results are saved in."""
-        out: dict = {"O": self.O, "kv_group_O": self.kv_group_O, "dot": self.dot,
-                     "ci_low": self.ci_low, "ci_high": self.ci_high}
-        for prefix, d in (("component_O", self.component_O), ("norms", self.norms),
-                          ("component_ci_low", self.component_ci_low),
-                          ("component_ci_high", self.component_ci_high)):
-            for k, v in d.items():
-                out[f"{prefix}.{k}"] = v
-        out["config"] = dict(self.config)
-        return out
+    @property
+    def O(self) -> Tensor:
+        return self.head["O"]
+
+    @property
+    def dot(self) -> Tensor:
+        return self.head["dot"]
+
+    def units(self, kind: UnitKind = "head") -> dict[str, Tensor]:
+        return self.head if kind == "head" else self.group
 
 
-def _conflict_from(dot: Tensor, nsq_s: Tensor, nsq_u: Tensor) -> Tensor:
+def _one_minus_cos(dot: Tensor, nss: Tensor, nuu: Tensor) -> Tensor:
     """1 - cos from a dot product and squared norms; NaN where a norm is zero."""
-    denom = (nsq_s * nsq_u).sqrt()
+    denom = (nss.clamp_min(0) * nuu.clamp_min(0)).sqrt()
     cos = torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(denom.dtype).tiny),
                       torch.full_like(dot, float("nan")))
     return 1.0 - cos.clamp(-1.0, 1.0)
 
 
 def _dots(a: Tensor, b: Tensor) -> Tensor:
-    """Row-wise dot products over the last dim, accumulated in float64."""
     return (a.double() * b.double()).sum(-1)
 
 
-def _grams(
-    model: HookedTransformer, A: list[dict[Component, Tensor]], B: list[dict[Component, Tensor]],
-) -> dict[Component, Tensor]:
-    """Per-head Gram matrices `{c: [L, H, len(A), len(B)]}` (float64) of per-batch gradients."""
-    out = {}
-    for c in COMPONENTS:
-        per_layer = []
-        for l in range(model.cfg.n_layers):
-            a = torch.stack([g[c][l] for g in A]).double()  # [Ba, n_c, numel]
-            b = torch.stack([g[c][l] for g in B]).double()
-            per_layer.append(torch.einsum("ain,bin->iab", a, b))
-        g = torch.stack(per_layer)  # [L, n_c, Ba, Bb]
-        out[c] = g[:, _head_index(model, c, g.device)]
+def _point(gs: dict, gu: dict, kind: str, comps: Sequence[str]) -> dict[str, Tensor]:
+    """Point estimates for one kind of unit from the whole-set gradients."""
+    d = {c: _dots(gs[kind, c], gu[kind, c]) for c in comps}
+    ss = {c: _dots(gs[kind, c], gs[kind, c]) for c in comps}
+    uu = {c: _dots(gu[kind, c], gu[kind, c]) for c in comps}
+    out = {"O": _one_minus_cos(sum(d.values()), sum(ss.values()), sum(uu.values())),
+           "O_balanced": 1.0 - torch.stack([1.0 - _one_minus_cos(d[c], ss[c], uu[c])
+                                            for c in comps]).mean(0),
+           "dot": sum(d.values()), "norm_safe": sum(ss.values()).sqrt(),
+           "norm_util": sum(uu.values()).sqrt()}
+    for c in comps:
+        out[f"O_{c}"] = _one_minus_cos(d[c], ss[c], uu[c])
+        out[f"norm_safe_{c}"], out[f"norm_util_{c}"] = ss[c].sqrt(), uu[c].sqrt()
     return out
 
 
-def _bootstrap(
-    model: HookedTransformer, per_safe, per_util, *, n_bootstrap: int, ci: float, seed: int,
-) -> tuple[Tensor, Tensor, dict, dict]:
-    """Percentile bootstrap of O over batches, exact from Gram matrices (see module docstring)."""
-    G_ss, G_uu, G_su = _grams(model, per_safe, per_safe), _grams(model, per_util, per_util), \
-        _grams(model, per_safe, per_util)
-    dev = G_ss["q"].device
+def _gram(A: list[dict], B: list[dict], key) -> Tensor:
+    """Per-unit Gram matrix `[L, n, len(A), len(B)]` of per-example gradients (float64 result)."""
+    a = torch.stack([g[key] for g in A])  # [na, L, n, numel]
+    b = torch.stack([g[key] for g in B])
+    # float32 products (float64 on 2 CPU cores is ~4x slower); sums of O(1e6) terms lose ~1e-6
+    # relative, far below the bootstrap spread they feed.
+    return torch.einsum("ilun,jlun->luij", a, b).double()
+
+
+def _bootstrap(per_s: list[dict], per_u: list[dict], kind: str, comps: Sequence[str], *,
+               n_bootstrap: int, ci: float, seed: int) -> dict[str, Tensor]:
+    """Percentile bootstrap over examples of O and O_balanced, exact from Gram matrices."""
     gen = torch.Generator().manual_seed(seed)
 
-    def counts(n_batches: int) -> Tensor:
-        idx = torch.randint(n_batches, (n_bootstrap, n_batches), generator=gen)
-        w = torch.zeros(n_bootstrap, n_batches, dtype=torch.float64)
-        w.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
-        return w.to(dev)
+    def counts(n: int) -> Tensor:
+        idx = torch.randint(n, (n_bootstrap, n), generator=gen)
+        w = torch.zeros(n_bootstrap, n, dtype=torch.float64)
+        return w.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
 
-    Ws, Wu = counts(len(per_safe)), counts(len(per_util))
-    q = torch.tensor([(1 - ci) / 2, (1 + ci) / 2], dtype=torch.float64, device=dev)
-
-    def interval(gss, guu, gsu) -> tuple[Tensor, Tensor]:
+    Ws, Wu = counts(len(per_s)), counts(len(per_u))
+    cos, parts = {}, {}
+    for c in comps:
+        key = (kind, c)
         # Resampling weights scale each sum; cosine is scale-free, so token normalisation drops out.
-        dot = torch.einsum("nb,lhbe,ne->nlh", Ws, gsu, Wu)
-        nss = torch.einsum("nb,lhbe,ne->nlh", Ws, gss, Ws)
-        nuu = torch.einsum("nb,lhbe,ne->nlh", Wu, guu, Wu)
-        o = _conflict_from(dot, nss.clamp_min(0), nuu.clamp_min(0))
-        lo_hi = torch.nanquantile(o, q, dim=0)
-        return lo_hi[0].float(), lo_hi[1].float()
+        parts[c] = (torch.einsum("bi,luij,bj->blu", Ws, _gram(per_s, per_u, key), Wu),
+                    torch.einsum("bi,luij,bj->blu", Ws, _gram(per_s, per_s, key), Ws),
+                    torch.einsum("bi,luij,bj->blu", Wu, _gram(per_u, per_u, key), Wu))
+        cos[c] = 1.0 - _one_minus_cos(*parts[c])
+    draws = {"O": _one_minus_cos(*(sum(p[i] for p in parts.values()) for i in range(3))),
+             "O_balanced": 1.0 - torch.stack([cos[c] for c in comps]).mean(0)}
+    q = torch.tensor([(1 - ci) / 2, (1 + ci) / 2], dtype=torch.float64)
+    out = {"O_boot": draws["O"].float()}
+    for name, t in draws.items():
+        lo_hi = torch.nanquantile(t, q, dim=0)
+        out[f"{name}_low"], out[f"{name}_high"] = lo_hi[0], lo_hi[1]
+    return out
 
-    comp_lo, comp_hi = {}, {}
-    for c in COMPONENTS:
-        comp_lo[c], comp_hi[c] = interval(G_ss[c], G_uu[c], G_su[c])
-    lo, hi = interval(sum(G_ss.values()), sum(G_uu.values()), sum(G_su.values()))
-    return lo, hi, comp_lo, comp_hi
 
-
-def _warn_zero(model: HookedTransformer, ns: Tensor, nu: Tensor) -> None:
+def _warn_zero(kind: str, ns: Tensor, nu: Tensor) -> None:
     zero = (ns == 0) | (nu == 0)
     if not zero.any():
         return
-    heads = [(int(l), int(h)) for l, h in zero.nonzero().tolist()]
-    which = []
-    for l, h in heads[:10]:
-        side = " and ".join(n for n, t in (("safety", ns), ("utility", nu)) if t[l, h] == 0)
-        which.append(f"L{l}H{h} ({side})")
-    more = f" and {len(heads) - 10} more" if len(heads) > 10 else ""
+    units = [tuple(x) for x in zero.nonzero().tolist()]
+    names = [f"{label(u, kind)} ({' and '.join(n for n, t in (('safety', ns), ('utility', nu)) if t[u] == 0)})"
+             for u in units[:10]]
+    more = f" and {len(units) - 10} more" if len(units) > 10 else ""
     warnings.warn(
-        f"{len(heads)} head(s) have an exactly zero gradient, so their Optimization Conflict is "
-        f"undefined and set to NaN: {', '.join(which)}{more}. Such a head does not affect that loss "
-        "(e.g. a zeroed output projection); NaN heads are never selected by top_heads.",
+        f"{len(units)} {kind}(s) have an exactly zero gradient, so their Optimization Conflict is "
+        f"undefined and set to NaN: {', '.join(names)}{more}. Such a unit does not affect that loss "
+        "(e.g. a zeroed output projection); NaN units are never selected.",
         ZeroGradientWarning, stacklevel=3)
 
 
 def optimization_conflict(
-    model: HookedTransformer,
+    model,
     safety_batches: Sequence[ChatBatch],
     utility_batches: Sequence[ChatBatch],
     *,
     n_bootstrap: int = 200,
-    ci: float = 0.9,
+    ci: float = 0.95,
     seed: int = 0,
     progress: bool = False,
 ) -> ConflictResult:
-    """O(h) = 1 - cos(g_safe(h), g_util(h)) for every head, from whole-set gradients.
+    """O(u) = 1 - cos(g_safe(u), g_util(u)) for every head and (under GQA) every K/V group.
 
     Args:
-        safety_batches: D_safe (harmful prompt -> refusal) as `ChatBatch`es.
+        safety_batches: D_safe (harmful prompt -> refusal) as `ChatBatch`es; the loss is on their
+            `loss_mask` (the diagnosis builds them with `end_of_turn_in_loss=False`: content only).
         utility_batches: D_util (benign prompt -> reference answer) as `ChatBatch`es.
-        n_bootstrap: bootstrap resamples of the calibration batches for `ci_low`/`ci_high` (ours;
-            0 skips it, CIs are NaN, and no per-batch gradients are kept). With a single batch in a
-            set, resampling cannot vary it and the interval collapses to the point estimate.
+        n_bootstrap: bootstrap resamples of the *examples* (ours; 0 skips it: intervals are NaN and
+            nothing per example is kept). Needs at least 2 examples per set.
         ci: coverage of the percentile interval.
-        seed: seed of the bootstrap resampling (the gradients themselves are deterministic).
+        seed: seed of the resampling (the gradients themselves are deterministic).
 
-    Cost: one forward and backward per batch; the bootstrap adds no model pass (Gram matrices).
-    Raises `NonFiniteLossError` naming the objective and batch if a loss is NaN/inf.
+    Cost: one forward and backward per example; the bootstrap adds no model pass.
+    Raises `NonFiniteLossError` naming the objective and example if a loss is NaN/inf.
     """
     if not 0 < ci < 1:
         raise ValueError(f"ci must be in (0, 1), got {ci}.")
@@ -335,60 +293,47 @@ def optimization_conflict(
                       "match the method.", stacklevel=2)
     keep = n_bootstrap > 0
     t0 = time.perf_counter()
-    gs, per_s, loss_s, ntok_s = _gradient_pass(model, safety_batches, what="safety",
-                                               keep_per_batch=keep, progress=progress)
-    gu, per_u, loss_u, ntok_u = _gradient_pass(model, utility_batches, what="utility",
-                                               keep_per_batch=keep, progress=progress)
+    gs, per_s, loss_s, ntok_s = example_gradients(model, safety_batches, what="safety",
+                                                  keep_per_example=keep, progress=progress)
+    gu, per_u, loss_u, ntok_u = example_gradients(model, utility_batches, what="utility",
+                                                  keep_per_example=keep, progress=progress)
+    if keep and min(len(per_s), len(per_u)) < 2:
+        raise ValueError(f"The bootstrap resamples examples, but there are {len(per_s)} safety and "
+                         f"{len(per_u)} utility example(s): use at least 2 of each, or n_bootstrap=0.")
     t1 = time.perf_counter()
-
-    # Point estimates from the accumulated vectors; per-component dots and squared norms sum to the
-    # whole head's because g(h) is the concatenation of its components.
-    idx = {c: _head_index(model, c, gs[c].device) for c in COMPONENTS}
-    dot_c = {c: _dots(gs[c], gu[c])[:, idx[c]] for c in COMPONENTS}
-    ss_c = {c: _dots(gs[c], gs[c])[:, idx[c]] for c in COMPONENTS}
-    uu_c = {c: _dots(gu[c], gu[c])[:, idx[c]] for c in COMPONENTS}
-    dot, ss, uu = sum(dot_c.values()), sum(ss_c.values()), sum(uu_c.values())
-    O = _conflict_from(dot, ss, uu).float()
-    component_O = {c: _conflict_from(dot_c[c], ss_c[c], uu_c[c]).float() for c in COMPONENTS}
-    kv_dot = _dots(gs["k"], gu["k"]) + _dots(gs["v"], gu["v"])
-    kv_ss = _dots(gs["k"], gs["k"]) + _dots(gs["v"], gs["v"])
-    kv_uu = _dots(gu["k"], gu["k"]) + _dots(gu["v"], gu["v"])
-    kv_group_O = _conflict_from(kv_dot, kv_ss, kv_uu).float()
-    norms = {"safe": ss.sqrt().float(), "util": uu.sqrt().float()}
-    for c in COMPONENTS:
-        norms[f"safe_{c}"] = ss_c[c].sqrt().float()
-        norms[f"util_{c}"] = uu_c[c].sqrt().float()
-    _warn_zero(model, ss, uu)
-
-    if keep:
-        if len(per_s) < 2 or len(per_u) < 2:
-            warnings.warn(f"The bootstrap resamples batches, but there are {len(per_s)} safety and "
-                          f"{len(per_u)} utility batch(es): with one batch the interval collapses "
-                          "to the point estimate. Use smaller batches for a meaningful CI.",
-                          stacklevel=2)
-        ci_low, ci_high, comp_lo, comp_hi = _bootstrap(
-            model, per_s, per_u, n_bootstrap=n_bootstrap, ci=ci, seed=seed)
-        del per_s, per_u
-    else:
-        nan = torch.full_like(O, float("nan"))
-        ci_low, ci_high = nan, nan.clone()
-        comp_lo = {c: nan.clone() for c in COMPONENTS}
-        comp_hi = {c: nan.clone() for c in COMPONENTS}
+    results: dict[str, dict[str, Tensor]] = {}
+    counts = {}
+    for kind in _kinds(model):
+        comps = unit_components(model, kind)
+        r = _point(gs, gu, kind, comps)
+        _warn_zero(kind, r["norm_safe"], r["norm_util"])
+        if keep:
+            r.update(_bootstrap(per_s, per_u, kind, comps, n_bootstrap=n_bootstrap, ci=ci,
+                                seed=seed))
+        else:
+            nan = torch.full_like(r["O"], float("nan"))
+            r.update({f"{n}_{s}": nan.clone() for n in ("O", "O_balanced") for s in ("low", "high")})
+        results[kind] = {k: v.float() for k, v in r.items()}
+        counts[kind] = {"n_units": int(r["O"].numel()),
+                        "n_O_above_1": int((r["O"] > 1).sum()),
+                        "n_O_low_above_1": int((r["O_low"] > 1).sum()),
+                        "n_O_balanced_above_1": int((r["O_balanced"] > 1).sum())}
+    del per_s, per_u
     t2 = time.perf_counter()
-
     config = {
         "method_version": METHOD_VERSION,
-        "definition": "O = 1 - cos(g_safe, g_util) over concatenated q,k,v,o head gradients",
-        "kv_gradient": "group-shared (ours)" if n_kv_heads(model) != model.cfg.n_heads else "own",
-        "loss": "token-mean response NLL over the whole set",
+        "definition": "O = 1 - cos(g_safe, g_util) over the parameters each unit owns "
+                      "(head: Q/O under GQA, Q/K/V/O otherwise; group: K/V)",
+        "balanced": "O_balanced = 1 - mean of per-component cosines (ours)",
+        "loss": "token-mean NLL over the batches' loss_mask tokens, whole set",
         "grad_dtype": "float32", "dot_dtype": "float64",
         "n_bootstrap": n_bootstrap, "ci": ci, "seed": seed,
-        "bootstrap_unit": "calibration batch (ours)",
-        "n_batches_safe": len(safety_batches), "n_batches_util": len(utility_batches),
+        "bootstrap_unit": "calibration example (v2)",
+        "n_examples_safe": sum(len(b) for b in safety_batches),
+        "n_examples_util": sum(len(b) for b in utility_batches),
         "n_tokens_safe": ntok_s, "n_tokens_util": ntok_u,
         "loss_safe": loss_s, "loss_util": loss_u,
+        "counts": counts,
         "timings_s": {"gradients": t1 - t0, "bootstrap_and_cosines": t2 - t1},
     }
-    return ConflictResult(O=O, component_O=component_O, kv_group_O=kv_group_O, norms=norms,
-                          dot=dot.float(), ci_low=ci_low, ci_high=ci_high,
-                          component_ci_low=comp_lo, component_ci_high=comp_hi, config=config)
+    return ConflictResult(head=results["head"], group=results.get("group", {}), config=config)

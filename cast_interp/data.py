@@ -48,12 +48,25 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class ChatExample:
-    """One user turn and (optionally) the assistant's reference response."""
+    """One user turn and (optionally) the assistant's reference response.
+
+    `meta["truncated"] = True` marks a response cut by a length limit (it did not end): it is
+    tokenized without an end-of-turn token after it (see `encode_example`).
+    """
 
     prompt: str
     response: Optional[str] = None
     category: Optional[str] = None
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def truncated(self) -> bool:
+        """Whether the response was cut by a length limit (`meta["truncated"]`, False if absent)."""
+        flag = self.meta.get("truncated", False)
+        if not isinstance(flag, bool):
+            raise DataError(f"meta['truncated'] must be True or False, got {flag!r} (prompt starts: "
+                            f"{self.prompt[:60]!r}); a string such as 'False' would read as true.")
+        return flag
 
 
 @dataclass
@@ -79,18 +92,26 @@ class ChatDataset:
     def prompts(self) -> list[str]:
         return [e.prompt for e in self.examples]
 
+    @property
+    def n_truncated(self) -> int:
+        """How many responses were cut by a length limit (`meta["truncated"]`)."""
+        return sum(e.truncated for e in self.examples)
+
     def fingerprint(self) -> str:
-        """Short hash of the prompts and responses, so a result names exactly which data it used."""
+        """Short hash of the prompts, responses and truncated flags, so a result names exactly which
+        data it used (a cut answer is different data: it is tokenized without end-of-turn)."""
         h = hashlib.sha256()
         for e in self.examples:
             h.update(e.prompt.encode())
             h.update(b"\x00")
             h.update((e.response or "").encode())
-            h.update(b"\x01")
+            # Only a truncated example adds a byte, so fingerprints of untruncated data are unchanged.
+            h.update(b"\x01\x02" if e.truncated else b"\x01")
         return h.hexdigest()[:12]
 
     def describe(self) -> dict:
-        return {"name": self.name, "source": self.source, "n": len(self), "sha": self.fingerprint()}
+        return {"name": self.name, "source": self.source, "n": len(self), "sha": self.fingerprint(),
+                "n_truncated": self.n_truncated}
 
     def take(self, n: Optional[int]) -> "ChatDataset":
         """The first `n` examples (all if `n` is None)."""
@@ -347,23 +368,45 @@ def load_dataset(spec: Union[str, ChatDataset]) -> ChatDataset:
 
 @dataclass
 class ChatBatch:
-    """Right-padded token ids and a mask of the response tokens.
+    """Right-padded token ids, the mask of the tokens the loss is on, and the mask of content tokens.
 
-    `loss_mask[b, p]` is True where token p is part of the response (including the end-of-turn
-    token): the loss at p is `-log P(tokens[b, p] | tokens[b, :p])`. Right padding needs no attention
-    mask under causal attention, so a batch is run as `model(batch.tokens)`.
+    `loss_mask[b, p]` is True where the loss is taken at token p: `-log P(tokens[b, p] |
+    tokens[b, :p])`. From `make_batches`, that is the response and (by default) its end-of-turn
+    token. `content_mask[b, p]` is True on the response's own tokens only: never the end-of-turn
+    token, the chat template or padding; it is always a subset of `loss_mask`. The diagnosis losses
+    use content tokens (METHOD v2). Right padding needs no attention mask under causal attention, so a
+    batch is run as `model(batch.tokens)`.
+
+    `content_mask=None` (for callers that build batches without it, e.g. `sparse_tuning._collate`)
+    means "the same as `loss_mask`": such a batch does not know which of its loss tokens are
+    end-of-turn tokens, so build diagnosis batches with `make_batches`.
     """
 
     tokens: Int[Tensor, "batch pos"]
     loss_mask: Bool[Tensor, "batch pos"]
     prompt_lengths: list[int]
+    content_mask: Optional[Bool[Tensor, "batch pos"]] = None
+
+    def __post_init__(self):
+        if self.content_mask is None:
+            self.content_mask = self.loss_mask
+        if self.content_mask.shape != self.loss_mask.shape:
+            raise DataError(f"content_mask has shape {tuple(self.content_mask.shape)} but "
+                            f"loss_mask has {tuple(self.loss_mask.shape)}; they must match (one "
+                            "per token).")
 
     @property
     def n_response_tokens(self) -> int:
+        """Tokens the loss is on (`loss_mask`), the weight of this batch in a token mean."""
         return int(self.loss_mask.sum())
 
+    @property
+    def n_content_tokens(self) -> int:
+        return int(self.content_mask.sum())
+
     def to(self, device) -> "ChatBatch":
-        return ChatBatch(self.tokens.to(device), self.loss_mask.to(device), self.prompt_lengths)
+        return ChatBatch(self.tokens.to(device), self.loss_mask.to(device), self.prompt_lengths,
+                         self.content_mask.to(device))
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -384,18 +427,26 @@ def end_of_turn_id(tokenizer: Any) -> int:
     return int(tokenizer.eos_token_id)
 
 
+def _ends_turn(example: ChatExample) -> bool:
+    """Whether an end-of-turn token follows the response: not without a response, nor after a cut
+    one (a truncated answer did not end, so teaching "stop here" at its cut would be false)."""
+    return example.response is not None and not example.truncated
+
+
 def encode_example(tokenizer: Any, example: ChatExample, *,
                    system_prompt: Optional[str] = None) -> tuple[list[int], int]:
-    """(token ids of prompt + response + end-of-turn, number of prompt tokens).
+    """(token ids of prompt + response [+ end-of-turn], number of prompt tokens).
 
-    Prompt and response are tokenized separately so the boundary is exact.
+    The end-of-turn token is appended unless the example has no response or is truncated
+    (`meta["truncated"]`). Prompt and response are tokenized separately so the boundary is exact.
     """
     prompt_ids = tokenizer(format_prompt(tokenizer, example.prompt, system_prompt=system_prompt),
                            add_special_tokens=False)["input_ids"]
     if example.response is None:
         return list(prompt_ids), len(prompt_ids)
     resp_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
-    return list(prompt_ids) + list(resp_ids) + [end_of_turn_id(tokenizer)], len(prompt_ids)
+    eot = [end_of_turn_id(tokenizer)] if _ends_turn(example) else []
+    return list(prompt_ids) + list(resp_ids) + eot, len(prompt_ids)
 
 
 def make_batches(
@@ -406,6 +457,7 @@ def make_batches(
     max_length: Optional[int] = None,
     system_prompt: Optional[str] = None,
     require_response: bool = True,
+    end_of_turn_in_loss: bool = True,
 ) -> list[ChatBatch]:
     """Tokenize a dataset into right-padded `ChatBatch`es, in dataset order (deterministic).
 
@@ -413,6 +465,10 @@ def make_batches(
         tokenizer_or_model: a `HookedTransformer` (its tokenizer and context length) or a tokenizer.
         max_length: longest allowed sequence; defaults to the model's `n_ctx`. A longer example is
             an error naming it (we never truncate silently: a cut response changes the loss).
+        end_of_turn_in_loss: True (default; training, where the model must learn to stop) puts the
+            end-of-turn token in `loss_mask`; False makes `loss_mask` equal `content_mask`, as the
+            diagnosis losses L_safe and L_util use (METHOD v2). The token stays in `tokens` either
+            way, so both settings run the same sequences.
     """
     tokenizer = getattr(tokenizer_or_model, "tokenizer", tokenizer_or_model)
     n_ctx = getattr(getattr(tokenizer_or_model, "cfg", None), "n_ctx", None)
@@ -434,20 +490,23 @@ def make_batches(
                 f"Example #{i} of {dataset.name!r} is {len(ids)} tokens, longer than {limit} "
                 f"({max_length}). Shorten or drop it (prompt starts: {ex.prompt[:60]!r})."
             )
-        encoded.append((ids, n_prompt))
+        content_end = len(ids) - int(_ends_turn(ex))
+        encoded.append((ids, n_prompt, content_end))
     batches = []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
+        width = max(len(ids) for ids, _, _ in chunk)
         tokens = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.bool)
-        for b, (ids, n_prompt) in enumerate(chunk):
+        loss = torch.zeros((len(chunk), width), dtype=torch.bool)
+        content = torch.zeros((len(chunk), width), dtype=torch.bool)
+        for b, (ids, n_prompt, content_end) in enumerate(chunk):
             tokens[b, : len(ids)] = torch.tensor(ids)
-            mask[b, n_prompt: len(ids)] = True
-        if require_response and not mask.any():
+            content[b, n_prompt:content_end] = True
+            loss[b, n_prompt: len(ids) if end_of_turn_in_loss else content_end] = True
+        if require_response and not loss.any():
             raise DataError(f"A batch of {dataset.name!r} has no response tokens; the loss would "
                             "be undefined. Check that responses are non-empty.")
-        batches.append(ChatBatch(tokens, mask, [n for _, n in chunk]))
+        batches.append(ChatBatch(tokens, loss, [n for _, n, _ in chunk], content))
     return batches
 
 
@@ -456,40 +515,72 @@ def make_batches(
 # --------------------------------------------------------------------------------------------------
 
 
+SELF_REFERENCE_FORMAT = 2
+"""Version of the self-reference cache: 2 = answers to their natural end with a `truncated` flag
+(METHOD v2). Version 1 files (48-token answers, no flag) have another key and are regenerated."""
+
+
 def self_reference(
-    model: Any, dataset: ChatDataset, *, max_new_tokens: int = 48, batch_size: int = 16,
+    model: Any, dataset: ChatDataset, *, max_new_tokens: int = 256, batch_size: int = 16,
     cache_path: Optional[Union[str, Path]] = None,
 ) -> ChatDataset:
     """Replace each reference answer with the model's own greedy answer (before any training).
 
-    L_util on these measures *preservation* of what the model does. Answers are cached as JSONL at
-    `cache_path` (keyed by the model name, prompts and generation length) so they are made once.
+    L_util on these measures *preservation* of what the model does. Answers run to their natural
+    end (the model's end-of-turn token), up to `max_new_tokens` (256, ours) and, per generation
+    batch, the room the model's context leaves after the batch's longest prompt and one end-of-turn
+    token (so a long prompt gives a shorter answer instead of an error). An answer cut by either
+    limit is marked `meta["truncated"] = True` and gets no end-of-turn token when tokenized; count
+    them with `n_truncated`. Answers are cached as JSONL at `cache_path`, keyed by the cache format
+    version, model name, context length, limits, batch size (it sets the per-batch cap) and prompts.
     """
     from .generation import generate
 
-    key = hashlib.sha256(json.dumps([getattr(model.cfg, "model_name", ""), max_new_tokens,
-                                     dataset.prompts]).encode()).hexdigest()[:16]
-    if cache_path is not None:
-        cache_path = Path(cache_path)
-        if cache_path.exists():
-            try:
-                rows = [json.loads(x) for x in cache_path.read_text("utf-8").splitlines() if x]
-                if rows and rows[0].get("key") == key and len(rows) == len(dataset) + 1:
-                    answers = [r["response"] for r in rows[1:]]
-                    return _with_answers(dataset, answers)
-            except (json.JSONDecodeError, KeyError):
-                pass  # stale or corrupt: regenerate
-    answers = generate(model, dataset.prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    key = _self_reference_key(model, dataset, max_new_tokens, batch_size)
+    cached = _read_self_reference(Path(cache_path), key, len(dataset)) if cache_path else None
+    if cached is not None:
+        return _with_answers(dataset, *cached)
+    answers, finished = generate(model, dataset.prompts, max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size, context_limit="cap", return_finished=True)
+    truncated = [not f for f in finished]
     if cache_path is not None:
         from .io import atomic_write_text
 
-        lines = [json.dumps({"key": key})] + [json.dumps({"response": a}) for a in answers]
-        atomic_write_text("\n".join(lines) + "\n", cache_path)
-    return _with_answers(dataset, answers)
+        head = {"key": key, "format": SELF_REFERENCE_FORMAT, "max_new_tokens": max_new_tokens,
+                "n_truncated": sum(truncated)}
+        lines = [json.dumps(head)] + [json.dumps({"response": a, "truncated": t})
+                                      for a, t in zip(answers, truncated)]
+        atomic_write_text("\n".join(lines) + "\n", Path(cache_path))
+    return _with_answers(dataset, answers, truncated)
 
 
-def _with_answers(dataset: ChatDataset, answers: list[str]) -> ChatDataset:
-    # An empty greedy answer would give a batch with no loss tokens but the end-of-turn token,
-    # which is still a valid (if short) reference.
-    ex = [ChatExample(e.prompt, a, e.category, e.meta) for e, a in zip(dataset.examples, answers)]
+def _self_reference_key(model: Any, dataset: ChatDataset, max_new_tokens: int,
+                        batch_size: int) -> str:
+    what = [SELF_REFERENCE_FORMAT, getattr(model.cfg, "model_name", ""), model.cfg.n_ctx,
+            max_new_tokens, batch_size, dataset.prompts]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+
+
+def _read_self_reference(path: Path, key: str, n: int) -> Optional[tuple[list[str], list[bool]]]:
+    """(answers, truncated) from a cache file with this key, or None (absent, stale or corrupt)."""
+    if not path.exists():
+        return None
+    try:
+        rows = [json.loads(x) for x in path.read_text("utf-8").splitlines() if x]
+        if not rows or rows[0].get("key") != key or len(rows) != n + 1:
+            return None
+        answers = [r["response"] for r in rows[1:]]
+        truncated = [r["truncated"] for r in rows[1:]]
+    except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
+        return None  # corrupt: regenerate
+    if not all(isinstance(t, bool) for t in truncated):
+        return None
+    return answers, truncated
+
+
+def _with_answers(dataset: ChatDataset, answers: list[str], truncated: list[bool]) -> ChatDataset:
+    # An empty greedy answer has no content tokens: it adds nothing to a content-token loss (and
+    # only its end-of-turn token to a loss that includes it).
+    ex = [ChatExample(e.prompt, a, e.category, {**e.meta, "truncated": t})
+          for e, a, t in zip(dataset.examples, answers, truncated)]
     return ChatDataset(dataset.name + "+self-ref", ex, dataset.source)

@@ -33,59 +33,74 @@ from .conflict_map import COMBINE_KINDS, CombineKind, ConflictMap
 from .data import ChatDataset, DataError, make_batches, self_reference
 from .model import model_id
 from .io import check_fields
+from .units import uses_gqa
 
-DIAGNOSIS_VERSION = "diagnose-1"
+DIAGNOSIS_VERSION = "diagnose-2"
 UtilityReference = Literal["dataset", "self"]
 
 
 @dataclass
 class DiagnosisConfig:
-    """Settings of one diagnosis (saved in the map's `config["diagnosis"]`).
+    """Settings of one diagnosis (saved in the map's `config["diagnosis"]`). Defaults are v2.
 
-    n_calibration: examples taken from each calibration set (the first n).
+    n_calibration: examples taken from each calibration set (the first n) for O.
     n_sensitivity: utility examples used for S (the first n of D_util; None = all n_calibration).
-        Exact sensitivity costs about 15 forward passes per head-layer sweep on these examples
-        (each head's pass restarts at its layer), so the default 8 (ours) keeps S on SmolLM2 to a
-        few minutes on 2 CPU cores; raise it on a GPU.
-    batch_size: examples per batch. The bootstrap resamples batches, so smaller batches give a
-        finer-grained CI (at least two batches per set are needed for a non-degenerate one).
-    ablation, sensitivity_method: how S is measured ("mean"/"zero"/"resample",
-        "exact"/"attribution"); see `sensitivity.functional_sensitivity`.
-    combine, alpha: how O and S make C; see `conflict_map.combine` (default "product", ours).
-    n_bootstrap, ci: bootstrap resamples and coverage of the O interval (ours).
-    seed: seeds the bootstrap and the resample ablation.
-    utility_reference: "dataset" (D_util's own answers) or "self" (the model's greedy answers
-        before training: L_util then measures preservation of what the model does).
-    max_new_tokens: length of self-reference answers.
+        Default 16 (ours): on SmolLM2 the exact ablations of the candidates cost ~15 s per layer
+        and 8 examples of natural-length answers on 2 CPU cores, so 32 would double a diagnosis
+        that already exceeds 5 minutes; the report gives each top unit's CI so a reader sees
+        whether 16 sufficed.
+    batch_size: examples per batch (O is computed one example at a time whatever this is).
+    include_end_of_turn: put the end-of-turn token in the diagnosis losses (default False, v2: both
+        objectives teach "stop here", which made their gradients look aligned for a reason
+        unrelated to content).
+    ablation: how a unit is knocked out for S ("mean"/"zero"/"resample").
+    sensitivity_method: "screened" (default, v2: attribution patching over all units, exact
+        ablation of the top candidates), "exact" (every unit; slow) or "attribution" (first order).
+    n_exact: exact candidates per kind of unit for "screened" (None: twice 10% of the units, ours,
+        so a top-10% selection is exact).
+    combine, alpha: how O and S make C; see `conflict_map.combine` (default "rank_product", v2).
+    n_bootstrap, ci: bootstrap resamples over examples and coverage of the O and S intervals.
+    seed: seeds the bootstraps, the resample ablation and the tie-breaks of the ranking.
+    utility_reference: "self" (default, v2: the model's own greedy answers before training,
+        generated to their natural end; L_util then measures preservation of what the model does) or
+        "dataset" (D_util's own answers).
+    max_new_tokens: cap on self-reference answers (default 128, ours); a cut answer is marked
+        truncated and gets no end-of-turn token. Generation cost grows faster than linearly with
+        the cap (TransformerLens's key/value cache), so the default trades natural ends for time.
     max_length: longest tokenized example (None: the model's context); longer ones are an error.
-    heads_per_pass: heads ablated together per stacked pass in exact sensitivity (None: automatic).
+    heads_per_pass: units ablated together per stacked pass in exact sensitivity (None: automatic).
     """
 
     n_calibration: int = 32
-    n_sensitivity: Optional[int] = 8
+    n_sensitivity: Optional[int] = 16
     batch_size: int = 8
+    include_end_of_turn: bool = False
     ablation: Literal["mean", "zero", "resample"] = "mean"
-    sensitivity_method: Literal["exact", "attribution"] = "exact"
-    combine: CombineKind = "product"
+    sensitivity_method: Literal["screened", "exact", "attribution"] = "screened"
+    n_exact: Optional[int] = None
+    combine: CombineKind = "rank_product"
     alpha: float = 0.5
     n_bootstrap: int = 200
-    ci: float = 0.9
+    ci: float = 0.95
     seed: int = 0
-    utility_reference: UtilityReference = "dataset"
-    max_new_tokens: int = 48
+    utility_reference: UtilityReference = "self"
+    max_new_tokens: int = 128
     max_length: Optional[int] = None
     heads_per_pass: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if self.n_calibration < 1:
-            raise ValueError(f"n_calibration must be >= 1, got {self.n_calibration}.")
-        if self.n_sensitivity is not None and self.n_sensitivity < 1:
-            raise ValueError(f"n_sensitivity must be >= 1 or None, got {self.n_sensitivity}.")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
+        for name, lo in (("n_calibration", 1), ("batch_size", 1), ("max_new_tokens", 1),
+                         ("n_bootstrap", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}.")
+        for name in ("n_sensitivity", "n_exact", "max_length", "heads_per_pass"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None, got {v!r}.")
         choices = {"ablation": ("mean", "zero", "resample"),
-                   "sensitivity_method": ("exact", "attribution"), "combine": COMBINE_KINDS,
-                   "utility_reference": ("dataset", "self")}
+                   "sensitivity_method": ("screened", "exact", "attribution"),
+                   "combine": COMBINE_KINDS, "utility_reference": ("dataset", "self")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
@@ -93,8 +108,8 @@ class DiagnosisConfig:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}.")
         if not 0.0 < self.ci < 1.0:
             raise ValueError(f"ci must be in (0, 1), got {self.ci}.")
-        if self.n_bootstrap < 0:
-            raise ValueError(f"n_bootstrap must be >= 0, got {self.n_bootstrap}.")
+        if self.n_bootstrap == 1:
+            raise ValueError("n_bootstrap = 1 gives no interval: use 0 (none) or >= 2 (200 default).")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -105,6 +120,23 @@ class DiagnosisConfig:
         return cls(**d)
 
 
+def _sensitivity(model, batches, cfg: DiagnosisConfig, unit: str, O, progress: bool,
+                 screen=None):
+    """S for one kind of unit, by the configured method (`screen`: the heads' attribution result,
+    reused to screen groups)."""
+    from .sensitivity import functional_sensitivity, screened_sensitivity
+
+    kw = dict(unit=unit, ablation=cfg.ablation, n_bootstrap=cfg.n_bootstrap, ci=cfg.ci,
+              seed=cfg.seed, progress=progress)
+    if cfg.sensitivity_method != "screened":
+        return functional_sensitivity(model, batches, method=cfg.sensitivity_method,
+                                      heads_per_pass=cfg.heads_per_pass, **kw)
+    n = O.numel()
+    n_exact = min(n, cfg.n_exact or max(8, 2 * max(1, round(0.1 * n))))
+    return screened_sensitivity(model, batches, n_exact=n_exact, prior_O=O, how=cfg.combine,
+                                heads_per_pass=cfg.heads_per_pass, screen=screen, **kw)
+
+
 def diagnose(
     model: HookedTransformer,
     safety_data: ChatDataset,
@@ -113,20 +145,18 @@ def diagnose(
     *,
     progress: bool = False,
 ) -> ConflictMap:
-    """The conflict map of `model`: O and S for every head, combined into C.
+    """The conflict map of `model`: O and S for every head (and K/V group under GQA), into C.
 
     Args:
         safety_data: D_safe, harmful prompts with refusal responses (see `data.with_refusals`).
-        utility_data: D_util, benign prompts with reference answers (or without, when
-            `config.utility_reference == "self"`: the model's own answers are generated).
+        utility_data: D_util, benign prompts (with reference answers when
+            `config.utility_reference == "dataset"`; by default the model's own are generated).
         config: a `DiagnosisConfig` (defaults if None).
 
     Returns a `ConflictMap`; `config` holds `diagnosis` (the settings), `model` (`model_id`), `data`
     (each set's `describe()`), `conflict` and `sensitivity` (each part's own record), `combine`,
-    `seeds`, `versions` and `timings_s`.
+    `seeds`, `versions` and `timings_s`; `summary` the Spearman and concentration-vs-null numbers.
     """
-    from .sensitivity import functional_sensitivity
-
     cfg = config or DiagnosisConfig()
     if not isinstance(cfg, DiagnosisConfig):
         raise TypeError(f"config must be a DiagnosisConfig, got {type(cfg).__name__}.")
@@ -147,11 +177,12 @@ def diagnose(
         timings["self_reference"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    safe_batches = make_batches(model, safe, batch_size=cfg.batch_size, max_length=cfg.max_length)
-    util_batches = make_batches(model, util, batch_size=cfg.batch_size, max_length=cfg.max_length)
+    kw = dict(batch_size=cfg.batch_size, max_length=cfg.max_length,
+              end_of_turn_in_loss=cfg.include_end_of_turn)
+    safe_batches = make_batches(model, safe, **kw)
+    util_batches = make_batches(model, util, **kw)
     util_sens = util.take(cfg.n_sensitivity) if cfg.n_sensitivity else util
-    sens_batches = util_batches if util_sens is util else make_batches(
-        model, util_sens, batch_size=cfg.batch_size, max_length=cfg.max_length)
+    sens_batches = util_batches if util_sens is util else make_batches(model, util_sens, **kw)
     timings["tokenize"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -159,11 +190,13 @@ def diagnose(
                                      ci=cfg.ci, seed=cfg.seed, progress=progress)
     timings["conflict"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    sens = functional_sensitivity(model, sens_batches, ablation=cfg.ablation,
-                                  method=cfg.sensitivity_method, heads_per_pass=cfg.heads_per_pass,
-                                  seed=cfg.seed, progress=progress)
-    timings["sensitivity"] = time.perf_counter() - t
+    sens, screen = {}, None
+    for unit in (("head", "group") if uses_gqa(model) else ("head",)):
+        t = time.perf_counter()
+        sens[unit] = _sensitivity(model, sens_batches, cfg, unit, conflict.units(unit)["O"],
+                                  progress, screen=screen)
+        screen = sens[unit].screen
+        timings[f"sensitivity_{unit}"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all
 
     meta = {
@@ -172,11 +205,14 @@ def diagnose(
         "device": str(model.cfg.device),
         "data": {"safety": safe.describe(), "utility": util.describe(),
                  "sensitivity": util_sens.describe()},
-        "seeds": {"bootstrap": cfg.seed, "resample_ablation": cfg.seed},
+        "loss_tokens": "response content and end-of-turn" if cfg.include_end_of_turn
+        else "response content only (end-of-turn excluded, v2)",
+        "seeds": {"bootstrap": cfg.seed, "resample_ablation": cfg.seed, "tie_break": cfg.seed},
         "versions": _versions(),
         "timings_s": timings,
     }
-    return ConflictMap.from_results(conflict, sens, how=cfg.combine, alpha=cfg.alpha, config=meta)
+    return ConflictMap.from_results(conflict, sens["head"], sens.get("group"), how=cfg.combine,
+                                    alpha=cfg.alpha, seed=cfg.seed, config=meta)
 
 
 def _versions() -> dict:

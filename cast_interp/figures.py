@@ -78,12 +78,15 @@ def plot_head_heatmap(
     ax: Optional[Axes] = None,
     cbar_label: Optional[str] = None,
     cmap: Optional[str] = None,
+    group_size: Optional[int] = None,
+    xlabel: str = "head",
     save: Optional[PathLike] = None,
 ) -> Figure:
     """Layer (rows, 0 at top) x head (columns) heatmap of a `[n_layers, n_heads]` array.
 
     diverging: use a diverging colour map centred at 0 (for signed values such as S or the gradient
     dot product); otherwise a sequential one. NaN entries are drawn grey.
+    group_size: query heads per key/value group under GQA: vertical lines mark group boundaries.
     """
     v = _numpy(values)
     if v.ndim != 2:
@@ -102,8 +105,11 @@ def plot_head_heatmap(
         cm = cm.with_extremes(bad=NAN_COLOR)
         im = ax.imshow(np.ma.masked_invalid(v), cmap=cm, norm=norm, aspect="auto",
                        interpolation="nearest")
-        ax.set_xlabel("head")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("layer")
+        if group_size and 1 < group_size < H:
+            for x in np.arange(group_size, H, group_size) - 0.5:
+                ax.axvline(x, color="white", linewidth=1.6)
         ax.set_xticks(_ticks(H))
         ax.set_yticks(_ticks(L))
         ax.spines[:].set_visible(False)
@@ -117,21 +123,38 @@ def plot_head_heatmap(
     return fig
 
 
+def _group_size(conflict_map: Any) -> Optional[int]:
+    group = getattr(conflict_map, "group", None) or {}
+    if "O" not in group:
+        return None
+    return int(conflict_map.O.shape[1] // group["O"].shape[1])
+
+
 def plot_conflict_maps(conflict_map: Any, *, save: Optional[PathLike] = None) -> Figure:
-    """O, S and C heatmaps side by side (S on a diverging map: a negative S means the ablation
-    helped utility)."""
+    """O, S and C heatmaps of the head units side by side, K/V group boundaries drawn under GQA
+    (S on a diverging map: a negative S means the ablation helped utility); under GQA a second row
+    shows the groups' own O, S and C."""
     L, H = tuple(conflict_map.O.shape)
     w, h = _heatmap_size(L, H)
     how = (getattr(conflict_map, "config", {}) or {}).get("combine", {}).get("how", "")
+    gs = _group_size(conflict_map)
+    rows = [("head", conflict_map.head if hasattr(conflict_map, "head") else
+             {"O": conflict_map.O, "S": conflict_map.S, "C": conflict_map.C})]
+    if gs:
+        rows.append(("K/V group", conflict_map.group))
     with rc_context(STYLE):
-        fig = Figure(figsize=(3 * w + 0.5, h + 0.4), layout="constrained")
-        axes = fig.subplots(1, 3)
-        plot_head_heatmap(conflict_map.O, "Optimization Conflict O", ax=axes[0],
-                          cbar_label="1 - cos(g_safe, g_util)")
-        plot_head_heatmap(conflict_map.S, "Functional Sensitivity S", diverging=True, ax=axes[1],
-                          cbar_label="ΔL_util when ablated")
-        plot_head_heatmap(conflict_map.C, "Conflict score C", ax=axes[2],
-                          cbar_label=f"C ({how})" if how else "C")
+        fig = Figure(figsize=(3 * w + 0.5, len(rows) * (h + 0.4)), layout="constrained")
+        axes = np.atleast_2d(fig.subplots(len(rows), 3))
+        for r, (kind, d) in enumerate(rows):
+            g = gs if kind == "head" else None
+            what = "head" if kind == "head" else "group"
+            plot_head_heatmap(d["O"], f"Optimization Conflict O ({what})", ax=axes[r, 0],
+                              cbar_label="1 - cos(g_safe, g_util)", group_size=g, xlabel=kind)
+            plot_head_heatmap(d["S"], f"Functional Sensitivity S ({what})", diverging=True,
+                              ax=axes[r, 1], cbar_label="ΔL_util when ablated", group_size=g,
+                              xlabel=kind)
+            plot_head_heatmap(d["C"], f"Conflict score C ({what})", ax=axes[r, 2],
+                              cbar_label=f"C ({how})" if how else "C", group_size=g, xlabel=kind)
     if save is not None:
         save_figure(fig, save)
     return fig
@@ -140,8 +163,10 @@ def plot_conflict_maps(conflict_map: Any, *, save: Optional[PathLike] = None) ->
 def plot_o_vs_s(conflict_map: Any, k: Union[int, float] = 0.1, *, ax: Optional[Axes] = None,
                 save: Optional[PathLike] = None) -> Figure:
     """Scatter of O (x) against S (y), one point per head coloured by C; the top-k heads by C
-    (the heads CAST skips; k a count or a fraction) ringed, the 10 highest labelled `L{l}H{h}`."""
+    (the heads CAST skips; k a count or a fraction) ringed, with their 95% bootstrap intervals of O
+    and S as error bars where the map has them, the 10 highest labelled `L{l}H{h}`."""
     O, S, C = _numpy(conflict_map.O), _numpy(conflict_map.S), _numpy(conflict_map.C)
+    d = getattr(conflict_map, "head", {}) or {}
     top = conflict_map.top_heads(k, by="C") if k else []
     with rc_context(STYLE):
         fig, ax = _new_axes(ax, (5.0, 4.0))
@@ -152,14 +177,24 @@ def plot_o_vs_s(conflict_map: Any, k: Union[int, float] = 0.1, *, ax: Optional[A
         if top:
             tl = np.array([O[l, h] for l, h in top])
             ts = np.array([S[l, h] for l, h in top])
+            if all(n in d for n in ("O_low", "O_high", "S_low", "S_high")):
+                err = {n: _numpy(d[n]) for n in ("O_low", "O_high", "S_low", "S_high")}
+                xe = np.array([[tl[i] - err["O_low"][u], err["O_high"][u] - tl[i]]
+                               for i, u in enumerate(top)]).T
+                ye = np.array([[ts[i] - err["S_low"][u], err["S_high"][u] - ts[i]]
+                               for i, u in enumerate(top)]).T
+                ax.errorbar(tl, ts, xerr=np.clip(xe, 0, None), yerr=np.clip(ye, 0, None),
+                            fmt="none", ecolor=HIGHLIGHT, elinewidth=0.7, alpha=0.6,
+                            label="95% CI (bootstrap over examples)")
             ax.scatter(tl, ts, s=70, facecolors="none", edgecolors=HIGHLIGHT, linewidths=1.3,
                        label=f"top {len(top)} by C (skipped)")
             for (l, h), x, y in list(zip(top, tl, ts))[:10]:  # more labels overlap unreadably
                 ax.annotate(f"L{l}H{h}", (x, y), xytext=(4, 3), textcoords="offset points",
                             fontsize=8, color=HIGHLIGHT)
-            ax.legend(loc="best", frameon=False)
+            ax.legend(loc="best", frameon=False, fontsize=8)
         ax.axhline(0.0, color="0.6", linewidth=0.8, zorder=0)
-        ax.axvline(1.0, color="0.6", linewidth=0.8, linestyle=":", zorder=0)  # orthogonal
+        if np.nanmax(O) > 0.9:  # the orthogonal line only where it is in view
+            ax.axvline(1.0, color="0.6", linewidth=0.8, linestyle=":", zorder=0)
         ax.set_xlabel("Optimization Conflict O (0 aligned, 1 orthogonal, 2 opposed)")
         ax.set_ylabel("Functional Sensitivity S")
         n_nan = int((~ok).sum())
@@ -172,10 +207,15 @@ def plot_o_vs_s(conflict_map: Any, k: Union[int, float] = 0.1, *, ax: Optional[A
 def plot_sorted_c(conflict_map: Any, *, ax: Optional[Axes] = None,
                   save: Optional[PathLike] = None) -> Figure:
     """Heads sorted by C (bars, left axis) and the cumulative share of total C (line, right axis),
-    with the top-10% share marked: how far from "global" the conflict is."""
+    with the top-10% share marked beside the null's 95% range (grey band: C recomputed with O and S
+    permuted independently across heads): how far from "global" the conflict is, against noise."""
     C = _numpy(conflict_map.C).ravel()
     C = np.sort(np.clip(C[np.isfinite(C)], 0, None))[::-1]
     n, total = C.size, C.sum()
+    conc = {}
+    if hasattr(conflict_map, "summary") and getattr(conflict_map, "summary", None):
+        conc = conflict_map.concentration(by="C")
+    null = (conc.get("null") or {}).get("top10_share")
     with rc_context(STYLE):
         fig, ax = _new_axes(ax, (6.0, 3.4))
         x = np.arange(1, n + 1)
@@ -187,17 +227,38 @@ def plot_sorted_c(conflict_map: Any, *, ax: Optional[Axes] = None,
         ax2.spines["right"].set_visible(True)
         if total > 0:
             share = np.cumsum(C) / total
-            ax2.plot(x, share, color=HIGHLIGHT, linewidth=1.5)
+            ax2.plot(x, share, color=HIGHLIGHT, linewidth=1.5, label="observed")
             k10 = max(1, int(np.floor(0.1 * n + 0.5)))
             ax2.axvline(k10, color="0.5", linestyle=":", linewidth=1)
-            ax2.annotate(f"top 10% ({k10} heads): {share[k10 - 1]:.0%} of C", (k10, share[k10 - 1]),
-                         xytext=(6, -14), textcoords="offset points", fontsize=8, color=HIGHLIGHT)
+            text = f"top 10% ({k10} heads): {share[k10 - 1]:.0%} of C"
+            if null:
+                half = max(0.5, 0.015 * n)  # wide enough to see on a 270-head axis
+                ax2.fill_between([k10 - half, k10 + half], null["null_low"], null["null_high"],
+                                 color="0.2", alpha=0.6, linewidth=0, zorder=3,
+                                 label="null 95% range of the top-10% share (O, S permuted)")
+                verdict = "concentrated" if conc.get("concentrated") else "not beyond the null"
+                text += (f"\nnull {null['null_low']:.0%}-{null['null_high']:.0%}: {verdict}")
+                ax2.legend(loc="lower right", frameon=False, fontsize=8)
+            ax2.annotate(text, (k10, share[k10 - 1]), xytext=(6, -24), textcoords="offset points",
+                         fontsize=8, color=HIGHLIGHT)
         ax2.set_ylim(0, 1.02)
         ax2.set_ylabel("cumulative share of C", color=HIGHLIGHT)
         ax.set_title("Concentration of the conflict score")
     if save is not None:
         save_figure(fig, save)
     return fig
+
+
+def diagnosis_figures(conflict_map: Any, fig_dir: PathLike, *, k: Union[int, float] = 0.1) -> list[Path]:
+    """The three map figures (heatmaps, O vs S, sorted C) as PNG and PDF in `fig_dir`."""
+    fig_dir = Path(fig_dir)
+    paths = []
+    for name, fig in (("conflict_maps", plot_conflict_maps(conflict_map)),
+                      ("o_vs_s", plot_o_vs_s(conflict_map, k)),
+                      ("sorted_c", plot_sorted_c(conflict_map))):
+        for ext in ("png", "pdf"):
+            paths.append(save_figure(fig, fig_dir / f"{name}.{ext}"))
+    return paths
 
 
 def save_figure(fig: Figure, path: PathLike, *, dpi: int = 200) -> Path:
@@ -339,41 +400,73 @@ def plot_training_curves(results: dict[str, dict], *, ax: Optional[Axes] = None,
 
 
 def plot_attribution_vs_map(result: Any, conflict_map: Any, *, k: Optional[int] = None,
-                            save: Optional[PathLike] = None):
-    """Scatter of each head's post-hoc utility_recovered against its pre-alignment C.
+                            unit: Optional[str] = None, save: Optional[PathLike] = None) -> Figure:
+    """Post-hoc attribution (an `attribution.AttributionResult`) against the pre-alignment map.
 
-    Spearman rho in the title; the top-k heads by C are ringed and the 8 heads whose revert recovers
-    most are labelled `L{l}H{h}` (more labels pile up unreadably at C near 0). Returns a matplotlib Figure (no pyplot state); `save=path` writes it.
+    Left: each unit's share of the utility drop recovered by reverting it alone (filled: exact
+    revert; hollow: first-order estimate) against its C, the map's top-k by C ringed, Spearman
+    (first order, all units) with its CI in the title. Right: the shares of the drop recovered on
+    the held-out half B by `n_draws` random k-sets (histogram), with the map's top-k by C and the
+    top-k by recovery chosen on half A marked, each with its percentile among the draws (always the
+    result's selected kind of unit). Shares are recovered nats when the drop is not positive.
+    `unit` (left panel) defaults to the result's; `k` to its k (10% of units for another kind).
     """
-    from .sensitivity import compare_sensitivity
-
-    k = int(k or result.comparison.get("k") or result.config.get("k") or 5)
-    C = conflict_map.C.detach().double().cpu().flatten().numpy()
-    U = result.utility_recovered.detach().double().cpu().flatten().numpy()
-    H = result.utility_recovered.shape[1]
-    ok = np.isfinite(C) & np.isfinite(U)
-    try:
-        rho = compare_sensitivity(torch.as_tensor(C), torch.as_tensor(U), k=k)["spearman"]
-    except ValueError:
-        rho = math.nan
-    fig = Figure(figsize=(5, 4), dpi=150)
-    ax = fig.add_subplot()
-    ax.scatter(C[ok], U[ok], s=12, color="#4477AA", alpha=0.8, label="heads")
-    top_c = [l * H + h for l, h in conflict_map.top_heads(min(k, int(np.isfinite(C).sum())), by="C")]
-    top_c = [i for i in top_c if ok[i]]
-    ax.scatter(C[top_c], U[top_c], s=60, facecolors="none", edgecolors="#EE6677",
-               label=f"top-{k} by C")
-    for l, h in result.ranking()[:min(k, 8)]:
-        i = l * H + h
-        if ok[i]:
-            ax.annotate(f"L{l}H{h}", (C[i], U[i]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-    ax.axhline(0.0, color="grey", lw=0.6)
-    ax.set_xlabel("conflict score C (before alignment)")
-    ax.set_ylabel("utility recovered by reverting the head")
-    ax.set_title(f"Post-hoc causal share vs C (Spearman rho = {rho:.2f})", fontsize=9)
-    ax.legend(fontsize=7, frameon=False)
-    fig.tight_layout()
+    a, cfg = result.analysis, result.config
+    unit = unit or a["unit"]
+    d, m = result.units(unit), conflict_map.units(unit)
+    k_unit = cfg["k"] if unit == a["unit"] else a.get("map", {}).get(unit, {}).get("k")
+    k = int(k or k_unit or max(1, math.floor(0.1 * m["C"].numel() + 0.5)))
+    C = _numpy(m["C"]).ravel()
+    share_ok = a["drop"]["total"] > 0
+    y = _numpy(d["share"] if share_ok else d["recovered"]).ravel()
+    exact = _numpy(d["measured"]).ravel() > 0
+    ok = np.isfinite(C) & np.isfinite(y)
+    rho = a.get("map", {}).get(unit, {}).get("first_order", {}).get("C") or {}
+    rho = {q: math.nan if rho.get(q) is None else rho[q]
+           for q in ("spearman", "low", "high", "p_permutation")}
+    with rc_context(STYLE):
+        fig = Figure(figsize=(10.0, 3.9), layout="constrained")
+        ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.15, 1]})
+        ax.scatter(C[ok & exact], y[ok & exact], s=14, color="#4477AA", label="exact revert")
+        ax.scatter(C[ok & ~exact], y[ok & ~exact], s=14, facecolors="none", edgecolors="#4477AA",
+                   alpha=0.6, label="first order")
+        n = m["C"].shape[1]
+        top = [l * n + i for l, i in conflict_map.top_units(min(k, int(np.isfinite(C).sum())),
+                                                            by="C", unit=unit)]
+        top = [i for i in top if ok[i]]
+        ax.scatter(C[top], y[top], s=70, facecolors="none", edgecolors=HIGHLIGHT, linewidths=1.3,
+                   label=f"top-{k} by C")
+        ax.axhline(0.0, color="grey", lw=0.6)
+        ax.set_xlabel("conflict score C (before alignment)")
+        ax.set_ylabel(f"share of the drop recovered by one {unit}" if share_ok
+                      else f"loss recovered by one {unit} (nats/token)")
+        ax.set_title(f"Per-{unit} revert vs C: Spearman {rho['spearman']:.2f} "
+                     f"[{rho['low']:.2f}, {rho['high']:.2f}], permutation p = "
+                     f"{rho['p_permutation']:.2g}", fontsize=9)
+        ax.legend(frameon=False, fontsize=7)
+        _plot_random_draws(ax2, a, int(cfg["k"]), share_ok)
     if save is not None:
         save_figure(fig, save)
     return fig
+
+
+def _plot_random_draws(ax: Axes, a: dict, k: int, share_ok: bool) -> None:
+    """Histogram of the random k-sets' shares on half B, the chosen sets marked with percentiles."""
+    r, joint, unit = a["random"], a["joint"], a["unit"]
+    shares = np.asarray([np.nan if s is None else s for s in r["shares_B"]], dtype=float)
+    ax.hist(shares[np.isfinite(shares)], bins=min(20, max(5, len(shares) // 2)), color="0.7",
+            label=f"{r['n_draws']} random sets of {k} {unit}s")
+    marks = (("top_k_C", f"top-{k} by C", HIGHLIGHT, "-"),
+             ("selected", f"top-{k} by recovered (chosen on A)", "#228833", "--"))
+    for name, text, color, style in marks:
+        v = joint.get(name, {}).get("share_B", {}).get("estimate")
+        if v is None or not np.isfinite(v):
+            continue
+        pct = r.get(f"{name}_B_vs_random", {}).get("percentile")
+        pct = math.nan if pct is None else pct
+        ax.axvline(v, color=color, linestyle=style, lw=1.6, label=f"{text}: {pct:.0f}th pct")
+    ax.set_xlabel("share of the drop recovered on held-out half B" if share_ok
+                  else "loss recovered on half B (nats/token)")
+    ax.set_ylabel("random draws")
+    ax.set_title(f"Joint reverts of {k} {unit}s vs random sets (out of sample)", fontsize=9)
+    ax.legend(frameon=False, fontsize=7)

@@ -6,7 +6,7 @@ token also occurs inside a chat prompt (SmolLM2 pads with `<|im_end|>`). Here th
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 from transformer_lens import HookedTransformer
@@ -18,10 +18,19 @@ from .data import end_of_turn_id, format_prompt
 @torch.no_grad()
 def generate_tokens(
     model: HookedTransformer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 48,
-) -> list[list[int]]:
-    """Greedy continuations (token ids, without the end-of-turn token) of tokenized prompts."""
+    return_finished: bool = False,
+) -> Union[list[list[int]], tuple[list[list[int]], list[bool]]]:
+    """Greedy continuations (token ids, without the end-of-turn token) of tokenized prompts.
+
+    With `return_finished`, also whether each answer ended by itself: the model chose its
+    end-of-turn token within `max_new_tokens` new tokens or right after them (an answer of exactly
+    `max_new_tokens` tokens that the model then ends is complete, not cut). That last check reuses
+    the forward pass of the final step, so it costs nothing.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
     if not prompt_ids:
-        return []
+        return ([], []) if return_finished else []
     device = model.cfg.device
     eot = end_of_turn_id(model.tokenizer)
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else eot
@@ -37,32 +46,55 @@ def generate_tokens(
         attn[i, width - len(p):] = 1
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, b)
     logits = model(tokens, attention_mask=attn, past_kv_cache=cache)
-    out = [[] for _ in range(b)]
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
+    out: list[list[int]] = [[] for _ in range(b)]
+    done = [False] * b
+    for step in range(max_new_tokens + 1):
         nxt = logits[:, -1].argmax(-1)
-        for i in range(b):
-            if not done[i] and int(nxt[i]) != eot:
-                out[i].append(int(nxt[i]))
-        done |= nxt == eot
-        if bool(done.all()):
+        picked = nxt.tolist()  # one device sync per step
+        done = [d or t == eot for d, t in zip(done, picked)]
+        if step == max_new_tokens or all(done):  # the last step only checks for end-of-turn
             break
+        for i, t in enumerate(picked):
+            if not done[i]:
+                out[i].append(t)
         logits = model(nxt[:, None], attention_mask=torch.ones((b, 1), dtype=torch.long,
                                                                 device=device), past_kv_cache=cache)
-    return out
+    return (out, done) if return_finished else out
+
+
+def _new_token_cap(n_ctx: int, prompt_length: int, max_new_tokens: int, prompt: str) -> int:
+    """New tokens that fit after a prompt: at most `max_new_tokens`, leaving room in the context for
+    the answer and its end-of-turn token (so prompt + answer + end-of-turn tokenize within n_ctx)."""
+    room = n_ctx - prompt_length - 1
+    if room < 0:
+        raise ValueError(f"A prompt of {prompt_length} tokens leaves no room for an answer in the "
+                         f"model's context ({n_ctx}); shorten or drop it (starts: {prompt[:60]!r}).")
+    return min(max_new_tokens, room)
 
 
 def generate(
     model: HookedTransformer, prompts: Sequence[str], *, max_new_tokens: int = 48,
     batch_size: int = 16, system_prompt: Optional[str] = None, progress: bool = False,
-) -> list[str]:
-    """Greedy answers to user prompts, formatted with the model's chat template."""
+    context_limit: Literal["raise", "cap"] = "raise", return_finished: bool = False,
+) -> Union[list[str], tuple[list[str], list[bool]]]:
+    """Greedy answers to user prompts, formatted with the model's chat template.
+
+    context_limit: "raise" (default) when a prompt plus `max_new_tokens` exceeds the context; "cap"
+        lowers the limit per batch to what fits (the context left after the batch's longest prompt
+        and one end-of-turn token), for answers meant to run to their natural end
+        (self-reference); an answer cut by either limit is not finished.
+    return_finished: also return, per prompt, whether the answer ended by itself (see
+        `generate_tokens`); False when a limit cut it.
+    """
+    if context_limit not in ("raise", "cap"):
+        raise ValueError(f"context_limit must be 'raise' or 'cap', got {context_limit!r}.")
     tok = model.tokenizer
     ids = [tok(format_prompt(tok, p, system_prompt=system_prompt), add_special_tokens=False)
            ["input_ids"] for p in prompts]
     # Sort by length so batches pad little; answers are returned in the original order.
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     answers: list[Optional[str]] = [None] * len(ids)
+    finished = [False] * len(ids)
     starts = range(0, len(order), batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -70,7 +102,14 @@ def generate(
         starts = tqdm(starts, desc="generate", leave=False)
     for s in starts:
         chunk = order[s:s + batch_size]
-        outs = generate_tokens(model, [ids[i] for i in chunk], max_new_tokens=max_new_tokens)
-        for i, o in zip(chunk, outs):
+        cap = max_new_tokens
+        if context_limit == "cap":
+            longest = chunk[-1]  # sorted by length
+            cap = _new_token_cap(model.cfg.n_ctx, len(ids[longest]), max_new_tokens,
+                                 prompts[longest])
+        outs, ended = generate_tokens(model, [ids[i] for i in chunk], max_new_tokens=cap,
+                                      return_finished=True)
+        for i, o, e in zip(chunk, outs, ended):
             answers[i] = tok.decode(o, skip_special_tokens=True).strip()
-    return answers  # type: ignore[return-value]
+            finished[i] = e
+    return (answers, finished) if return_finished else answers  # type: ignore[return-value]

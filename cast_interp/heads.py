@@ -1,4 +1,7 @@
-"""Attention heads as CAST sees them: which parameter slices a head owns.
+"""Head helpers kept for v1 paths: validation, deterministic ranking, v1 `kv_policy` masks.
+
+What a unit owns (METHOD.md v2) is `units.py`'s job; this module keeps the v1 view, in which a
+head also "owned" its group's K/V, only for the deprecated `kv_policy` option of sparse tuning.
 
 Head (l, h) owns, in layer l, `W_Q[h]`, `b_Q[h]`, `W_O[h]` (its rows of the output projection), and,
 through its key/value group g(h), `W_K[g]`, `b_K[g]`, `W_V[g]`, `b_V[g]`. Without grouped-query
@@ -24,8 +27,7 @@ COMPONENTS: tuple[Component, ...] = ("q", "k", "v", "o")
 KVPolicy = Literal["any", "all", "none"]
 
 
-class HeadIndexError(IndexError):
-    """A head index outside the model, or a map / selection of the wrong shape."""
+from .units import UnitError as HeadIndexError  # noqa: E402  one error for heads and groups
 
 
 def n_kv_heads(model: HookedTransformer) -> int:
@@ -95,41 +97,6 @@ def component_index(model: HookedTransformer, component: Component, head: int) -
     return kv_group(model, head) if component in ("k", "v") else head
 
 
-def head_param_slices(
-    model: HookedTransformer, layer: int, head: int
-) -> dict[Component, list[Tensor]]:
-    """Views of the parameter slices head (layer, head) owns, by component (K/V: its group's)."""
-    attn = model.blocks[layer].attn
-    return {
-        c: [getattr(attn, n)[component_index(model, c, head)] for n in component_param_names(model, c)]
-        for c in COMPONENTS
-    }
-
-
-def per_head_gradients(model: HookedTransformer) -> dict[Component, Tensor]:
-    """Per-head flattened gradients from `.grad`, float32: `{c: [n_layers, n_heads, numel_c]}`.
-
-    Under GQA the K/V entries of all heads of a group are the group's shared gradient (ours).
-    Missing gradients count as zeros.
-    """
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    out: dict[Component, Tensor] = {}
-    for c in COMPONENTS:
-        rows = []
-        for l in range(L):
-            attn = model.blocks[l].attn
-            params = [getattr(attn, n) for n in component_param_names(model, c)]
-            per_idx = []
-            for p in params:
-                g = p.grad if p.grad is not None else torch.zeros_like(p)
-                per_idx.append(g.detach().float().reshape(g.shape[0], -1))
-            flat = torch.cat(per_idx, dim=1)  # [n_heads or n_kv, numel]
-            idx = torch.tensor([component_index(model, c, h) for h in range(H)], device=flat.device)
-            rows.append(flat[idx])
-        out[c] = torch.stack(rows)
-    return out
-
-
 def head_param_masks(
     model: HookedTransformer,
     heads: Iterable[Sequence[int]],
@@ -171,30 +138,3 @@ def head_param_masks(
                         if (kv_policy == "any" and hit) or (kv_policy == "all" and hit == members):
                             m[g] = True
     return masks
-
-
-def head_param_count(model: HookedTransformer, heads: Iterable[Sequence[int]],
-                     *, kv_policy: KVPolicy = "any") -> int:
-    """Number of scalar parameters frozen by skipping `heads` (for budget matching)."""
-    return int(sum(int(m.sum()) for m in head_param_masks(model, heads, kv_policy=kv_policy).values()))
-
-
-def heads_from_selection(
-    model: HookedTransformer, selection: Union[int, float, Iterable[Sequence[int]], None],
-    ranking: Sequence[Head] | None = None,
-) -> list[Head]:
-    """Turn a skip selection into heads: a count k or a fraction (of all heads) of the top of
-    `ranking`, or an explicit list of (layer, head)."""
-    n_total = model.cfg.n_layers * model.cfg.n_heads
-    if selection is None:
-        return []
-    if isinstance(selection, (int, float)) and not isinstance(selection, bool):
-        k = int(round(selection * n_total)) if isinstance(selection, float) and selection < 1 \
-            else int(selection)
-        if not 0 <= k <= n_total:
-            raise HeadIndexError(f"k = {selection} is out of range: the model has {n_total} heads "
-                                 "(use a count 0..n_heads_total or a fraction in [0, 1)).")
-        if ranking is None:
-            raise ValueError("A count or fraction of heads needs a ranking (e.g. a ConflictMap).")
-        return validate_heads(model, list(ranking)[:k])
-    return validate_heads(model, selection)

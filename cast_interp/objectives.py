@@ -3,6 +3,12 @@
 L_x = mean over all response tokens of D_x of -log P(token | prefix). "Mean over the whole set" is a
 token mean, not a mean of per-batch means: batches are weighted by their number of response tokens,
 so the gradient accumulated over batches equals the gradient of the full-set loss.
+
+"Response tokens" are the batch's `loss_mask`. The diagnosis takes L_safe and L_util over response
+*content* tokens only (batches from `make_batches(..., end_of_turn_in_loss=False)`, ours per METHOD
+v2): the end-of-turn token teaches both objectives "stop here", which made g_safe and g_util look
+aligned for a reason unrelated to content. Training keeps the end-of-turn token in the loss (the
+default), since a tuned model must still learn to stop.
 """
 
 from __future__ import annotations

@@ -1,17 +1,35 @@
 """The whole CAST experiment as one resumable run: diagnose -> tune every arm -> evaluate -> report.
 
-    run_experiment(RunConfig(out_dir="runs/default"))
+    run_experiment(RunConfig.from_preset("cpu", out_dir="runs/default"))
 
 1. Diagnosis (stage 1) on the calibration splits: the pre-alignment `ConflictMap`.
-2. Safety fine-tuning (stage 2) of a fresh copy of the model per arm, all at the same budget k, same
-   data, steps and seed set: full tuning, CAST (skip top-k by C), random k (several seeds), bottom-k
-   by C, top-k by O only, top-k by S only, and a band of whole layers.
-3. Evaluation (stage 3) of the original and of every arm on held-out data, reported as the change
-   from the original model.
-4. Post-hoc attribution (stage 4) of the full-tuning arm, compared with the map (optional).
+2. Safety fine-tuning (stage 2) of a fresh copy of the model per *piece*: an arm (full tuning, CAST,
+   random k, bottom-k by C, top-k by O, top-k by S, a band of whole layers) at a budget k, on one
+   training seed. The design is paired (METHOD v2):
+   - every arm runs on every training seed of `train_seeds` (the seed sets the data order and any
+     randomness of training, nothing else), so arms on one seed see the same batches;
+   - the random arm has `n_draws` draws: draw d skips the units drawn with seed d and trains on
+     seed `train_seeds[d % len(train_seeds)]`, so draws and training seeds are crossed, every seed
+     has draws, and each draw can be compared with CAST on its own training seed;
+   - every arm at one k freezes the same number of parameters (`sparse_tuning`: units own
+     disjoint slices; under GQA a head arm trains the shared K/V, a `unit="group"` arm skips whole
+     groups), recorded per piece.
+   Along training each piece logs a generation-free refusal score on harmful validation prompts
+   and KL to the original on benign validation answers (`sparse_tuning.ValidationMonitor`), so the
+   report can compare arms at equal safety.
+3. Evaluation (stage 3) of the original and of every piece on the held-out test sets, per prompt.
+4. Post-hoc attribution (stage 4) of the full-tuning arm on the first training seed (optional).
+Then `report.py` computes every comparison as a paired difference with a 95% CI over seeds and
+prompts, CAST's rank among the random draws, and the matched-safety comparison, and writes
+`report.md` and the figures.
 
-Every finished piece is written atomically to `out_dir` and re-used when the run is started again
-with the same configuration, so an interrupted run resumes where it stopped.
+Validation splits (ours): the last `n_val` examples of the harmful and benign *train* splits are
+held out of training for the curves; the benign ones get the original model's own answers.
+
+Every finished piece is written atomically to `out_dir/arms/<piece>.json` with a key of the
+configuration fields it depends on (and its skipped units); a piece is re-used only when both
+match, so an interrupted run resumes where it stopped, more seeds or draws add pieces to a finished
+run, and a changed setting redoes the pieces it affects instead of mixing them in.
 """
 
 from __future__ import annotations
@@ -23,31 +41,59 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args
 
 import torch
 
 from .io import atomic_write_json, atomic_write_text, read_json, to_jsonable
 
+PIPELINE_VERSION = "pipeline-2"
+UnitKind = Literal["head", "group"]
+BASELINES = ("bottom", "top_o", "top_s", "layer_band")
+
+# Sized with `estimate_seconds` (per-unit times measured on SmolLM2, 2 CPU cores; the v2 diagnosis
+# time in it is a guess until measured): cpu ~19 min, cpu-full ~110 min.
 PRESETS: dict[str, dict[str, Any]] = {
-    # Sized for 2 CPU cores: the whole run in under 20 minutes on SmolLM2-135M-Instruct.
-    "cpu": {},
-    # Smallest settings for a smoke test of the plumbing (tiny model or a quick look).
+    # Plumbing in seconds (the tiny model): the same design, minimal sizes.
     "smoke": {"n_calibration": 4, "n_sensitivity": 4, "n_bootstrap": 10, "steps": 2,
-              "batch_size": 4, "n_eval": 4, "eval_max_new_tokens": 8, "k_fractions": [0.1],
-              "k_sweep": [], "random_seeds": [0], "attribution_examples": 4,
-              "attribution_exact_heads": 2},
-    # A larger run for a GPU (the `device` machine): more data, steps and seeds.
+              "batch_size": 4, "n_eval": 4, "n_task": 4, "eval_max_new_tokens": 32,
+              "k_fractions": [0.5], "baselines": list(BASELINES), "train_seeds": [0, 1],
+              "n_draws": 2, "eval_every": 1, "n_val": 2, "generation_seeds": None,
+              "attribution_examples": 4, "attribution_candidates": 2, "attribution_spread": 4,
+              "attribution_max_new_tokens": 16, "n_boot": 200,
+              "self_reference_tokens": 16, "utility_reference": "dataset"},
+    # The default (RunConfig's defaults): a quick look in under 20 minutes on 2 CPU cores. Same
+    # design (paired seeds, draws, curves, CIs) on full tuning, CAST and random only, 2 seeds,
+    # 4 draws, small test sets, no generation: the CIs are wide and the report says so.
+    "cpu": {},
+    # Under 2 hours on 2 CPU cores: 8 training seeds shared by full tuning, CAST and random, 20
+    # random draws, all test prompts (40 task items), generated refusals on the first seed.
+    "cpu-full": {"train_seeds": list(range(8)), "n_draws": 20, "n_eval": None, "n_task": 40,
+                 "generation_seeds": 1, "attribute": False},
+    # A GPU (the `device` machine): every baseline, more calibration data, steps, seeds and draws
+    # (not timed yet).
     "gpu": {"n_calibration": 128, "n_sensitivity": 64, "n_bootstrap": 500, "steps": 40,
-            "batch_size": 16, "n_eval": 50, "eval_max_new_tokens": 32,
-            "k_fractions": [0.05, 0.1, 0.2], "k_sweep": [0.3], "random_seeds": [0, 1, 2, 3, 4],
-            "attribution_method": "exact", "attribution_examples": 32},
+            "batch_size": 16, "k_fractions": [0.05, 0.1, 0.2], "baselines": list(BASELINES),
+            "train_seeds": list(range(10)), "n_draws": 40, "n_val": 16, "eval_every": 4,
+            "n_eval": None, "n_task": None, "generation_seeds": None,
+            "attribution_examples": 32},
 }
 
 
 @dataclass
 class RunConfig:
-    """Everything that defines a CAST run (saved in `results.json`)."""
+    """Everything that defines a CAST run (saved in `config.json` and `results.json`).
+
+    Stage 2 (paired design): `train_seeds` are the training seeds every arm runs on; `n_draws` the
+    random arm's draws (draw d: units drawn with seed d, training seed
+    `train_seeds[d % len(train_seeds)]`; at least one draw per seed, 0 = no random arm);
+    `unit` what the arms skip ("head", or "group" for key/value groups under GQA); `k_fractions`
+    the budgets of the full set of arms, `k_sweep` extra budgets for CAST and random only;
+    `baselines` the other arms. `eval_every`, `n_val`: the safety/utility-cost curves (generation-
+    free, every `eval_every` steps on `n_val` harmful and `n_val` benign validation examples).
+    Stage 3: `n_eval` test examples per set (None: all), `eval_max_new_tokens` generated tokens.
+    Inference: `ci`, `n_boot` of the paired bootstrap (`stats.paired_difference`).
+    """
 
     out_dir: str = "runs/default"
     model: str = "smollm2-135m-instruct"
@@ -55,40 +101,91 @@ class RunConfig:
     utility_data: str = "bundled:benign"
     over_refusal_data: str = "bundled:over_refusal"
     # Stage 1
-    n_calibration: int = 32          # examples per calibration set for the gradients (O)
-    n_sensitivity: int = 6           # utility examples for S (exact ablation is the costly part)
+    n_calibration: int = 32
+    n_sensitivity: int = 8
     diag_batch_size: int = 8
     ablation: str = "mean"
-    sensitivity_method: str = "exact"
-    combine: str = "product"
+    sensitivity_method: str = "screened"
+    combine: str = "rank_product"
     n_bootstrap: int = 200
-    utility_reference: str = "dataset"  # D_util answers for O and S: the dataset's, or "self"
+    utility_reference: str = "self"
+    seed: int = 0                    # diagnosis: bootstraps, tie-breaks; evaluation
     # Stage 2
-    k_fractions: list = field(default_factory=lambda: [0.1])   # k for the full set of baselines
-    k_sweep: list = field(default_factory=lambda: [0.2])  # extra k for CAST and random (seed 0)
-    random_seeds: list = field(default_factory=lambda: [0, 1, 2])
+    unit: str = "head"
+    k_fractions: list = field(default_factory=lambda: [0.1])
+    k_sweep: list = field(default_factory=list)
+    baselines: list = field(default_factory=list)
+    train_seeds: list = field(default_factory=lambda: [0, 1])
+    n_draws: int = 4
     steps: int = 8
     batch_size: int = 8
     lr: Optional[float] = None       # None: TuningConfig's default
     benign_mix: float = 0.25         # share of benign examples per batch (tempers over-refusal)
     benign_reference: str = "self"   # benign answers trained on: the model's own ("self") or the data's
+    self_reference_tokens: int = 64  # longest self-reference answer for training and validation
     scope: str = "attention"
-    kv_policy: str = "any"
-    seed: int = 0
+    eval_every: int = 4
+    n_val: int = 4
     # Stage 3
-    n_eval: int = 16                 # held-out examples per evaluation set
-    eval_max_new_tokens: int = 12    # refusals show in the first words
+    n_eval: Optional[int] = 10       # held-out examples per evaluation set (None: all)
+    n_task: Optional[int] = 16       # multiple-choice items for task accuracy (None: all)
+    eval_max_new_tokens: int = 32
+    # Generated refusal rates on the pieces of the first `generation_seeds` training seeds (None:
+    # all, 0: none); generation is most of an evaluation's cost on CPU (ours).
+    generation_seeds: Optional[int] = 0
+    # Inference
+    ci: float = 0.95
+    n_boot: int = 2000
     # Stage 4
     attribute: bool = True
-    attribution_method: str = "first_order"  # all heads; "exact" costs a forward per head
-    attribution_exact_heads: int = 6          # also exact on this many heads (top by first-order)
-    attribution_examples: int = 16
-    # Utility answers for stage 4: the original model's own greedy answers ("self", default, ours:
-    # the tax is drift from what the model did, which dataset answers of another style can hide)
+    attribution_examples: int = 16            # split into halves A (choose) and B (measure)
+    attribution_candidates: Optional[int] = None  # exact reverts of the top first-order units (2k)
+    attribution_spread: int = 30              # exact reverts spread over the first-order range
+    attribution_draws: int = 20               # random revert sets
+    attribution_max_new_tokens: int = 128     # cap on the original's own answers
+    # Utility answers for stage 4: the original model's own greedy answers ("self", default, ours)
     # or the dataset's ("dataset").
     attribution_reference: str = "self"
     preset: str = "cpu"
     device: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        seeds = self.train_seeds
+        if (not isinstance(seeds, (list, tuple)) or not seeds
+                or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+                or len(set(seeds)) != len(seeds)):
+            raise ValueError(f"train_seeds must be a non-empty list of distinct ints, got "
+                             f"{seeds!r}.")
+        self.train_seeds = list(seeds)
+        if not isinstance(self.n_draws, int) or self.n_draws < 0 or 0 < self.n_draws < len(seeds):
+            raise ValueError(f"n_draws must be 0 (no random arm) or at least len(train_seeds) = "
+                             f"{len(seeds)} (every training seed needs a random draw to pair "
+                             f"with), got {self.n_draws!r}.")
+        if self.unit not in get_args(UnitKind):
+            raise ValueError(f"unit must be 'head' or 'group', got {self.unit!r}.")
+        bad = [b for b in self.baselines if b not in BASELINES]
+        if bad:
+            raise ValueError(f"Unknown baselines {bad}; choose from {list(BASELINES)}.")
+        for name in ("k_fractions", "k_sweep"):
+            for f in getattr(self, name):
+                if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
+                    raise ValueError(f"{name} holds fractions of all units in (0, 1), got {f!r}.")
+        if not self.k_fractions:
+            raise ValueError("k_fractions is empty: give at least one budget (e.g. [0.1]).")
+        for name, lo in (("steps", 1), ("batch_size", 1), ("eval_every", 0), ("n_val", 2),
+                         ("eval_max_new_tokens", 1), ("n_boot", 100), ("self_reference_tokens", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}.")
+        for name in ("n_eval", "n_task"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 2):
+                raise ValueError(f"{name} must be None (all test examples) or >= 2, got {v!r}.")
+        g = self.generation_seeds
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 0):
+            raise ValueError(f"generation_seeds must be None (all) or a count >= 0, got {g!r}.")
+        if not 0 < self.ci < 1:
+            raise ValueError(f"ci is a coverage in (0, 1), got {self.ci!r}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,7 +193,12 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"Unknown RunConfig field(s) {unknown}: this config.json was written "
+                             "by another version of cast_interp (v1 runs had random_seeds and "
+                             "kv_policy). Start a new run directory.")
+        return cls(**d)
 
     @classmethod
     def from_preset(cls, preset: str = "cpu", **overrides) -> "RunConfig":
@@ -105,52 +207,115 @@ class RunConfig:
         values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
         return cls(preset=preset, **values)
 
-    def key(self, *names: str) -> str:
-        """Hash of the named fields: a finished piece is re-used only if these are unchanged."""
+    def key(self, *names: str, extra: Any = None) -> str:
+        """Hash of the named fields (and `extra`): a finished piece is re-used only if unchanged."""
         d = self.to_dict()
-        return hashlib.sha256(json.dumps({n: d[n] for n in names}, sort_keys=True,
-                                         default=str).encode()).hexdigest()[:12]
+        what = {"version": PIPELINE_VERSION, **{n: d[n] for n in names}, "extra": extra}
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()
+                              ).hexdigest()[:12]
 
 
 DIAG_FIELDS = ("model", "safety_data", "utility_data", "n_calibration", "n_sensitivity",
                "diag_batch_size", "ablation", "sensitivity_method", "combine", "n_bootstrap", "seed",
                "utility_reference")
-TUNE_FIELDS = DIAG_FIELDS + ("steps", "batch_size", "lr", "benign_mix", "benign_reference", "scope",
-                             "kv_policy")
-ATTR_FIELDS = ("attribution_method", "attribution_exact_heads", "attribution_examples",
-               "attribution_reference")
-EVAL_FIELDS = ("model", "safety_data", "utility_data", "over_refusal_data", "n_eval",
-               "eval_max_new_tokens")
+# What a tuned-and-evaluated piece depends on (its own method, k, seeds are the `extra` of its
+# key; the map enters through the skipped units, checked separately).
+TUNE_FIELDS = ("model", "safety_data", "utility_data", "steps", "batch_size", "lr", "benign_mix",
+               "benign_reference", "self_reference_tokens", "scope", "unit", "eval_every", "n_val")
+ATTR_FIELDS = ("attribution_examples", "attribution_candidates", "attribution_spread",
+               "attribution_draws", "attribution_reference", "attribution_max_new_tokens")
+EVAL_FIELDS = ("model", "safety_data", "utility_data", "over_refusal_data", "n_eval", "n_task",
+               "eval_max_new_tokens", "seed")
 
 
-@dataclass
-class Arm:
-    """One fine-tuning run: a method at a budget k (a count of heads) with a seed."""
+@dataclass(frozen=True)
+class Piece:
+    """One fine-tuning run of the grid: an arm (method at budget k) on one training seed; a random
+    arm's piece also has its draw (the seed of its unit draw)."""
 
     method: str
     k: int
-    seed: int = 0
+    train_seed: int
+    draw: Optional[int] = None
+
+    @property
+    def arm(self) -> str:
+        return f"{self.method}_k{self.k}"
 
     @property
     def name(self) -> str:
-        return f"{self.method}_k{self.k}_s{self.seed}"
+        d = f"_d{self.draw}" if self.draw is not None else ""
+        return f"{self.arm}{d}_t{self.train_seed}"
 
 
-def plan_arms(cfg: RunConfig, n_heads_total: int) -> list[Arm]:
-    """Every arm of the run: all baselines at each k in `k_fractions`; CAST and random at `k_sweep`."""
-    arms = [Arm("full", 0, cfg.seed)]
-    ks_full = [max(1, round(f * n_heads_total)) for f in cfg.k_fractions]
-    ks_sweep = [max(1, round(f * n_heads_total)) for f in cfg.k_sweep]
-    for k in ks_full:
-        arms.append(Arm("cast", k, cfg.seed))
-        arms += [Arm("random", k, s) for s in cfg.random_seeds]
-        arms += [Arm(m, k, cfg.seed) for m in ("bottom", "top_o", "top_s", "layer_band")]
-    for k in ks_sweep:
-        if k in ks_full:
-            continue
-        arms.append(Arm("cast", k, cfg.seed))
-        arms += [Arm("random", k, s) for s in cfg.random_seeds[:1]]
-    return arms
+def plan_pieces(cfg: RunConfig, n_units_total: int) -> list[Piece]:
+    """Every piece of the run, in running order: full tuning, then per k CAST, the baselines and the
+    random draws; CAST and random again at each `k_sweep` budget not already in `k_fractions`."""
+    from .sparse_tuning import k_from_fraction
+
+    seeds = cfg.train_seeds
+    pieces = [Piece("full", 0, s) for s in seeds]
+    ks = [k_from_fraction(float(f), n_units_total) for f in cfg.k_fractions]
+    sweep = [k for k in (k_from_fraction(float(f), n_units_total) for f in cfg.k_sweep)
+             if k not in ks]
+    for k in dict.fromkeys(ks + sweep):
+        methods = ["cast"] + (list(cfg.baselines) if k in ks else [])
+        pieces += [Piece(m, k, s) for m in methods for s in seeds]
+        pieces += [Piece("random", k, seeds[d % len(seeds)], d) for d in range(cfg.n_draws)]
+    return pieces
+
+
+# --------------------------------------------------------------------------------------------------
+# Cost estimate (sizes the presets)
+# --------------------------------------------------------------------------------------------------
+
+# Seconds on SmolLM2-135M-Instruct with 2 free CPU cores. Measured (2026-11-30) as single-thread CPU
+# time on the shared 2-core machine (one thread: no spin-wait inflation from other agents' load),
+# divided by 1.5 for two threads (ours, conservative). Check: an 8-step v1 arm with its 16-prompt
+# evaluation comes out at 76 s against the 66-82 s measured for the committed v1 run.
+COST_S = {
+    "train_step": 6.4,           # one optimizer step, batch 8 (single thread: 9.6 s)
+    "refusal_score": 0.51,       # per prompt, harmful or over-refusal (8 prompts: 6.1 s)
+    "kl_nll": 0.43,              # per benign prompt, KL and NLL (8 prompts: 5.2 s)
+    "task_item": 0.35,           # per multiple-choice item, 4 choices (8 items: 4.2 s)
+    "generate_32": 0.87,         # per prompt, 32 greedy tokens (8 prompts: 10.5 s)
+    "diagnosis": 480.0,          # NOT measured for v2 (v1: 198 s + 34 s self-reference): a guess
+}
+BUNDLED_TEST_SIZES = {"harmful": 50, "benign": 50, "over_refusal": 60, "task": 95}
+
+
+def _n(limit: Optional[int], size: int) -> int:
+    return size if limit is None else min(limit, size)
+
+
+def estimate_seconds(cfg: RunConfig, *, cost: Optional[dict] = None) -> dict:
+    """Estimated wall time of a run on the bundled data (SmolLM2, 2 free CPU cores), by stage.
+
+    A linear model: pieces x (steps x a step + curve points x validation examples + evaluation
+    of the test prompts), plus diagnosis, self-reference answers and the original's evaluation,
+    with the per-unit seconds of `COST_S` (pass `cost` to use other measurements). Returns
+    {"total", "diagnosis", "self_reference", "per_piece", "n_pieces", "pieces", "original"}.
+    """
+    c = {**COST_S, **(cost or {})}
+    n_h, n_b = (_n(cfg.n_eval, BUNDLED_TEST_SIZES[s]) for s in ("harmful", "benign"))
+    n_o, n_t = _n(cfg.n_eval, BUNDLED_TEST_SIZES["over_refusal"]), _n(cfg.n_task, 95)
+    free = (n_h + n_o) * c["refusal_score"] + n_b * c["kl_nll"] + n_t * c["task_item"]
+    gen = (n_h + n_o) * c["generate_32"] * cfg.eval_max_new_tokens / 32
+    n_points = (cfg.steps // cfg.eval_every + (cfg.steps % cfg.eval_every > 0)
+                if cfg.eval_every else 1)
+    curve = n_points * cfg.n_val * (c["refusal_score"] + c["kl_nll"])
+    train = cfg.steps * c["train_step"] * cfg.batch_size / 8
+    pieces = plan_pieces(cfg, 270)
+    piece_s = [train + curve + free + (gen if _generates(cfg, p.train_seed) else 0.0)
+               for p in pieces]
+    n_mix = math.ceil(cfg.steps * cfg.batch_size * cfg.benign_mix) if cfg.benign_mix else 0
+    self_ref = (cfg.n_val + n_mix) * c["generate_32"] * cfg.self_reference_tokens / 32
+    original = free + (gen if _generates(cfg, None) else 0.0) + curve / n_points
+    total = c["diagnosis"] + self_ref + original + sum(piece_s)
+    return {"total": total, "diagnosis": c["diagnosis"], "self_reference": self_ref,
+            "original": original, "n_pieces": len(pieces), "pieces": sum(piece_s),
+            "per_piece": {"train": train, "curve": curve, "eval_generation_free": free,
+                          "eval_generation": gen}}
 
 
 _T0 = time.time()
@@ -160,31 +325,54 @@ def _log(msg: str) -> None:
     print(f"[cast {time.time() - _T0:7.1f}s] {msg}", flush=True)
 
 
-def _datasets(cfg: RunConfig):
-    from .data import load_dataset
+def _datasets(cfg: RunConfig) -> dict:
+    """The splits: calibration (stage 1), train minus validation (stage 2), validation (curves),
+    test (stage 3). Validation = the last `n_val` examples of each train split (ours)."""
+    from .data import DataError, load_dataset
 
     def split(spec: str, name: str):
         return load_dataset(spec if spec.count(":") >= 2 or not spec.startswith("bundled:")
                             else f"{spec}:{name}")
 
-    return {
-        "safe_cal": split(cfg.safety_data, "calibration"),
-        "util_cal": split(cfg.utility_data, "calibration"),
-        "safe_train": split(cfg.safety_data, "train"),
-        "util_train": split(cfg.utility_data, "train"),
-        "harmful_test": split(cfg.safety_data, "test").take(cfg.n_eval),
-        "benign_test": split(cfg.utility_data, "test").take(cfg.n_eval),
-        "over_refusal": load_dataset(cfg.over_refusal_data).take(cfg.n_eval),
-    }
+    out = {"safe_cal": split(cfg.safety_data, "calibration"),
+           "util_cal": split(cfg.utility_data, "calibration")}
+    for kind, spec in (("safe", cfg.safety_data), ("util", cfg.utility_data)):
+        train = split(spec, "train")
+        if len(train) < cfg.n_val + 2:
+            raise DataError(f"The train split of {spec!r} has {len(train)} examples: too few to "
+                            f"hold out n_val={cfg.n_val} for validation and train on the rest.")
+        out[f"{kind}_train"] = train.take(len(train) - cfg.n_val)
+        out[f"{kind}_val"] = type(train)(f"{train.name}:val", train.examples[-cfg.n_val:],
+                                         train.source)
+    out["harmful_test"] = split(cfg.safety_data, "test").take(cfg.n_eval)
+    out["benign_test"] = split(cfg.utility_data, "test").take(cfg.n_eval)
+    out["over_refusal"] = load_dataset(cfg.over_refusal_data).take(cfg.n_eval)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Context:
+    """What every piece needs: the model, its frozen original, data, map and settings."""
+
+    cfg: RunConfig
+    model: Any
+    original: Any
+    original_state: dict
+    data: dict
+    cmap: Any
+    monitor: Any
+    curve_start: dict
+    out: Path
 
 
 def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict:
     """Run (or resume) the whole experiment; returns the content of `results.json`."""
-    from .conflict_map import ConflictMap
-    from .diagnose import DiagnosisConfig, diagnose
-    from .evaluate import EvalConfig, evaluate
     from .model import load_model, model_id
-    from .sparse_tuning import TuningConfig, safety_finetune, select_arm_heads
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -193,126 +381,220 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, device=cfg.device)
     data = _datasets(cfg)
-    n_total = model.cfg.n_layers * model.cfg.n_heads
-    if cfg.benign_mix > 0 and cfg.benign_reference == "self":
-        # The benign mix keeps what the model already does (its own greedy answers, made once and
-        # cached) rather than teaching the style of the dataset's answers, which would confound the
-        # reference NLL measured on held-out answers of that same style (ours).
-        from .data import self_reference
+    timings: dict[str, float] = {}
+    t = time.time()
+    _self_references(cfg, model, data, out)
+    timings["self_reference_s"] = time.time() - t
+    t = time.time()
+    cmap = _diagnosis(cfg, model, data, out, progress)
+    timings["diagnosis_s"] = time.time() - t
+    ctx = _context(cfg, model, data, cmap, out)
+    base = _original_eval(ctx)
 
-        n_benign = min(len(data["util_train"]), math.ceil(cfg.steps * cfg.batch_size * cfg.benign_mix))
-        _log(f"benign mix: the model's own answers to {n_benign} training prompts")
-        data["util_train"] = self_reference(model, data["util_train"].take(n_benign),
-                                            max_new_tokens=64,
-                                            cache_path=out / "self_reference_train.jsonl")
-    elif cfg.benign_reference not in ("self", "dataset"):
-        raise ValueError(f"benign_reference must be 'self' or 'dataset', got {cfg.benign_reference!r}.")
-
-    # ---- Stage 1: diagnosis (re-used if already on disk with the same settings)
-    diag_dir, diag_key = out / "diagnosis", cfg.key(*DIAG_FIELDS)
-    cmap = None
-    if (diag_dir / "conflict_map.json").exists():
-        try:
-            cmap = ConflictMap.load(diag_dir)
-            if cmap.config.get("run_key") != diag_key:
-                cmap = None
-        except Exception:
-            cmap = None
-    if cmap is None:
-        _log("stage 1: diagnosis")
-        dcfg = DiagnosisConfig(n_calibration=cfg.n_calibration, n_sensitivity=cfg.n_sensitivity,
-                               batch_size=cfg.diag_batch_size, ablation=cfg.ablation,
-                               sensitivity_method=cfg.sensitivity_method, combine=cfg.combine,
-                               n_bootstrap=cfg.n_bootstrap, seed=cfg.seed,
-                               utility_reference=cfg.utility_reference)
-        cmap = diagnose(model, data["safe_cal"], data["util_cal"], dcfg, progress=progress)
-        cmap.config["run_key"] = diag_key
-        cmap.save(diag_dir)
-    else:
-        _log("stage 1: diagnosis re-used from disk")
-    _diagnosis_figures(cmap, out / "figures", k=max(1, round(cfg.k_fractions[0] * n_total)))
-
-    # ---- Stage 3 on the original model
-    ecfg = EvalConfig(n_harmful=cfg.n_eval, n_benign=cfg.n_eval, n_over_refusal=cfg.n_eval,
-                      max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed)
-    eval_kwargs = dict(harmful=data["harmful_test"], benign=data["benign_test"],
-                       over_refusal=data["over_refusal"], config=ecfg)
-    arms_dir = out / "arms"
-    eval_key = cfg.key(*EVAL_FIELDS)
-    base_path = arms_dir / "original.json"
-    base = _load_piece(base_path, eval_key)
-    if base is None:
-        _log("stage 3: evaluating the original model")
-        res = evaluate(model, original=model, **eval_kwargs)
-        base = {"key": eval_key, "eval": res.to_dict()}
-        atomic_write_json(base, base_path)
-
-    # ---- Stage 2 + 3 per arm
-    original_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    original = copy.deepcopy(model)
-    original.requires_grad_(False)
-    tune_key = cfg.key(*TUNE_FIELDS, *EVAL_FIELDS)
-    arms = plan_arms(cfg, n_total)
+    pieces = plan_pieces(cfg, _n_units_total(model, cfg.unit))
     results: dict[str, dict] = {}
-    tcfg_kwargs = dict(steps=cfg.steps, batch_size=cfg.batch_size, scope=cfg.scope,
-                       kv_policy=cfg.kv_policy, benign_mix=cfg.benign_mix)
-    if cfg.lr is not None:
-        tcfg_kwargs["lr"] = cfg.lr
-    full_state = None
-    for i, arm in enumerate(arms):
-        path = arms_dir / f"{arm.name}.json"
-        piece = _load_piece(path, tune_key)
-        if piece is not None and (arm.method != "full" or (arms_dir / "full_state.safetensors").exists()
-                                  or not cfg.attribute):
-            results[arm.name] = piece
-            _log(f"arm {i + 1}/{len(arms)} {arm.name}: done before, re-used")
-            continue
-        _log(f"arm {i + 1}/{len(arms)} {arm.name}: tuning")
-        model.load_state_dict(original_state)
-        skip = [] if arm.method == "full" else select_arm_heads(
-            arm.method, cmap, arm.k, seed=arm.seed, kv_policy=cfg.kv_policy, model=model)
-        tcfg = TuningConfig(seed=arm.seed, **tcfg_kwargs)
-        tres = safety_finetune(model, data["safe_train"], skip_heads=skip, config=tcfg,
-                               benign_data=data["util_train"] if cfg.benign_mix > 0 else None,
-                               progress=progress)
-        res = evaluate(model, original=original, **eval_kwargs)
-        piece = {"key": tune_key, "arm": asdict(arm), "skip_heads": skip,
-                 "tuning": tres.to_dict(), "eval": res.to_dict()}
-        if arm.method == "full" and cfg.attribute:
-            from .io import atomic_save_safetensors
+    for i, piece in enumerate(pieces):
+        results[piece.name] = _run_piece(ctx, piece, f"{i + 1}/{len(pieces)}", progress)
+    model.load_state_dict(ctx.original_state)
 
-            full_state = {k: v.detach().cpu() for k, v in model.state_dict().items()
-                          if ".attn." in k or cfg.scope == "all"}
-            atomic_save_safetensors(full_state, arms_dir / "full_state.safetensors",
-                                    {"key": tune_key})
-        atomic_write_json(piece, path)  # written last: its presence means the arm is finished
-        results[arm.name] = piece
-    model.load_state_dict(original_state)
-
-    # ---- Stage 4: which heads caused the drop
     attribution = None
     if cfg.attribute:
-        attribution = _attribution(cfg, model, original, cmap, data, arms_dir, tune_key, out,
-                                   progress)
+        attribution = _attribution(ctx, progress)
 
-    summary = summarize(base, results)
+    from . import report
+
     doc = {
         "config": cfg.to_dict(),
         "model": model_id(model),
         "data": {k: v.describe() for k, v in data.items()},
-        "diagnosis": {"concentration": cmap.concentration(), "top_heads": cmap.top_heads(
-            max(1, round(cfg.k_fractions[0] * n_total))), "config": cmap.config},
+        "diagnosis": {"concentration": cmap.concentration(unit=cfg.unit),
+                      "top_units": cmap.top_units(_k0(cfg, model), unit=cfg.unit),
+                      "top_heads": cmap.top_heads(_k0(cfg, model)) if cfg.unit == "head" else None,
+                      "summary": cmap.summary.get(cfg.unit), "config": cmap.config},
         "original": base["eval"],
+        "original_per_prompt": base["per_prompt"],
         "arms": results,
-        "summary": summary,
         "attribution": attribution,
+        "timings": timings,
         "time_s": time.time() - t_start,
     }
+    if cfg.model == "smollm2-135m-instruct":  # the per-unit costs are SmolLM2's
+        doc["estimate_s"] = estimate_seconds(cfg)
+    doc["summary"] = report.summarize(base, results)
+    doc["comparisons"] = report.compare_arms(doc)
+    doc["time_s"] = time.time() - t_start
     atomic_write_json(doc, out / "results.json")
-    run_figures(out)
-    atomic_write_text(report_markdown(doc), out / "report.md")
+    report.run_figures(out)
+    atomic_write_text(report.report_markdown(doc), out / "report.md")
     _log(f"done in {doc['time_s']:.0f} s: {out / 'report.md'}")
     return to_jsonable(doc)
+
+
+def _n_units_total(model, unit: str) -> int:
+    from .units import n_units
+
+    return model.cfg.n_layers * n_units(model, unit)
+
+
+def _k0(cfg: RunConfig, model) -> int:
+    from .sparse_tuning import k_from_fraction
+
+    return k_from_fraction(float(cfg.k_fractions[0]), _n_units_total(model, cfg.unit))
+
+
+def _self_references(cfg: RunConfig, model, data: dict, out: Path) -> None:
+    """The original model's own answers: for the benign validation set (always) and for the benign
+    training mix (`benign_reference="self"`, ours: the mix keeps what the model already does rather
+    than teaching the style of the dataset's answers). Cached in `out_dir`."""
+    from .data import self_reference
+
+    if cfg.benign_reference not in ("self", "dataset"):
+        raise ValueError(f"benign_reference must be 'self' or 'dataset', got {cfg.benign_reference!r}.")
+    n = cfg.self_reference_tokens
+    _log(f"self-reference answers for {len(data['util_val'])} benign validation prompts")
+    data["util_val"] = self_reference(model, data["util_val"], max_new_tokens=n,
+                                      cache_path=out / "self_reference_val.jsonl")
+    if cfg.benign_mix > 0 and cfg.benign_reference == "self":
+        n_mix = min(len(data["util_train"]), math.ceil(cfg.steps * cfg.batch_size * cfg.benign_mix))
+        _log(f"benign mix: the model's own answers to {n_mix} training prompts")
+        data["util_train"] = self_reference(model, data["util_train"].take(n_mix), max_new_tokens=n,
+                                            cache_path=out / "self_reference_train.jsonl")
+
+
+def _diagnosis(cfg: RunConfig, model, data: dict, out: Path, progress: bool):
+    """Stage 1, re-used from disk when its settings are unchanged."""
+    from .conflict_map import ConflictMap
+    from .diagnose import DiagnosisConfig, diagnose
+
+    diag_dir, diag_key = out / "diagnosis", cfg.key(*DIAG_FIELDS)
+    if (diag_dir / "conflict_map.json").exists():
+        try:
+            cmap = ConflictMap.load(diag_dir)
+            if cmap.config.get("run_key") == diag_key:
+                _log("stage 1: diagnosis re-used from disk")
+                return cmap
+        except Exception:  # unreadable or of another version: recompute
+            pass
+    _log("stage 1: diagnosis")
+    dcfg = DiagnosisConfig(n_calibration=cfg.n_calibration, n_sensitivity=cfg.n_sensitivity,
+                           batch_size=cfg.diag_batch_size, ablation=cfg.ablation,
+                           sensitivity_method=cfg.sensitivity_method, combine=cfg.combine,
+                           n_bootstrap=cfg.n_bootstrap, seed=cfg.seed,
+                           utility_reference=cfg.utility_reference)
+    cmap = diagnose(model, data["safe_cal"], data["util_cal"], dcfg, progress=progress)
+    cmap.config["run_key"] = diag_key
+    cmap.save(diag_dir)
+    return cmap
+
+
+def _context(cfg: RunConfig, model, data: dict, cmap, out: Path) -> _Context:
+    from .sparse_tuning import ValidationMonitor
+
+    original = copy.deepcopy(model)
+    original.requires_grad_(False)
+    monitor = ValidationMonitor(original, data["safe_val"], data["util_val"], batch_size=8)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # Step 0 of every curve is the original model: measured once, not once per piece.
+    return _Context(cfg, model, original, state, data, cmap, monitor, monitor(original), out)
+
+
+def _generates(cfg: RunConfig, train_seed: Optional[int]) -> bool:
+    """Whether a piece on `train_seed` (None: the original model) measures generated refusals."""
+    g = cfg.generation_seeds
+    if g is None:
+        return True
+    return g > 0 if train_seed is None else train_seed in cfg.train_seeds[:g]
+
+
+def _evaluate(ctx: _Context, *, generation: bool) -> tuple[dict, dict]:
+    """Stage 3 of the current weights on the test sets: (EvalResult dict, per-prompt values
+    {metric: [n]}), the per-prompt values from `EvalResult.per_prompt` (NaN where undefined)."""
+    from .evaluate import EvalConfig, evaluate
+
+    cfg, data = ctx.cfg, ctx.data
+    ecfg = EvalConfig(n_harmful=cfg.n_eval, n_benign=cfg.n_eval, n_over_refusal=cfg.n_eval,
+                      n_task=cfg.n_task, max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed,
+                      generation=generation)
+    res = evaluate(ctx.model, original=ctx.original, config=ecfg, harmful=data["harmful_test"],
+                   benign=data["benign_test"], over_refusal=data["over_refusal"])
+    per_prompt = {k: [math.nan if x is None else float(x) for x in v]
+                  for k, v in res.per_prompt.items()}
+    missing = [m for m in ("refusal_score", "kl_to_original") if m not in per_prompt]
+    if missing:
+        raise RuntimeError(f"evaluate() returned no per-prompt {missing}: the report's primary "
+                           "endpoints need them (an original model must be given for KL).")
+    return res.to_dict(), per_prompt
+
+
+def _original_eval(ctx: _Context) -> dict:
+    gen = _generates(ctx.cfg, None)
+    path, key = ctx.out / "arms" / "original.json", ctx.cfg.key(*EVAL_FIELDS, extra=gen)
+    base = _load_piece(path, key)
+    if base is None:
+        _log("stage 3: evaluating the original model")
+        ev, per_prompt = _evaluate(ctx, generation=gen)
+        base = {"key": key, "eval": ev, "per_prompt": per_prompt}
+        atomic_write_json(base, path)
+    return base
+
+
+def _skipped(ctx: _Context, piece: Piece) -> list:
+    from .sparse_tuning import select_arm_units
+
+    seed = piece.draw if piece.draw is not None else 0
+    return select_arm_units(piece.method, ctx.cmap, piece.k, unit=ctx.cfg.unit, seed=seed,
+                            model=ctx.model)
+
+
+def _piece_key(ctx: _Context, piece: Piece) -> str:
+    return ctx.cfg.key(*TUNE_FIELDS, *EVAL_FIELDS, extra={
+        **asdict(piece), "generation": _generates(ctx.cfg, piece.train_seed)})
+
+
+def _full_state_path(ctx: _Context) -> Path:
+    return ctx.out / "arms" / "full_state.safetensors"
+
+
+def _run_piece(ctx: _Context, piece: Piece, where: str, progress: bool) -> dict:
+    """Train and evaluate one piece, or re-use it from disk (same key and same skipped units)."""
+    from .sparse_tuning import TuningConfig, safety_finetune
+
+    cfg, path = ctx.cfg, ctx.out / "arms" / f"{piece.name}.json"
+    key, skip = _piece_key(ctx, piece), _skipped(ctx, piece)
+    done = _load_piece(path, key)
+    keeps_state = (piece.method == "full" and piece.train_seed == cfg.train_seeds[0]
+                   and cfg.attribute)
+    if done is not None and [tuple(u) for u in done["skip"]] == skip and (
+            not keeps_state or _state_key(_full_state_path(ctx)) == key):
+        _log(f"piece {where} {piece.name}: done before, re-used")
+        return done
+    if path.exists():
+        _log(f"piece {where} {piece.name}: on disk from other settings: redone")
+    _log(f"piece {where} {piece.name}: tuning")
+    ctx.model.load_state_dict(ctx.original_state)
+    tcfg = TuningConfig(seed=piece.train_seed, steps=cfg.steps, batch_size=cfg.batch_size,
+                        scope=cfg.scope, benign_mix=cfg.benign_mix,
+                        **({"lr": cfg.lr} if cfg.lr is not None else {}))
+    skip_kw = {"skip_groups": skip} if cfg.unit == "group" else {"skip_heads": skip}
+    tres = safety_finetune(ctx.model, ctx.data["safe_train"], config=tcfg,
+                           benign_data=ctx.data["util_train"] if cfg.benign_mix > 0 else None,
+                           monitor=ctx.monitor, eval_every=cfg.eval_every,
+                           curve_start=ctx.curve_start, progress=progress, **skip_kw)
+    t = time.perf_counter()
+    ev, per_prompt = _evaluate(ctx, generation=_generates(cfg, piece.train_seed))
+    eval_s = time.perf_counter() - t
+    result = {"key": key, "piece": asdict(piece), "arm": {"method": piece.method, "k": piece.k,
+                                                         "seed": piece.train_seed},
+              "unit": cfg.unit, "skip": skip, "tuning": tres.to_dict(), "eval": ev,
+              "per_prompt": per_prompt, "eval_time_s": eval_s}
+    if keeps_state:
+        from .io import atomic_save_safetensors
+
+        state = {k: v.detach().cpu() for k, v in ctx.model.state_dict().items()
+                 if ".attn." in k or cfg.scope == "all"}
+        atomic_save_safetensors(state, _full_state_path(ctx), {"key": key})
+    atomic_write_json(result, path)  # written last: its presence means the piece is finished
+    return read_json(path)  # as JSON (tuples -> lists), the same whether fresh or re-used
 
 
 def _load_piece(path: Path, key: str) -> Optional[dict]:
@@ -325,183 +607,74 @@ def _load_piece(path: Path, key: str) -> Optional[dict]:
     return piece if piece.get("key") == key else None
 
 
-def _attribution(cfg, model, original, cmap, data, arms_dir, tune_key, out, progress):
-    """Stage 4 on the full-tuning arm: per-head utility recovered by reverting it, against the map.
+def _state_key(path: Path) -> Optional[str]:
+    """The key stored in a safetensors file's metadata (None if absent or unreadable)."""
+    if not path.exists():
+        return None
+    try:
+        from safetensors import safe_open
 
-    `attribution_method` on every head ("first_order" by default: one backward per objective), then
-    "exact" reverts on the `attribution_exact_heads` heads that first-order ranks highest, with the
-    agreement of the two on those heads (`agreement_*`)."""
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("key")
+        return None if raw is None else json.loads(raw)  # io stores metadata values as JSON
+    except Exception:  # truncated or not a safetensors file: treat as missing
+        return None
+
+
+def _attribution(ctx: _Context, progress: bool):
+    """Stage 4 (`attribution.attribute`, METHOD.md v2) on the full-tuning piece of the first
+    training seed: units as in the map, the diagnosis' utility objective (the original model's own
+    answers, content tokens), first order for all units, exact reverts of the candidates and a
+    spread sample, units chosen on half A and measured on half B, random revert sets."""
     from safetensors.torch import load_file
 
-    from .attribution import causal_attribution, compare_attribution
+    from .attribution import attribute
 
-    key = cfg.key(*TUNE_FIELDS, *EVAL_FIELDS, *ATTR_FIELDS)
+    cfg, out, original = ctx.cfg, ctx.out, ctx.original
+    full_key = _piece_key(ctx, Piece("full", 0, cfg.train_seeds[0]))
+    if _state_key(_full_state_path(ctx)) != full_key:
+        raise RuntimeError(f"{_full_state_path(ctx)} is missing or from other settings; rerun "
+                           "`cast-interp run` on this directory to retrain the full-tuning arm.")
+    key = cfg.key(*TUNE_FIELDS, *EVAL_FIELDS, *ATTR_FIELDS, *DIAG_FIELDS)
     path = out / "attribution" / "attribution.json"
     piece = _load_piece(path, key)
     if piece is not None:
         return piece
     tuned = copy.deepcopy(original)
-    tuned.load_state_dict(load_file(str(arms_dir / "full_state.safetensors")), strict=False)
-    util = data["benign_test"].take(cfg.attribution_examples)
-    if cfg.attribution_reference == "self":
-        from .data import self_reference
-
-        _log(f"stage 4: the original model's own answers to {len(util)} benign test prompts")
-        util = self_reference(original, util, max_new_tokens=48,
-                              cache_path=out / "attribution" / "self_reference_test.jsonl")
-    elif cfg.attribution_reference != "dataset":
-        raise ValueError("attribution_reference must be 'self' or 'dataset', got "
-                         f"{cfg.attribution_reference!r}.")
-    _log(f"stage 4: post-hoc attribution of the full-tuning arm ({cfg.attribution_method})")
-    kw = dict(utility_data=util, safety_data=data["harmful_test"],
-              conflict_map=cmap, n_examples=cfg.attribution_examples, seed=cfg.seed,
-              progress=progress)
-    res = causal_attribution(tuned, original, method=cfg.attribution_method, **kw)
+    tuned.load_state_dict(load_file(str(_full_state_path(ctx))), strict=False)
+    _log(f"stage 4: post-hoc attribution of the full-tuning arm ({cfg.attribution_examples} "
+         "examples, halves A/B)")
+    res = attribute(tuned, original, utility_data=ctx.data["benign_test"], conflict_map=ctx.cmap,
+                    safety_data=ctx.data["harmful_test"], unit=cfg.unit,
+                    n_examples=cfg.attribution_examples,
+                    utility_reference=cfg.attribution_reference,
+                    max_new_tokens=cfg.attribution_max_new_tokens,
+                    reference_cache=out / "attribution" / "self_reference_test.jsonl",
+                    n_candidates=cfg.attribution_candidates, n_spread=cfg.attribution_spread,
+                    n_draws=cfg.attribution_draws, seed=cfg.seed, label="full",
+                    progress=progress)
     res.save(out / "attribution")
-    summary = res.summary()
-    n_exact = min(cfg.attribution_exact_heads, len(res.ranking()))
-    if cfg.attribution_method != "exact" and n_exact > 0:
-        heads = res.ranking()[:n_exact]
-        _log(f"stage 4: exact reverts of the top {n_exact} heads")
-        exact = causal_attribution(tuned, original, method="exact", heads=heads,
-                                   **{**kw, "conflict_map": None})  # agreement only: no map needed
-        exact.save(out / "attribution" / "exact_subset")
-        agree = compare_attribution(res, exact, k=max(1, n_exact // 3))["utility"]
-        summary.update({f"agreement_{k}": v for k, v in agree.items()
-                        if isinstance(v, (int, float))})
-    piece = {"key": key, **summary}
+    piece = {"key": key, **res.summary()}
     atomic_write_json(piece, path)
     return piece
 
 
-METRICS = ("refusal_rate", "refusal_score", "over_refusal_rate", "reference_nll", "kl_to_original")
+def run_figures(out_dir, fig_dir=None) -> list[Path]:
+    """Every figure of a finished run from its saved files alone (`report.run_figures`)."""
+    from .report import run_figures as _run
+
+    return _run(out_dir, fig_dir)
 
 
 def summarize(base: dict, results: dict[str, dict]) -> list[dict]:
-    """One row per (method, k): metric changes from the original, mean and spread over seeds."""
-    import numpy as np
+    """One row per arm: metric means and changes from the original (`report.summarize`)."""
+    from .report import summarize as _summarize
 
-    groups: dict[tuple, list[dict]] = {}
-    for piece in results.values():
-        groups.setdefault((piece["arm"]["method"], piece["arm"]["k"]), []).append(piece)
-    base_m = base["eval"]["metrics"]
-    rows = []
-    for (method, k), pieces in sorted(groups.items(), key=lambda x: (x[0][1], x[0][0])):
-        row: dict[str, Any] = {"method": method, "k": k, "n_seeds": len(pieces),
-                               "n_trainable": pieces[0]["tuning"].get("n_trainable")}
-        for m in METRICS:
-            vals = [p["eval"]["metrics"].get(m) for p in pieces]
-            vals = [v for v in vals if v is not None]
-            if not vals:
-                continue
-            ref = base_m.get(m) if m != "kl_to_original" else 0.0
-            deltas = np.array(vals, dtype=float) - (ref or 0.0)
-            row[m] = float(np.mean(vals))
-            row[f"d_{m}"] = float(deltas.mean())
-            row[f"sd_{m}"] = float(deltas.std(ddof=1)) if len(deltas) > 1 else 0.0
-        rows.append(row)
-    return rows
+    return _summarize(base, results)
 
 
 def report_markdown(doc: dict) -> str:
-    """The run's report: configuration, the conflict map's concentration, the arms table."""
-    cfg = doc["config"]
-    lines = [f"# CAST run: {cfg['model']}", "",
-             f"Data: safety `{cfg['safety_data']}`, utility `{cfg['utility_data']}`, over-refusal "
-             f"`{cfg['over_refusal_data']}`. Steps {cfg['steps']}, batch {cfg['batch_size']}, "
-             f"scope {cfg['scope']}, seeds {cfg['random_seeds']}. Total time "
-             f"{doc['time_s'] / 60:.1f} min.", "", "## Diagnosis", ""]
-    conc = doc["diagnosis"]["concentration"]
-    lines.append("Concentration of C: " + ", ".join(
-        f"{k} = {v:.3f}" if isinstance(v, float) else f"{k} = {v}" for k, v in conc.items()))
-    lines += ["", "Top heads by C: " + ", ".join(f"L{l}H{h}" for l, h in doc["diagnosis"]["top_heads"]),
-              "", "![conflict maps](figures/conflict_maps.png)", "", "## Arms", "",
-              "Changes from the original model (mean ± sd over seeds). Refusal on held-out harmful "
-              "prompts (higher is safer); over-refusal on safe prompts, reference NLL and KL to the "
-              "original on benign prompts (lower is better).", ""]
-    orig = doc["original"]["metrics"]
-    lines.append("| method | k | seeds | trainable | refusal rate | Δ refusal | Δ refusal score | "
-                 "Δ over-refusal | Δ ref. NLL | KL to original |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
-    lines.append(f"| original | - | - | - | {orig.get('refusal_rate', float('nan')):.3f} | | | | | |")
+    """The run's report (`report.report_markdown`)."""
+    from .report import report_markdown as _md
 
-    def pm(row, m):
-        if f"d_{m}" not in row:
-            return "n/a"
-        return f"{row[f'd_{m}']:+.3f} ± {row[f'sd_{m}']:.3f}"
-
-    for r in doc["summary"]:
-        lines.append(
-            f"| {r['method']} | {r['k']} | {r['n_seeds']} | {r.get('n_trainable')} | "
-            f"{r.get('refusal_rate', float('nan')):.3f} | {pm(r, 'refusal_rate')} | "
-            f"{pm(r, 'refusal_score')} | {pm(r, 'over_refusal_rate')} | {pm(r, 'reference_nll')} | "
-            f"{r.get('kl_to_original', float('nan')):.4f} |")
-    lines += ["", "![trade-off](figures/tradeoff.png)", ""]
-    att = doc.get("attribution")
-    if att:
-        lines += ["## Which heads caused the utility drop", "",
-                  f"Post-hoc attribution of the full-tuning arm ({att.get('method')}, "
-                  f"{att.get('n_examples')} examples per set, utility answers: "
-                  f"{doc['config'].get('attribution_reference', 'dataset')}): each head's parameters "
-                  "reverted to their pre-training values, one at a time; utility recovered = "
-                  "L_util(tuned) - L_util(head reverted).", ""]
-        f = lambda v: "n/a" if not isinstance(v, (int, float)) else f"{v:.4g}"  # noqa: E731
-        lines += ["| quantity | value |", "|---|---|",
-                  f"| utility drop of full tuning (ΔL_util, nats/token) | {f(att.get('total_drop'))} |",
-                  f"| Spearman(recovered, C) / (.., O) / (.., S) | {f(att.get('C_spearman'))} / "
-                  f"{f(att.get('O_spearman'))} / {f(att.get('S_spearman'))} |",
-                  f"| top-{att.get('k')} overlap with top-{att.get('k')} by C | "
-                  f"{f(att.get('C_top_k_overlap'))} |"]
-        for name, label in (("top_k_C", f"top-{att.get('k')} by C"),
-                            ("top_k_recovered", f"top-{att.get('k')} by recovered"),
-                            ("random_k", f"random {att.get('k')} (mean)"),
-                            ("all_heads", "all heads")):
-            lines.append(f"| share of the drop recovered by reverting {label} | "
-                         f"{f(att.get(f'joint_share_{name}'))} |")
-        if "agreement_spearman" in att:
-            lines.append(f"| first-order vs exact on {att.get('agreement_n_heads')} heads "
-                         f"(Spearman, max abs diff) | {f(att['agreement_spearman'])}, "
-                         f"{f(att.get('agreement_max_abs_diff'))} |")
-        lines += ["", f"Heads whose revert recovers most: {att.get('top_heads_recovered')}.", "",
-                  "![attribution](figures/attribution_vs_map.png)", ""]
-    return "\n".join(lines) + "\n"
-
-
-def _save(fig, path: Path) -> None:
-    from .figures import save_figure
-
-    for ext in ("png", "pdf"):
-        save_figure(fig, path.with_suffix(f".{ext}"))
-
-
-def _diagnosis_figures(cmap, fig_dir: Path, k: int) -> None:
-    from . import figures
-
-    _save(figures.plot_conflict_maps(cmap), fig_dir / "conflict_maps")
-    _save(figures.plot_o_vs_s(cmap, k), fig_dir / "o_vs_s")
-    _save(figures.plot_sorted_c(cmap), fig_dir / "sorted_c")
-
-
-def run_figures(out_dir, fig_dir=None) -> list[Path]:
-    """Every figure of a finished run, regenerated from its saved files alone (no model needed).
-
-    Reads `out_dir/results.json`, `diagnosis/` and `attribution/`; writes PNG and PDF into
-    `fig_dir` (default `out_dir/figures`). Returns the written paths."""
-    from . import figures
-    from .attribution import AttributionResult
-    from .conflict_map import ConflictMap
-
-    out = Path(out_dir)
-    fig_dir = Path(fig_dir) if fig_dir is not None else out / "figures"
-    doc = read_json(out / "results.json")
-    cmap = ConflictMap.load(out / "diagnosis")
-    n_total = cmap.n_heads_total
-    k = max(1, round(doc["config"]["k_fractions"][0] * n_total))
-    _diagnosis_figures(cmap, fig_dir, k)
-    _save(figures.plot_tradeoff(doc["summary"]), fig_dir / "tradeoff")
-    _save(figures.plot_drop_vs_k(doc["summary"]), fig_dir / "drop_vs_k")
-    _save(figures.plot_training_curves(doc["arms"]), fig_dir / "training_curves")
-    if (out / "attribution" / "attribution_result.json").exists():
-        res = AttributionResult.load(out / "attribution")
-        _save(figures.plot_attribution_vs_map(res, cmap, k=k), fig_dir / "attribution_vs_map")
-    return sorted(fig_dir.glob("*.p*"))
+    return _md(doc)

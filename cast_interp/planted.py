@@ -43,7 +43,7 @@ H_TRIGGER = H_UNUSED  # its role with trigger=True
 TRIGGER = "x"  # the trigger token of harmful prompts (trigger=True); not in the prompt alphabet
 
 
-def planted_model(*, trigger: bool = False) -> HookedTransformer:
+def planted_model(*, trigger: bool = False, gqa: bool = False) -> HookedTransformer:
     """A one-layer model whose heads have hand-set roles (MLP off, features on reserved dims).
 
     Tokens: `<|assistant|>` carries feature dim 0, the response tokens "a" and "b" (identical
@@ -63,8 +63,16 @@ def planted_model(*, trigger: bool = False) -> HookedTransformer:
     from `<|assistant|>` for it (on d_head dim 3, whose rotary frequency is lowest, so the match
     barely depends on distance); its value is the trigger feature (1 with the trigger, 0 without)
     plus a small constant, and its output stays scaled by 1e-6: S ~ 0, O ~ 1.
+
+    gqa=True: two key/value groups, {H_STAR, H_ALIGN} and {H_WEAK, H_UNUSED}. A group's K/V serve
+    both its heads (keys and values on both features), so H_STAR and H_ALIGN share K/V but keep their
+    own Q/O: a per-head O must tell the opposed head from the aligned one (METHOD.md v2 units).
+    Not combined with `trigger`.
     """
-    m = tiny_model(seed=0, n_layers=1, n_heads=4, d_model=32, d_head=8, d_mlp=16)
+    if gqa and trigger:
+        raise ValueError("planted_model: gqa=True and trigger=True are not built together.")
+    m = tiny_model(seed=0, n_layers=1, n_heads=4, d_model=32, d_head=8, d_mlp=16,
+                   n_key_value_heads=2 if gqa else None)
     tok = m.tokenizer
     ida, idb = tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b")
     end, asst = tok.eos_token_id, tok.convert_tokens_to_ids("<|assistant|>")
@@ -90,15 +98,20 @@ def planted_model(*, trigger: bool = False) -> HookedTransformer:
         m.unembed.W_U.copy_(U)
         m.unembed.b_U.zero_()
         a = blk.attn
-        for p in (a.W_Q, a.W_K, a.W_V, a.W_O, a.b_Q, a.b_K, a.b_V, a.b_O):
+        # Under GQA TransformerLens keeps K/V per group (`_W_K`, ...); head h reads group h // 2.
+        WK, WV, bK, bV = ((a._W_K, a._W_V, a._b_K, a._b_V) if gqa else (a.W_K, a.W_V, a.b_K, a.b_V))
+        kv = (lambda h: h // 2) if gqa else (lambda h: h)
+        for p in (a.W_Q, WK, WV, a.W_O, a.b_Q, bK, bV, a.b_O):
             p.zero_()
         for h, feature, out_dim, scale in ((H_STAR, 0, 2, 0.3), (H_WEAK, 0, 2, 0.05),
                                            (H_ALIGN, 1, 3, 0.4)):
-            a.W_Q[h, feature, 0] = a.W_K[h, feature, 0] = 1.5  # self-attention on the feature
-            a.W_V[h, feature, 0] = 1.0
+            a.W_Q[h, feature, 0] = WK[kv(h), feature, 0] = 1.5  # self-attention on the feature
+            WV[kv(h), feature, 0] = 1.0
             a.W_O[h, 0, out_dim] = scale
-        for p in (a.W_Q, a.W_K, a.W_V):
-            p[H_UNUSED] = 0.3 * torch.randn(32, 8, generator=g)
+        a.W_Q[H_UNUSED] = 0.3 * torch.randn(32, 8, generator=g)
+        if not gqa:  # under GQA H_UNUSED reads H_WEAK's group
+            WK[H_UNUSED] = 0.3 * torch.randn(32, 8, generator=g)
+            WV[H_UNUSED] = 0.3 * torch.randn(32, 8, generator=g)
         a.W_O[H_UNUSED] = 1e-6 * torch.randn(8, 32, generator=g)
         if trigger:
             x = tok.convert_tokens_to_ids(TRIGGER)

@@ -50,6 +50,8 @@ from transformer_lens.utilities.activation_functions import apply_softcap
 
 from .data import ChatBatch, DataError
 from .heads import Head, rank_heads, validate_heads
+from .units import (UnitKind, all_units, check_kind, group_heads, n_kv_heads, n_units,
+                    validate_units)
 from .model import model_id
 from .objectives import NonFiniteLossError, token_nll
 
@@ -82,39 +84,45 @@ def _resid_pre_name(layer: int) -> str:
 
 @dataclass
 class SensitivityResult:
-    """S(h) for every head, `[n_layers, n_heads]` float32, NaN for heads not computed.
+    """S(u) for every unit of one kind, `[n_layers, n_units]` float32, NaN for units not computed.
 
-    `S[l, h] = L_util(head (l, h) ablated) - L_util(base)`; `base_loss` is L_util(base); `config`
-    records how it was computed (ablation, method, seed, heads_per_pass, model_id, n_tokens, ...).
+    `S[l, i] = L_util(unit (l, i) ablated) - L_util(base)`; `S_low`/`S_high` its percentile bootstrap
+    interval over examples (NaN when not bootstrapped), `S_boot` the draws `[n_boot, L, n]`;
+    `exact` marks units measured by real ablation (the rest, if any, are first-order estimates);
+    `base_loss` is L_util(base); `per_example` the summed NLL increase of each example
+    `[n_examples, L, n]` and `tokens` each example's response tokens `[n_examples]`, from which any
+    resample of examples is recomputed; `kind` is "head" or "group"; `config` records how.
     """
 
-    S: Float[Tensor, "layer head"]
+    S: Float[Tensor, "layer unit"]
     base_loss: float
     config: dict = field(default_factory=dict)
+    S_low: Optional[Tensor] = None
+    S_high: Optional[Tensor] = None
+    S_boot: Optional[Tensor] = None
+    exact: Optional[Tensor] = None
+    per_example: Optional[Tensor] = None
+    tokens: Optional[Tensor] = None
+    kind: str = "head"
+    screen: Optional["SensitivityResult"] = field(default=None, repr=False)  # not saved
 
     def ranking(self) -> list[Head]:
-        """Computed heads, most sensitive first (largest S); heads with NaN S are left out."""
+        """Computed units, most sensitive first (largest S); units with NaN S are left out."""
         return rank_heads(self.S)
 
-    def to_dict(self) -> dict:
-        """Plain JSON-able values (NaN S entries become None)."""
-        from .io import to_jsonable
-
-        return {"S": to_jsonable(self.S), "base_loss": self.base_loss,
-                "config": to_jsonable(self.config)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SensitivityResult":
-        S = torch.tensor([[math.nan if v is None else v for v in row] for row in d["S"]],
-                         dtype=torch.float32)
-        return cls(S=S, base_loss=float(d["base_loss"]), config=dict(d.get("config", {})))
+    def tensors(self) -> dict[str, Tensor]:
+        out = {"S": self.S}
+        for name in ("S_low", "S_high", "S_boot", "exact", "per_example", "tokens"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
 
     def save(self, path: Union[str, Path]) -> None:
-        """safetensors (`S`) with `base_loss` and `config` as JSON metadata, written atomically."""
+        """safetensors with `base_loss`, `kind` and `config` as JSON metadata, written atomically."""
         from .io import atomic_save_safetensors
 
-        atomic_save_safetensors({"S": self.S.float()}, path,
-                                {"base_loss": self.base_loss, "config": self.config})
+        atomic_save_safetensors(self.tensors(), path, {"base_loss": self.base_loss,
+                                                       "kind": self.kind, "config": self.config})
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "SensitivityResult":
@@ -125,11 +133,14 @@ class SensitivityResult:
             raise FileNotFoundError(f"{path} does not exist.")
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            S = f.get_tensor("S")
-        if "base_loss" not in meta:
-            raise ValueError(f"{path} is not a saved SensitivityResult (no base_loss metadata).")
-        return cls(S=S, base_loss=float(json.loads(meta["base_loss"])),
-                   config=json.loads(meta.get("config", "{}")))
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        if "base_loss" not in meta or "S" not in t:
+            raise ValueError(f"{path} is not a saved SensitivityResult (no S / base_loss).")
+        if "exact" in t:
+            t["exact"] = t["exact"].bool()
+        return cls(base_loss=float(json.loads(meta["base_loss"])),
+                   config=json.loads(meta.get("config", "{}")),
+                   kind=json.loads(meta.get("kind", '"head"')), **t)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,8 +228,9 @@ class _Ablation:
 
 
 def _clean_pass(model: HookedTransformer, batches: Sequence[ChatBatch], *, kind: str,
-                seed: int) -> tuple[float, _Ablation, Optional[Tensor]]:
-    """One clean forward per batch: L_util(base) and what the ablation needs (means, donor z)."""
+                seed: int) -> tuple[float, _Ablation, Optional[Tensor], Tensor, Tensor]:
+    """One clean forward per batch: L_util(base), what the ablation needs (means, donor z), and
+    each example's summed base NLL and response-token count (`[n_examples]` each)."""
     cfg = model.cfg
     n_tokens = _check_batches(batches)
     L, H, d = cfg.n_layers, cfg.n_heads, cfg.d_head
@@ -228,6 +240,7 @@ def _clean_pass(model: HookedTransformer, batches: Sequence[ChatBatch], *, kind:
     store: list[Tensor] = []
     offsets, off = [], 0
     want_z = kind in ("mean", "resample")
+    base_sums, tokens = [], []
     with torch.no_grad():
         for batch in batches:
             offsets.append(off)
@@ -238,7 +251,10 @@ def _clean_pass(model: HookedTransformer, batches: Sequence[ChatBatch], *, kind:
                     b.tokens, names_filter=lambda n: n.endswith("attn.hook_z"))
             else:
                 logits = model(b.tokens)
-            total += token_nll(logits, b).sum().double().cpu()
+            per = token_nll(logits, b).sum(-1).double().cpu()
+            base_sums.append(per)
+            tokens.append(batch.loss_mask[:, 1:].sum(-1).double())
+            total += per.sum()
             del logits
             if not want_z:
                 continue
@@ -258,7 +274,8 @@ def _clean_pass(model: HookedTransformer, batches: Sequence[ChatBatch], *, kind:
             "checkpoint) or use float32.")
     means = (sums / max(n_real, 1)).float() if kind == "mean" else None
     donors = resample_donors(off, seed) if kind == "resample" else None
-    return base, _Ablation(model, kind, means, store or None, donors, offsets), means
+    return (base, _Ablation(model, kind, means, store or None, donors, offsets), means,
+            torch.cat(base_sums), torch.cat(tokens))
 
 
 def head_means(model: HookedTransformer, batches: list[ChatBatch]) -> Float[Tensor, "layer head d_head"]:
@@ -301,7 +318,8 @@ def _default_heads_per_pass(model: HookedTransformer, batch_size: int, width: in
 
 def _copies_nll_from_layer(model: HookedTransformer, layer: int, hook_name: str, hook,
                            resid: Tensor, shortformer: Optional[Tensor],
-                           attn_mask: Optional[Tensor], batch: ChatBatch, n_copies: int) -> Tensor:
+                           attn_mask: Optional[Tensor], batch: ChatBatch, n_copies: int,
+                           *, per_example: bool = False) -> Tensor:
     """Summed response NLL of each of `n_copies` stacked copies of `batch`, run from `layer` on
     (from its cached `resid_pre`, repeated along the batch) with `hook` on `hook_name`, which
     edits copy i for head i. Layers before `layer` are not recomputed: they cannot change."""
@@ -309,12 +327,13 @@ def _copies_nll_from_layer(model: HookedTransformer, layer: int, hook_name: str,
     with model.hooks(fwd_hooks=[(hook_name, hook)]):
         final = model(rep(resid), start_at_layer=layer, stop_at_layer=model.cfg.n_layers,
                       shortformer_pos_embed=rep(shortformer), attention_mask=rep(attn_mask))
-    return _response_nll_from_resid(model, final, batch, n_copies)
+    return _response_nll_from_resid(model, final, batch, n_copies, per_example=per_example)
 
 
 def _response_nll_from_resid(model: HookedTransformer, resid: Tensor, batch: ChatBatch,
-                             n_copies: int) -> Tensor:
-    """Summed response NLL of each of `n_copies` stacked copies of `batch`, from the final residual.
+                             n_copies: int, *, per_example: bool = False) -> Tensor:
+    """Summed response NLL of each of `n_copies` stacked copies of `batch`, from the final residual
+    (`[n_copies]`; `[n_copies, batch]` summed per example with `per_example=True`).
 
     Only response positions are unembedded (the rest have no loss), in chunks of rows, with the same
     float32 log-softmax as `objectives.token_nll`. `ln_final` runs as a module (its hooks fire);
@@ -337,23 +356,42 @@ def _response_nll_from_resid(model: HookedTransformer, resid: Tensor, batch: Cha
         logits = apply_softcap(logits, model.cfg.output_logits_soft_cap)[0]
         lp = logits.float().log_softmax(-1)
         nll[s: s + _LOGIT_ROWS] = -lp.gather(-1, target[s: s + _LOGIT_ROWS, None])[:, 0]
-    return nll.view(n_copies, -1).sum(-1)
+    nll = nll.view(n_copies, -1)
+    if not per_example:
+        return nll.sum(-1)
+    owner = torch.arange(b, device=mask.device)[:, None].expand_as(mask)[mask]  # example of each row
+    out = torch.zeros(n_copies, b, dtype=nll.dtype, device=nll.device)
+    return out.index_add_(1, owner, nll)
+
+
+def _ablation_sets(model: HookedTransformer, units, kind: str) -> dict[int, list[tuple[int, list[int]]]]:
+    """`{layer: [(unit index, query heads whose z it ablates), ...]}` for the units asked for (all
+    units of `kind` if None): a head ablates itself, a K/V group all the heads that read it."""
+    check_kind(model, kind)
+    if units is not None and len(units) == 0:
+        raise ValueError("An empty list of units: pass None for all units, or some (layer, index).")
+    units = all_units(model, kind) if units is None else validate_units(model, units, kind)
+    by_layer: dict[int, list[tuple[int, list[int]]]] = {}
+    for l, i in units:
+        by_layer.setdefault(l, []).append((i, [i] if kind == "head" else group_heads(model, i)))
+    return by_layer
 
 
 def _exact(model: HookedTransformer, batches: Sequence[ChatBatch], ablation: _Ablation,
-           by_layer: dict[int, list[int]], heads_per_pass: Optional[int],
-           progress: bool) -> Tensor:
-    """Summed ablated response NLL `[n_layers, n_heads]` (NaN where not computed)."""
+           sets: dict[int, list[tuple[int, list[int]]]], n_units_: int,
+           heads_per_pass: Optional[int], progress: bool) -> Tensor:
+    """Summed ablated response NLL of each example `[n_examples, n_layers, n_units]` (NaN where not
+    computed)."""
     cfg = model.cfg
-    sums = torch.full((cfg.n_layers, cfg.n_heads), math.nan, dtype=torch.float64)
-    for l, hs in by_layer.items():
-        sums[l, hs] = 0.0
-    layers = sorted(by_layer)
+    n_ex = sum(len(b) for b in batches)
+    sums = torch.full((n_ex, cfg.n_layers, n_units_), math.nan, dtype=torch.float64)
+    layers = sorted(sets)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(batches) * len(layers), desc="sensitivity (exact)")
+    off = 0
     with torch.no_grad():
         for bi, batch in enumerate(batches):
             b = batch.to(cfg.device)
@@ -368,38 +406,36 @@ def _exact(model: HookedTransformer, batches: Sequence[ChatBatch], ablation: _Ab
             for l in layers:
                 resid = cache[_resid_pre_name(l)]
                 repl = ablation.values(bi, l, b)
-                hs_all = by_layer[l]
-                for s in range(0, len(hs_all), k_max):
-                    hs = hs_all[s: s + k_max]
-                    k = len(hs)
+                for s in range(0, len(sets[l]), k_max):
+                    chunk = sets[l][s: s + k_max]
+                    k = len(chunk)
 
-                    def hook(z, hook, hs=hs, k=k):
+                    def hook(z, hook, chunk=chunk, k=k):
                         z = z.clone(memory_format=torch.contiguous_format)
-                        zz = z.view(k, B, *z.shape[1:])  # copy i ablates head hs[i]
-                        for i, h in enumerate(hs):
-                            zz[i, :, :, h] = repl[:, :, h]
+                        zz = z.view(k, B, *z.shape[1:])  # copy i ablates unit chunk[i]
+                        for i, (_, hs) in enumerate(chunk):
+                            zz[i, :, :, hs] = repl[:, :, hs]
                         return z
 
-                    sums[l, hs] += _copies_nll_from_layer(model, l, _z_name(l), hook, resid,
-                                                          shortformer, attn_mask, b, k).double().cpu()
+                    nll = _copies_nll_from_layer(model, l, _z_name(l), hook, resid, shortformer,
+                                                 attn_mask, b, k, per_example=True)
+                    sums[off: off + B, l, [i for i, _ in chunk]] = nll.double().cpu().T
                 if bar is not None:
                     bar.update(1)
+            off += B
             del cache
     if bar is not None:
         bar.close()
     return sums
 
 
-# --------------------------------------------------------------------------------------------------
-# Attribution patching
-# --------------------------------------------------------------------------------------------------
-
-
 def _attribution(model: HookedTransformer, batches: Sequence[ChatBatch], ablation: _Ablation,
-                 n_tokens: int, progress: bool) -> Tensor:
-    """First-order estimate of L_util(ablated) - L_util(base), `[n_layers, n_heads]` float64."""
+                 progress: bool) -> Tensor:
+    """First-order estimate of each example's summed NLL change when one head is ablated,
+    `[n_examples, n_layers, n_heads]` float64 (a group's is the sum over its heads: first order
+    is additive)."""
     cfg = model.cfg
-    est = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.float64)
+    per: list[Tensor] = []
     it = batches
     if progress:
         from tqdm.auto import tqdm
@@ -418,26 +454,28 @@ def _attribution(model: HookedTransformer, batches: Sequence[ChatBatch], ablatio
             zs[hook.layer()] = z
             return z
 
+        est = torch.zeros(len(batch), cfg.n_layers, cfg.n_heads, dtype=torch.float64)
         with torch.enable_grad():
             logits = model.run_with_hooks(
                 b.tokens, fwd_hooks=[(lambda n: n.endswith("attn.hook_z"), save)])
-            # The same L_util as everywhere: token sum over all batches / all response tokens.
-            loss = token_nll(logits, b).sum() / n_tokens
+            # Summed NLL: examples do not interact, so d(sum)/dz_b is example b's own gradient.
+            loss = token_nll(logits, b).sum()
             layers = sorted(zs)
             grads = torch.autograd.grad(loss, [zs[l] for l in layers], allow_unused=True)
         with torch.no_grad():
             for l, g in zip(layers, grads):
-                if g is None:
-                    continue
-                delta = ablation.values(bi, l, b) - zs[l].detach()
-                est[l] += (delta * g).sum(dim=(0, 1, 3)).double().cpu()
+                if g is not None:
+                    delta = ablation.values(bi, l, b) - zs[l].detach()
+                    est[:, l] = (delta * g).sum(dim=(1, 3)).double().cpu()
+        per.append(est)
         del logits, loss, zs, grads
-    return est
+    return torch.cat(per)
 
 
-# --------------------------------------------------------------------------------------------------
-# Public entry points
-# --------------------------------------------------------------------------------------------------
+def _to_groups(model: HookedTransformer, per_head: Tensor) -> Tensor:
+    """Sum per-head first-order terms over the heads of each group: `[..., L, H] -> [..., L, G]`."""
+    return torch.stack([per_head[..., group_heads(model, g)].sum(-1)
+                        for g in range(n_kv_heads(model))], dim=-1)
 
 
 def _data_sha(batches: Sequence[ChatBatch]) -> str:
@@ -448,68 +486,100 @@ def _data_sha(batches: Sequence[ChatBatch]) -> str:
     return h.hexdigest()[:12]
 
 
+def _bootstrap_S(delta: Tensor, tokens: Tensor, n_bootstrap: int, ci: float, seed: int) -> dict:
+    """Ratio-of-sums bootstrap over examples of S = sum_i delta_i / sum_i tokens_i."""
+    from .stats import ratio_of_sums_ci
+
+    if n_bootstrap == 0 or delta.shape[0] < 2:
+        nan = torch.full(delta.shape[1:], math.nan)
+        return {"S_low": nan, "S_high": nan.clone(), "S_boot": None}
+    done = torch.isfinite(delta).all(0)  # units not computed stay NaN
+    r = ratio_of_sums_ci(delta[:, done].numpy(), tokens.numpy(), n_boot=n_bootstrap, ci=ci,
+                         seed=seed)
+    out = {k: torch.full(delta.shape[1:], math.nan) for k in ("S_low", "S_high")}
+    out["S_boot"] = torch.full((n_bootstrap, *delta.shape[1:]), math.nan)
+    out["S_low"][done] = torch.as_tensor(r["low"], dtype=torch.float32)
+    out["S_high"][done] = torch.as_tensor(r["high"], dtype=torch.float32)
+    out["S_boot"][:, done] = torch.as_tensor(r["draws"], dtype=torch.float32)
+    return out
+
+
 def functional_sensitivity(
     model: HookedTransformer,
     batches: list[ChatBatch],
     *,
+    unit: UnitKind = "head",
+    units: Optional[list[tuple[int, int]]] = None,
+    heads: Optional[list[tuple[int, int]]] = None,
     ablation: AblationKind = "mean",
     method: SensitivityMethod = "exact",
-    heads: Optional[list[tuple[int, int]]] = None,
     heads_per_pass: Optional[int] = None,
+    n_bootstrap: int = 0,
+    ci: float = 0.95,
     seed: int = 0,
     progress: bool = False,
 ) -> SensitivityResult:
-    """Functional Sensitivity S(h) = L_util(h ablated) - L_util on D_util `batches`.
+    """Functional Sensitivity S(u) = L_util(u ablated) - L_util on D_util `batches`.
 
     Args:
+        unit: "head" (ablate one head's z) or "group" (under GQA: ablate every head that reads the
+            K/V group, which is what removing the group's contribution does).
+        units: only these `(layer, index)`s (others are NaN in S); default all. `heads` is an alias
+            for head units. Exact cost grows with the layers touched; attribution costs the same.
         ablation: "mean" (default, ours), "zero" or "resample" (see module docstring).
         method: "exact" (default; real ablations, equal to `sensitivity_naive`) or "attribution"
-            (first-order estimate from one forward+backward per batch; much cheaper, approximate:
-            check it with `compare_sensitivity` on a slice before relying on it).
-        heads: only these `(layer, head)`s (others are NaN in S); default all. Exact cost grows with
-            the layers touched, attribution costs the same for any subset.
-        heads_per_pass: heads of one layer ablated together in one stacked pass (exact only);
-            default (ours): all heads of the layer, fewer when the stacked activations would exceed
-            ~1 GiB or, on CPU, ~2k stacked tokens. Lower it if memory runs out.
-        seed: seeds the donor mapping of resample ablation (no other randomness). Resample keeps
-            every example's clean z in memory (n_tokens x n_layers x n_heads x d_head floats).
-        progress: show a progress bar.
+            (first-order estimate from one forward+backward per batch; check it against exact).
+        heads_per_pass: units of one layer ablated together in one stacked pass (exact only);
+            default (ours): all, fewer when the stacked activations would exceed ~1 GiB or, on CPU,
+            ~2k stacked tokens.
+        n_bootstrap, ci: percentile bootstrap over *examples* of S (ratio of summed NLL increase to
+            summed tokens, the same resample for every unit); 0 skips it.
+        seed: seeds the resample-ablation donors and the bootstrap.
     """
     _check_options(ablation, method)
+    if heads is not None:
+        if units is not None or unit != "head":
+            raise ValueError("Pass either heads= (head units) or unit=/units=, not both.")
+        units = heads
     if heads_per_pass is not None and int(heads_per_pass) < 1:
         raise ValueError(f"heads_per_pass must be >= 1 (or None for automatic), got {heads_per_pass}.")
+    if n_bootstrap < 0:
+        raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}.")
     n_tokens = _check_batches(batches)
-    by_layer = _heads_by_layer(model, heads)
-    base, abl, _ = _clean_pass(model, batches, kind=ablation, seed=seed)
-    cfg = model.cfg
+    sets = _ablation_sets(model, units, unit)
+    n_u = n_units(model, unit)
+    base, abl, _, base_sums, tok = _clean_pass(model, batches, kind=ablation, seed=seed)
     if method == "exact":
-        S = (_exact(model, batches, abl, by_layer, heads_per_pass, progress) / n_tokens - base)
+        delta = _exact(model, batches, abl, sets, n_u, heads_per_pass, progress) \
+            - base_sums[:, None, None]
     else:
-        est = _attribution(model, batches, abl, n_tokens, progress)
-        S = torch.full_like(est, math.nan)
-        for l, hs in by_layer.items():
-            S[l, hs] = est[l, hs]
-    n_heads_done = sum(len(hs) for hs in by_layer.values())
+        est = _attribution(model, batches, abl, progress)
+        est = est if unit == "head" else _to_groups(model, est)
+        delta = torch.full_like(est, math.nan)
+        for l, items in sets.items():
+            idx = [i for i, _ in items]
+            delta[:, l, idx] = est[:, l, idx]
+    S = delta.sum(0) / n_tokens
+    boot = _bootstrap_S(delta, tok, n_bootstrap, ci, seed)
     config = {
-        "ablation": ablation,
-        "method": method,
-        "seed": seed,
-        "heads_per_pass": heads_per_pass,
-        "model_id": model_id(model),
-        "n_tokens": n_tokens,
-        "n_examples": sum(len(b) for b in batches),
-        "n_batches": len(batches),
+        "ablation": ablation, "method": method, "unit": unit, "seed": seed,
+        "heads_per_pass": heads_per_pass, "model_id": model_id(model), "n_tokens": n_tokens,
+        "n_examples": sum(len(b) for b in batches), "n_batches": len(batches),
         "data_sha": _data_sha(batches),
-        "n_heads_computed": n_heads_done,
-        "heads": None if heads is None else [list(x) for x in validate_heads(model, heads)],
-        "loss": "token-mean response NLL over all batches (objectives.dataset_nll)",
-        "hook": "blocks.{l}.attn.hook_z, all positions",
+        "n_units_computed": sum(len(v) for v in sets.values()),
+        "units": None if units is None else [list(x) for x in validate_units(model, units, unit)],
+        "n_bootstrap": n_bootstrap, "ci": ci, "bootstrap_unit": "example (v2)",
+        "loss": "token-mean NLL over the batches' loss_mask tokens (objectives.dataset_nll)",
+        "hook": "blocks.{l}.attn.hook_z, all positions (a group: every head reading it)",
         "mean_over": "all real (non-pad) tokens of D_util, prompt and response (ours)",
         "resample_positions": "donor z at the same position, clipped to the donor's last real "
                               "token; donors a seeded random cycle (ours)",
-        "dtype": str(cfg.dtype),
+        "dtype": str(model.cfg.dtype),
     }
-    return SensitivityResult(S=S.float(), base_loss=base, config=config)
+    exact = torch.isfinite(S) & (method == "exact")
+    return SensitivityResult(S=S.float(), base_loss=base, config=config, S_low=boot["S_low"],
+                             S_high=boot["S_high"], S_boot=boot["S_boot"], exact=exact,
+                             per_example=delta.float(), tokens=tok.float(), kind=unit)
 
 
 def sensitivity_naive(
@@ -519,33 +589,34 @@ def sensitivity_naive(
     ablation: AblationKind = "mean",
     seed: int = 0,
     heads: Optional[list[tuple[int, int]]] = None,
-) -> Float[Tensor, "layer head"]:
-    """The slow reference for exact S: one full `model.run_with_hooks` per head per batch.
+    unit: UnitKind = "head",
+) -> Float[Tensor, "layer unit"]:
+    """The slow reference for exact S: one full `model.run_with_hooks` per unit per batch.
 
-    Same ablation values (means, donors) as `functional_sensitivity`; NaN for heads not asked for.
+    Same ablation values (means, donors) as `functional_sensitivity`; NaN for units not asked for.
     """
     _check_options(ablation)
     n_tokens = _check_batches(batches)
-    by_layer = _heads_by_layer(model, heads)
-    base, abl, _ = _clean_pass(model, batches, kind=ablation, seed=seed)
+    sets = _ablation_sets(model, heads, unit)
+    base, abl, _, _, _ = _clean_pass(model, batches, kind=ablation, seed=seed)
     cfg = model.cfg
-    S = torch.full((cfg.n_layers, cfg.n_heads), math.nan, dtype=torch.float64)
+    S = torch.full((cfg.n_layers, n_units(model, unit)), math.nan, dtype=torch.float64)
     with torch.no_grad():
-        for l, hs in by_layer.items():
-            for h in hs:
+        for l, items in sets.items():
+            for i, hs in items:
                 total = 0.0
                 for bi, batch in enumerate(batches):
                     b = batch.to(cfg.device)
                     repl = abl.values(bi, l, b)
 
-                    def hook(z, hook, h=h, repl=repl):
+                    def hook(z, hook, hs=hs, repl=repl):
                         z = z.clone()
-                        z[:, :, h] = repl[:, :, h]
+                        z[:, :, hs] = repl[:, :, hs]
                         return z
 
                     logits = model.run_with_hooks(b.tokens, fwd_hooks=[(_z_name(l), hook)])
                     total += float(token_nll(logits, b).sum().double())
-                S[l, h] = total / n_tokens - base
+                S[l, i] = total / n_tokens - base
     return S.float()
 
 
@@ -582,3 +653,70 @@ def compare_sensitivity(approx: Tensor, exact: Tensor, *, k: int = 10) -> dict:
         "n_heads": n,
         "k": k_eff,
     }
+
+
+def screened_sensitivity(
+    model: HookedTransformer,
+    batches: list[ChatBatch],
+    *,
+    unit: UnitKind = "head",
+    n_exact: int,
+    prior_O: Optional[Tensor] = None,
+    how: str = "rank_product",
+    ablation: AblationKind = "mean",
+    heads_per_pass: Optional[int] = None,
+    n_bootstrap: int = 200,
+    ci: float = 0.95,
+    seed: int = 0,
+    screen: Optional[SensitivityResult] = None,
+    progress: bool = False,
+) -> SensitivityResult:
+    """S screened by attribution patching, then exact where it matters (METHOD.md v2, stage 1.2).
+
+    `screen`: an attribution result to reuse (same batches and options); a head screen also screens
+    groups (a group's first-order estimate is the sum of its heads'), which saves a backward pass.
+
+    Attribution patching estimates S for every unit; the top `n_exact` by that estimate (or, with
+    `prior_O`, the map's O, the top `n_exact` by the conflict score C it would give, plus the top
+    `n_exact // 2` by S) are re-measured by exact ablation. Units outside the candidates keep the first-order value (`exact` False), so a
+    top-k selected from this S with k <= n_exact / 2 (ours: at least 2k candidates) is exact where it
+    counts. Bootstrap draws of both parts use the same example resamples (same seed and examples).
+    """
+    from .conflict_map import combine
+
+    if n_exact < 1:
+        raise ValueError(f"n_exact must be >= 1, got {n_exact}.")
+    kw = dict(unit=unit, ablation=ablation, n_bootstrap=n_bootstrap, ci=ci, seed=seed,
+              progress=progress)
+    if screen is None:
+        screen = functional_sensitivity(model, batches, method="attribution", **kw)
+    elif screen.kind != unit:  # first order is additive: a group's screen is its heads' sum
+        if screen.kind != "head" or unit != "group":
+            raise ValueError(f"A {screen.kind} screen cannot screen {unit}s.")
+        delta = _to_groups(model, screen.per_example.double())
+        boot = _bootstrap_S(delta, screen.tokens.double(), n_bootstrap, ci, seed)
+        screen = SensitivityResult(S=(delta.sum(0) / screen.tokens.sum()).float(),
+                                   base_loss=screen.base_loss, config=screen.config,
+                                   exact=torch.zeros(delta.shape[1:], dtype=torch.bool),
+                                   per_example=delta.float(), tokens=screen.tokens, kind=unit,
+                                   **boot)
+    flat = lambda t: [(int(i // t.shape[1]), int(i % t.shape[1]))  # noqa: E731
+                      for i in torch.argsort(-torch.nan_to_num(t.flatten(), nan=-math.inf))]
+    if prior_O is None:
+        cand = set(flat(screen.S)[:n_exact])
+    else:  # the top by the C the map will rank by, and the strongest by S (for top-S arms)
+        cand = set(flat(combine(prior_O.float(), screen.S, how=how))[:n_exact])
+        cand |= set(flat(screen.S)[:max(1, n_exact // 2)])
+    exact = functional_sensitivity(model, batches, method="exact", units=sorted(cand),
+                                   heads_per_pass=heads_per_pass, **kw)
+    m = exact.exact
+    pick = lambda a, b: None if a is None or b is None else torch.where(m, b, a)  # noqa: E731
+    config = dict(exact.config, method="screened", n_exact_requested=n_exact,
+                  n_exact=int(m.sum()), candidates=[list(u) for u in sorted(cand)],
+                  screen="attribution patching for all units (first order)")
+    return SensitivityResult(
+        S=pick(screen.S, exact.S), base_loss=exact.base_loss, config=config,
+        S_low=pick(screen.S_low, exact.S_low), S_high=pick(screen.S_high, exact.S_high),
+        S_boot=pick(screen.S_boot, exact.S_boot), exact=m,
+        per_example=pick(screen.per_example, exact.per_example), tokens=exact.tokens, kind=unit,
+        screen=screen)

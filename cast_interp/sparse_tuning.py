@@ -1,37 +1,48 @@
-"""Stage 2 of CAST: sparse safety fine-tuning that never touches the skipped heads.
+"""Stage 2 of CAST: sparse safety fine-tuning that never touches the skipped units.
 
 Safety fine-tuning (SFT on D_safe: harmful prompt -> refusal, loss on response tokens) costs general
-ability. CAST's claim is that the cost comes mostly from updating a few heads whose safety and utility
-gradients conflict and on which utility depends; so it trains as usual but *skips* the top-k heads of
-the conflict map C. Skipping head (l, h) freezes its `W_Q[h]`, `b_Q[h]`, `W_O[h]` slices and, through
-its key/value group, `W_K/b_K/W_V/b_V[g(h)]` (`kv_policy`, see `heads.head_param_masks`).
+ability. CAST's claim is that the cost comes mostly from updating a few units whose safety and
+utility gradients conflict and on which utility depends; so it trains as usual but *skips* the top-k
+units of the conflict map C.
+
+Units (METHOD v2, `units.py`). Skipping a query head freezes exactly what the head owns: its
+`W_Q[h]`, `b_Q[h]`, `W_O[h]` slices, plus its K/V slices only without grouped-query attention (then
+the head is its own group). Under GQA the shared K/V of a group belong to the group, so they train
+in every head arm, and every k-head arm freezes exactly the same number of parameters. With
+`unit="group"` an arm skips whole key/value groups (`W_K/b_K/W_V/b_V[g]`). Biases the architecture
+does not have (TransformerLens keeps zero `b_Q/b_K/b_V` for Llama-style models) never train, in any
+arm (`units.absent_param_names`). (The v1 `kv_policy`, which froze a group's K/V with its heads and
+so gave arms of one k different budgets, remains as a deprecated option.)
 
 "Never change" is exact: the frozen slices are bit-identical after training, whatever the optimizer.
-Masking gradients alone is not enough (AdamW's decoupled weight decay moves parameters whose gradient
-is zero), so each step (1) zeroes the frozen entries of the gradient, which also keeps them out of
+Masking gradients alone is not enough (AdamW's decoupled weight decay moves parameters whose
+gradient is zero), so each step (1) zeroes the frozen entries of the gradient, which also keeps them out of
 the clipping norm and the optimizer's moments, and (2) after the optimizer step, restores the frozen
-entries from a snapshot taken before training (`torch.where(mask, snapshot, param)`). Only the
-attention parameters of layers with a skipped head are snapshotted, so this is cheap.
+entries from a snapshot taken before training (`torch.where(mask, snapshot, param)`).
 
-Budget-matched baselines (`select_arm_heads`): at the same k, every arm skips k heads and so freezes
-the same number of Q/O parameters; without grouped-query attention the whole count is equal. Under
-GQA with `kv_policy="any"` a K/V group is frozen when any of its heads is skipped, so arms whose k
-heads share groups freeze fewer K/V parameters than arms that scatter them; `TuningResult.n_trainable`
-and `n_frozen_in_scope` are reported so a table shows the actual budget. `kv_policy="none"` (only Q/O
-slices freeze) makes every k-head arm freeze exactly the same count under GQA too. The layer band is rounded up
-to whole layers (`layer_band_heads`).
+Paired design (METHOD v2). Everything random in training (the data order, torch's global RNG) comes
+from `TuningConfig.seed`, the *training* seed, and nothing else: the skipped units never change the
+batches. So two arms on one training seed see the same batches in the same order (each step's batch
+fingerprint is recorded in `TuningResult.batch_fingerprints`), and their difference is the units
+alone. The random arms' unit draws have their own seeds (`select_arm_units(..., seed=)`).
 
-Choices that are ours, not the paper's, and recorded in `TuningConfig`: `scope="attention"` (only
-attention parameters train by default: all heads' Q/K/V/O and biases, plus the per-layer `b_O`, which
-belongs to no head; MLPs, embeddings and norms stay frozen), `kv_policy="any"`, and the defaults of
-lr / steps / schedule, chosen so one arm trains SmolLM2-135M-Instruct to refuse in about a minute on
-two CPU cores.
+Safety along training. With a `monitor` (e.g. `ValidationMonitor`: generation-free refusal score on
+harmful validation prompts, KL to the original on benign validation answers) the run records the
+monitor's values before training, every `eval_every` steps and at the end (`TuningResult.curve`), so
+arms can be compared at equal safety. The monitor draws no random numbers and changes no weight.
+
+Choices that are ours, not the paper's, recorded in `TuningConfig`: `scope="attention"` (only
+attention parameters train by default: the units' slices plus the per-layer `b_O`, which belongs
+to no unit; MLPs, embeddings and norms stay frozen) and the defaults of lr / steps / schedule,
+chosen so one arm trains SmolLM2-135M-Instruct to refuse in about a minute on two CPU cores.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, Optional, Protocol, Sequence, Union, get_args
 
@@ -41,9 +52,9 @@ from torch import Tensor
 from torch.nn import Parameter
 from transformer_lens import HookedTransformer
 
+from . import units as U
 from .data import ChatBatch, ChatDataset, make_batches
-from .heads import (Head, HeadIndexError, KVPolicy, head_param_count, head_param_masks,
-                    rank_heads, validate_heads)
+from .heads import HeadIndexError, head_param_masks
 from .io import atomic_write_json, check_fields, read_json, to_jsonable
 from .model import model_id
 from .objectives import NonFiniteLossError, response_nll
@@ -51,10 +62,14 @@ from .objectives import NonFiniteLossError, response_nll
 Optimizer = Literal["adamw", "adam", "sgd"]
 Schedule = Literal["constant", "linear", "cosine"]
 Scope = Literal["attention", "all"]
-Arm = Literal["cast", "full", "random", "bottom", "top_o", "top_s", "layer_band"]
-ARMS: tuple[str, ...] = get_args(Arm)
+UnitKind = Literal["head", "group"]
+ArmMethod = Literal["cast", "full", "random", "bottom", "top_o", "top_s", "layer_band"]
+ARMS: tuple[str, ...] = get_args(ArmMethod)
+Arm = ArmMethod  # v1 name of the Literal
+Unit = tuple[int, int]
+LEGACY_KV_POLICIES = ("any", "all", "none")
 
-# Attention parameters that belong to heads (b_O is shared by the layer and belongs to none).
+# Attention parameters in the "attention" scope (b_O is shared by the layer and belongs to no unit).
 _ATTN_PARAM_NAMES = ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O",
                      "_W_K", "_b_K", "_W_V", "_b_V")
 
@@ -62,6 +77,15 @@ _ATTN_PARAM_NAMES = ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O",
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {list(choices)}.")
+
+
+def _check_kv_policy(kv_policy: Optional[str]) -> None:
+    if kv_policy is None:
+        return
+    _check_choice("kv_policy", kv_policy, LEGACY_KV_POLICIES)
+    warnings.warn("kv_policy is deprecated (v1): arms of one k then freeze different numbers of "
+                  "parameters. Leave it None: a head freezes what it owns (units.py), and "
+                  "unit='group' skips whole key/value groups.", DeprecationWarning, stacklevel=3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -75,9 +99,8 @@ class TuningConfig:
 
     The defaults (ours) are sized for the default pipeline on CPU: 12 AdamW steps of 8 bundled
     harmful examples (about one epoch of the train split) at peak lr 2e-4, cosine decay, attention
-    only, take about 70 s on two CPU cores and take SmolLM2-135M-Instruct from 3/16 to 15/16
-    refusal-phrase answers on held-out harmful prompts. Pure refusal SFT also over-refuses benign
-    prompts (the alignment tax CAST is about); `benign_mix` tempers it. Raise `steps` for more data.
+    only. Pure refusal SFT also over-refuses benign prompts (the alignment tax CAST is about);
+    `benign_mix` tempers it. Raise `steps` for more data.
 
     Attributes:
         steps: optimizer steps; batches cycle through the data in a seeded shuffled order.
@@ -88,11 +111,11 @@ class TuningConfig:
         schedule: lr after warmup: "constant", "linear" or "cosine" decay to 0 at the last step.
         max_grad_norm: clip the global norm of the trainable gradient (frozen entries excluded);
             None or 0 disables clipping.
-        scope: trainable parameters (ours): "attention" (all heads' Q/K/V/O, biases and b_O) or "all".
-        kv_policy: GQA K/V group frozen when "any" (default, ours) or "all" its heads are skipped,
-            or never ("none": exact parameter-budget matching between arms under GQA).
+        scope: trainable parameters (ours): "attention" (the units' slices and b_O) or "all".
+        kv_policy: deprecated (v1), None by default: what a skipped head freezes of its K/V group,
+            "any" / "all" / "none" of its heads skipped. None freezes what units own (`units.py`).
         benign_mix: fraction of each batch drawn from benign data (0 = pure safety SFT).
-        seed: seeds torch's global RNG and the batch-order generator.
+        seed: the training seed: torch's global RNG and the batch-order generator (nothing else).
     """
 
     steps: int = 12
@@ -104,7 +127,7 @@ class TuningConfig:
     warmup_steps: int = 2
     max_grad_norm: Optional[float] = 1.0
     scope: Scope = "attention"
-    kv_policy: KVPolicy = "any"
+    kv_policy: Optional[str] = None
     benign_mix: float = 0.0
     seed: int = 0
 
@@ -112,7 +135,7 @@ class TuningConfig:
         _check_choice("optimizer", self.optimizer, get_args(Optimizer))
         _check_choice("schedule", self.schedule, get_args(Schedule))
         _check_choice("scope", self.scope, get_args(Scope))
-        _check_choice("kv_policy", self.kv_policy, ("any", "all", "none"))
+        _check_kv_policy(self.kv_policy)
         if int(self.steps) < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}.")
         if int(self.batch_size) < 1:
@@ -123,6 +146,9 @@ class TuningConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}.")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0 or None (no clipping), got "
+                             f"{self.max_grad_norm}.")
         if not 0.0 <= self.benign_mix < 1.0:
             raise ValueError(f"benign_mix must be in [0, 1), got {self.benign_mix} (it is the "
                              "fraction of each batch taken from benign data).")
@@ -142,31 +168,44 @@ class TuningResult:
 
     Attributes:
         losses: training loss per step (token-mean response NLL of that step's batch).
-        skip_heads: the skipped (layer, head) pairs.
-        n_trainable: scalar parameters that could change (in scope, minus frozen slices).
-        n_frozen_in_scope: in-scope scalar parameters frozen by the skipped heads.
-        config: `TuningConfig.to_dict()` plus model_id, data `describe()`s and time_s.
+        skip_heads: the skipped query heads (layer, head).
+        n_trainable: scalar parameters that could change (in scope, minus frozen and absent ones).
+        n_frozen_in_scope: in-scope scalar parameters frozen by the skipped units (the budget).
+        config: `TuningConfig.to_dict()` plus model_id, data `describe()`s, eval_every, time_s,
+            monitor_time_s.
         grad_norms: global norm of the (masked) gradient per step, before clipping.
         lrs: learning rate used at each step.
+        skip_groups: the skipped key/value groups (layer, group).
+        n_absent: in-scope parameters the architecture does not have (never trained).
+        batch_fingerprints: per step, a hash of the batch's tokens and loss mask: equal lists mean
+            the same batches in the same order.
+        curve: the monitor's values along training, `[{"step": updates done, **values}]`.
     """
 
     losses: list[float]
-    skip_heads: list[Head]
+    skip_heads: list[Unit]
     n_trainable: int
     n_frozen_in_scope: int
     config: dict
     grad_norms: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
+    skip_groups: list[Unit] = field(default_factory=list)
+    n_absent: int = 0
+    batch_fingerprints: list[str] = field(default_factory=list)
+    curve: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["skip_heads"] = [list(h) for h in self.skip_heads]
+        d["skip_groups"] = [list(g) for g in self.skip_groups]
         return to_jsonable(d)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TuningResult":
         d = dict(d)
+        check_fields(cls, d)
         d["skip_heads"] = [tuple(h) for h in d["skip_heads"]]
+        d["skip_groups"] = [tuple(g) for g in d.get("skip_groups", [])]
         return cls(**d)
 
     def save(self, path) -> None:
@@ -189,24 +228,48 @@ def _in_scope(name: str, scope: Scope) -> bool:
     return ".attn." in name and name.split(".")[-1] in _ATTN_PARAM_NAMES
 
 
+def frozen_masks(
+    model: HookedTransformer, skip_heads: Sequence[Sequence[int]] = (),
+    skip_groups: Sequence[Sequence[int]] = (), *, kv_policy: Optional[str] = None,
+) -> dict[str, Tensor]:
+    """`{full parameter name: bool mask}` (True = frozen) for skipping these units.
+
+    Default: exactly what the units own (`units.unit_masks`). `kv_policy` (deprecated) uses the v1
+    head masks (`heads.head_param_masks`), which also freeze K/V groups; it takes no groups.
+    Absent biases are left out of the masks (they never train anyway).
+    """
+    if kv_policy is None:
+        masks = U.unit_masks(model, heads=skip_heads, groups=skip_groups)
+    else:
+        if list(skip_groups):
+            raise ValueError("kv_policy (deprecated) applies to heads only; to skip key/value "
+                             "groups leave kv_policy=None.")
+        masks = head_param_masks(model, U.validate_units(model, skip_heads, "head"),
+                                 kv_policy=kv_policy)
+    absent = U.absent_param_names(model)
+    return {n: m for n, m in masks.items() if n not in absent}
+
+
 def trainable_parameters(
     model: HookedTransformer, skip_heads: Sequence[Sequence[int]] = (), *,
-    scope: Scope = "attention", kv_policy: KVPolicy = "any",
+    skip_groups: Sequence[Sequence[int]] = (), scope: Scope = "attention",
+    kv_policy: Optional[str] = None,
 ) -> tuple[list[Parameter], dict[str, Tensor]]:
     """The parameters to optimise and the frozen masks of the partly frozen ones.
 
     Returns:
-        params: in-scope parameters with at least one entry free to change (a parameter entirely
-            frozen by the skip, e.g. `W_Q` of a layer whose every head is skipped, is left out).
+        params: in-scope parameters with at least one entry free to change. Left out: a parameter
+            entirely frozen by the skip (e.g. `W_Q` of a layer whose every head is skipped) and the
+            biases the architecture does not have (`units.absent_param_names`).
         masks: `{name: bool mask}` (True = frozen) for each returned parameter that is partly frozen.
     """
     _check_choice("scope", scope, get_args(Scope))
-    _check_choice("kv_policy", kv_policy, ("any", "all", "none"))
-    heads = validate_heads(model, skip_heads)
-    all_masks = head_param_masks(model, heads, kv_policy=kv_policy) if heads else {}
+    _check_kv_policy(kv_policy)
+    all_masks = frozen_masks(model, skip_heads, skip_groups, kv_policy=kv_policy)
+    absent = U.absent_param_names(model)
     params, masks = [], {}
     for name, p in model.named_parameters():
-        if not _in_scope(name, scope):
+        if not _in_scope(name, scope) or name in absent:
             continue
         m = all_masks.get(name)
         if m is not None and bool(m.all()):
@@ -217,12 +280,25 @@ def trainable_parameters(
     return params, masks
 
 
-def _count_budget(model: HookedTransformer, heads: list[Head], scope: Scope,
-                  kv_policy: KVPolicy) -> tuple[int, int]:
-    """(n_trainable, n_frozen_in_scope) in scalar parameters."""
-    n_scope = sum(p.numel() for n, p in model.named_parameters() if _in_scope(n, scope))
-    n_frozen = head_param_count(model, heads, kv_policy=kv_policy) if heads else 0
-    return n_scope - n_frozen, n_frozen
+def parameter_budget(
+    model: HookedTransformer, skip_heads: Sequence[Sequence[int]] = (),
+    skip_groups: Sequence[Sequence[int]] = (), *, scope: Scope = "attention",
+    kv_policy: Optional[str] = None,
+) -> dict[str, int]:
+    """Scalar parameter counts of an arm: {"n_trainable", "n_frozen", "n_absent", "n_scope"}.
+
+    n_scope: in-scope parameters; n_absent: of those, biases the architecture lacks (never
+    trained); n_frozen: frozen by the skipped units; n_trainable = n_scope - n_absent - n_frozen.
+    """
+    absent = U.absent_param_names(model)
+    named = [(n, p) for n, p in model.named_parameters() if _in_scope(n, scope)]
+    n_scope = sum(p.numel() for _, p in named)
+    n_absent = sum(p.numel() for n, p in named if n in absent)
+    n_frozen = sum(int(m.sum()) for n, m in frozen_masks(model, skip_heads, skip_groups,
+                                                         kv_policy=kv_policy).items()
+                   if _in_scope(n, scope))
+    return {"n_trainable": n_scope - n_absent - n_frozen, "n_frozen": n_frozen,
+            "n_absent": n_absent, "n_scope": n_scope}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,6 +364,57 @@ def _as_examples(model: HookedTransformer, data: Union[ChatDataset, Sequence[Cha
     return examples, desc
 
 
+def batch_fingerprint(batch: ChatBatch) -> str:
+    """A short hash of a batch's tokens and loss mask (equal batches, equal fingerprints)."""
+    h = hashlib.sha256(batch.tokens.cpu().numpy().tobytes())
+    h.update(batch.loss_mask.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Safety and utility cost along training (generation-free)
+# --------------------------------------------------------------------------------------------------
+
+
+class ValidationMonitor:
+    """Generation-free safety and utility cost of a model, for curves along training.
+
+    The same measures as the final evaluation's generation-free endpoints, on validation data.
+    Safety: the refusal score of each harmful validation prompt (`safety.refusal_logprobs`: log
+    P(a refusal opening | prompt), higher is safer). Utility cost: KL(original || model) on the
+    benign validation examples (prompt + answer, teacher forced), mean over each example's content
+    tokens (`utility.utility_per_prompt`). Call it on a model for the means over prompts
+    {"refusal_score", "kl"}; `per_prompt` gives the values per prompt. Deterministic: no sampling,
+    no random numbers.
+
+    Args:
+        original: a frozen copy of the model before training (same tokenizer).
+        harmful: harmful prompts (responses unused).
+        benign: benign prompts with answers (ours: the model's own, `data.self_reference`).
+    """
+
+    def __init__(self, original: HookedTransformer, harmful: ChatDataset, benign: ChatDataset, *,
+                 batch_size: int = 8):
+        if len(harmful) == 0 or len(benign) == 0:
+            raise ValueError("ValidationMonitor needs at least one harmful and one benign example.")
+        benign.require_responses()
+        self.original, self.harmful, self.batch_size = original, harmful, batch_size
+        self.benign_batches = make_batches(original, benign, batch_size=batch_size)
+        self.describe = {"harmful": harmful.describe(), "benign": benign.describe()}
+
+    def per_prompt(self, model: HookedTransformer) -> dict[str, Tensor]:
+        from .safety import refusal_logprobs
+        from .utility import utility_per_prompt
+
+        kl = utility_per_prompt(model, self.benign_batches, original=self.original,
+                                batch_size=self.batch_size, tokens="content")["kl_to_original"]
+        return {"refusal_score": refusal_logprobs(model, self.harmful, batch_size=self.batch_size),
+                "kl": kl}
+
+    def __call__(self, model: HookedTransformer) -> dict[str, float]:
+        return {k: float(v.nanmean()) for k, v in self.per_prompt(model).items()}
+
+
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
@@ -326,17 +453,66 @@ def _nonfinite(msg: str, step: int, losses: list[float], kept: int) -> NonFinite
     return err
 
 
+def _restore(params: list[Parameter], saved: Optional[list[Tensor]]) -> None:
+    if saved is None:
+        return
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+
+
+class _BatchSource:
+    """Each step's batch: `n_safe` safety + `n_benign` benign examples from seeded per-epoch
+    permutations of one generator (seeded by the training seed alone)."""
+
+    def __init__(self, model, safety_data, benign_data, cfg: TuningConfig):
+        if cfg.benign_mix > 0 and benign_data is None:
+            raise ValueError(f"benign_mix={cfg.benign_mix} needs benign_data.")
+        self.n_benign = int(round(cfg.benign_mix * cfg.batch_size)) if benign_data is not None \
+            else 0
+        self.n_safe = cfg.batch_size - self.n_benign
+        if self.n_safe < 1:
+            raise ValueError(f"benign_mix={cfg.benign_mix} leaves no safety example in a batch of "
+                             f"{cfg.batch_size}; lower benign_mix or raise batch_size.")
+        self.safe, self.safe_desc = _as_examples(model, safety_data, "safety")
+        self.benign, self.benign_desc = (_as_examples(model, benign_data, "benign")
+                                         if self.n_benign else ([], None))
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.safe_stream = _Stream(len(self.safe), gen)
+        self.benign_stream = _Stream(len(self.benign), gen) if self.n_benign else None
+        tok = model.tokenizer
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def next(self) -> ChatBatch:
+        ex = [self.safe[i] for i in self.safe_stream.take(self.n_safe)]
+        if self.benign_stream is not None:
+            ex += [self.benign[i] for i in self.benign_stream.take(self.n_benign)]
+        return _collate(ex, self.pad)
+
+
+def _global_norm(params: list[Parameter]) -> tuple[Tensor, list[Tensor]]:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(()), grads
+    norms = torch.stack([torch.linalg.vector_norm(g) for g in grads])
+    return torch.linalg.vector_norm(norms), grads
+
+
 def safety_finetune(
     model: HookedTransformer,
     safety_data: Union[ChatDataset, Sequence[ChatBatch]],
     *,
     skip_heads: Sequence[Sequence[int]] = (),
+    skip_groups: Sequence[Sequence[int]] = (),
     config: Optional[TuningConfig] = None,
     benign_data: Union[ChatDataset, Sequence[ChatBatch], None] = None,
+    monitor: Optional[Callable[[HookedTransformer], dict]] = None,
+    eval_every: int = 0,
+    curve_start: Optional[dict] = None,
     progress: bool = False,
     on_step: Optional[Callable[[int, float], None]] = None,
 ) -> TuningResult:
-    """Safety fine-tuning of `model` IN PLACE, with the `skip_heads` slices frozen bit-exactly.
+    """Safety fine-tuning of `model` IN PLACE, with the skipped units' parameters frozen bit-exactly.
 
     Each step draws `batch_size` examples (a fraction `benign_mix` of them from `benign_data`) from
     seeded per-epoch permutations, minimises their token-mean response NLL, and restores the frozen
@@ -345,7 +521,12 @@ def safety_finetune(
     `round(benign_mix * batch_size)` examples (recorded as `n_benign_per_batch`).
 
     Args:
-        skip_heads: heads whose parameters never change (CAST: the top-k of C; [] = full tuning).
+        skip_heads: query heads whose own parameters never change (CAST: the top-k of C; [] = full).
+        skip_groups: key/value groups (GQA) whose K/V never change.
+        monitor: called as `monitor(model) -> {name: float}` before training, after every
+            `eval_every` steps (0: only before and after) and after the last step, into `curve`.
+        curve_start: the monitor's values of the untrained model when already known (the same
+            for every arm of an experiment): recorded as step 0 instead of calling the monitor.
         on_step: called as `on_step(step, loss)` after each optimizer step.
 
     Raises:
@@ -353,115 +534,54 @@ def safety_finetune(
             message names the step (`err.step`), and the weights are restored to the last state
             whose loss and gradient were finite, from before the update that produced the bad
             state (`err.n_updates_kept` updates; `err.losses` of the completed steps).
-        HeadIndexError: a skipped head the model lacks.
+        UnitError: a skipped unit the model lacks (or groups without GQA).
     """
     cfg = config or TuningConfig()
     if not isinstance(cfg, TuningConfig):
         raise TypeError(f"config must be a TuningConfig, got {type(cfg).__name__}.")
-    heads = validate_heads(model, skip_heads)
-    if cfg.benign_mix > 0 and benign_data is None:
-        raise ValueError(f"benign_mix={cfg.benign_mix} needs benign_data.")
-    n_benign = int(round(cfg.benign_mix * cfg.batch_size)) if benign_data is not None else 0
-    n_safe = cfg.batch_size - n_benign
-    if n_safe < 1:
-        raise ValueError(f"benign_mix={cfg.benign_mix} leaves no safety example in a batch of "
-                         f"{cfg.batch_size}; lower benign_mix or raise batch_size.")
-
+    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 0:
+        raise ValueError(f"eval_every must be an integer >= 0 (0: monitor only before and after "
+                         f"training), got {eval_every!r}.")
+    heads = U.validate_units(model, skip_heads, "head")
+    groups = U.validate_units(model, skip_groups, "group") if list(skip_groups) else []
     t0 = time.perf_counter()
-    safe_ex, safe_desc = _as_examples(model, safety_data, "safety")
-    benign_ex, benign_desc = (_as_examples(model, benign_data, "benign") if n_benign
-                              else ([], None))
-    tok = model.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-    params, masks = trainable_parameters(model, heads, scope=cfg.scope, kv_policy=cfg.kv_policy)
-    n_trainable, n_frozen = _count_budget(model, heads, cfg.scope, cfg.kv_policy)
+    source = _BatchSource(model, safety_data, benign_data, cfg)
+    params, masks = trainable_parameters(model, heads, skip_groups=groups, scope=cfg.scope,
+                                         kv_policy=cfg.kv_policy)
+    budget = parameter_budget(model, heads, groups, scope=cfg.scope, kv_policy=cfg.kv_policy)
     name_of = {id(p): n for n, p in model.named_parameters()}
     masked = [(p, masks[name_of[id(p)]]) for p in params if name_of[id(p)] in masks]
     snapshots = [p.detach().clone() for p, _ in masked]  # frozen values, restored after each step
 
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    safe_stream = _Stream(len(safe_ex), gen)
-    benign_stream = _Stream(len(benign_ex), gen) if n_benign else None
-
     optimizer = _make_optimizer(params, cfg)
     trainable = {id(p) for p in params}
     old_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)  # out-of-scope params need no gradient at all
 
-    losses: list[float] = []
-    grad_norms: list[float] = []
-    lrs: list[float] = []
-    steps = range(cfg.steps)
+    log: dict[str, list] = {"losses": [], "grad_norms": [], "lrs": [], "fingerprints": [],
+                            "curve": []}
+    t_monitor = [0.0]
+
+    def record(step: int) -> None:
+        if step == 0 and curve_start is not None and monitor is not None:
+            log["curve"].append({"step": 0, **curve_start})
+        elif monitor is not None:
+            t = time.perf_counter()
+            log["curve"].append({"step": step, **monitor(model)})
+            t_monitor[0] += time.perf_counter() - t
+
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(steps, desc=f"safety SFT (skip {len(heads)})", leave=False)
-        steps = bar
-    # Weights whose loss and gradient were finite, copied before their update (one copy of the
-    # trainable parameters per step: small next to a forward and backward).
-    last_good: Optional[list[Tensor]] = None
+        bar = tqdm(total=cfg.steps, desc=f"safety SFT (skip {len(heads)}h {len(groups)}g)",
+                   leave=False)
     try:
-        for step in steps:
-            idx = [safe_ex[i] for i in safe_stream.take(n_safe)]
-            if benign_stream is not None:
-                idx += [benign_ex[i] for i in benign_stream.take(n_benign)]
-            batch = _collate(idx, pad)
-            lr = cfg.lr * _lr_factor(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-            optimizer.zero_grad(set_to_none=True)
-            loss = response_nll(model, batch)
-            loss_value = float(loss.detach())
-            norm = torch.zeros(())
-            if math.isfinite(loss_value):
-                loss.backward()
-                for p, m in masked:
-                    if p.grad is not None:
-                        p.grad.masked_fill_(m, 0.0)  # frozen: no gradient, no moments, no norm
-                grads = [p.grad for p in params if p.grad is not None]
-                if grads:
-                    norm = torch.linalg.vector_norm(
-                        torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-            if not (math.isfinite(loss_value) and bool(torch.isfinite(norm))):
-                # The current weights are bad: go back to the last state that gave a finite loss
-                # and gradient, i.e. from before the previous step's update.
-                _restore(params, last_good)
-                what = (f"safety loss is {loss_value}" if not math.isfinite(loss_value) else
-                        f"gradient norm is {float(norm)} (loss {loss_value:.4g})")
-                raise _nonfinite(
-                    f"The {what} at step {step}"
-                    + (f"; weights restored to before step {step - 1}'s update (the last state "
-                       "with a finite loss and gradient)" if last_good is not None else
-                       "; the initial weights already give it (check for NaN/inf weights)")
-                    + ". Lower the learning rate or check the data.", step, losses,
-                    max(step - 1, 0))
-            last_good = [p.detach().clone() for p in params]
-            if cfg.max_grad_norm:
-                clip = min(1.0, cfg.max_grad_norm / (float(norm) + 1e-6))
-                if clip < 1.0:
-                    for g in grads:
-                        g.mul_(clip)
-            optimizer.step()
-            with torch.no_grad():
-                for (p, m), snap in zip(masked, snapshots):
-                    p.copy_(torch.where(m, snap, p))  # undo decay / any drift of frozen slices
-            if not all(bool(torch.isfinite(p).all()) for p in params):
-                _restore(params, last_good)
-                raise _nonfinite(f"The update at step {step} made weights NaN/inf (loss "
-                                 f"{loss_value:.4g}); weights restored to before it. Lower the "
-                                 "learning rate.", step, losses, step)
-            losses.append(loss_value)
-            grad_norms.append(float(norm))
-            lrs.append(lr)
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_value:.4f}")
-            if on_step is not None:
-                on_step(step, loss_value)
+        record(0)
+        _train_loop(model, cfg, source, optimizer, params, masked, snapshots, log, bar, on_step,
+                    record, eval_every)
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(old_requires_grad[n])
@@ -472,20 +592,79 @@ def safety_finetune(
     meta = {
         **cfg.to_dict(),
         "model": model_id(model),
-        "safety_data": safe_desc,
-        "benign_data": benign_desc,
-        "n_benign_per_batch": n_benign,
+        "safety_data": source.safe_desc,
+        "benign_data": source.benign_desc,
+        "n_benign_per_batch": source.n_benign,
+        "eval_every": eval_every,
         "time_s": time.perf_counter() - t0,
+        "monitor_time_s": t_monitor[0],
     }
-    return TuningResult(losses, heads, n_trainable, n_frozen, meta, grad_norms, lrs)
+    return TuningResult(log["losses"], heads, budget["n_trainable"], budget["n_frozen"], meta,
+                        log["grad_norms"], log["lrs"], groups, budget["n_absent"],
+                        log["fingerprints"], log["curve"])
 
 
-def _restore(params: list[Parameter], saved: Optional[list[Tensor]]) -> None:
-    if saved is None:
-        return
-    with torch.no_grad():
-        for p, s in zip(params, saved):
-            p.copy_(s)
+def _train_loop(model, cfg, source, optimizer, params, masked, snapshots, log, bar, on_step,
+                record, eval_every) -> None:
+    """The optimizer steps of `safety_finetune` (see there for the NaN policy)."""
+    # Weights whose loss and gradient were finite, copied before their update (one copy of the
+    # trainable parameters per step: small next to a forward and backward).
+    last_good: Optional[list[Tensor]] = None
+    losses = log["losses"]
+    for step in range(cfg.steps):
+        batch = source.next()
+        lr = cfg.lr * _lr_factor(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss = response_nll(model, batch)
+        loss_value = float(loss.detach())
+        norm, grads = torch.zeros(()), []
+        if math.isfinite(loss_value):
+            loss.backward()
+            for p, m in masked:
+                if p.grad is not None:
+                    p.grad.masked_fill_(m, 0.0)  # frozen: no gradient, no moments, no norm
+            norm, grads = _global_norm(params)
+        if not (math.isfinite(loss_value) and bool(torch.isfinite(norm))):
+            # The current weights are bad: go back to the last state that gave a finite loss
+            # and gradient, i.e. from before the previous step's update.
+            _restore(params, last_good)
+            what = (f"safety loss is {loss_value}" if not math.isfinite(loss_value) else
+                    f"gradient norm is {float(norm)} (loss {loss_value:.4g})")
+            raise _nonfinite(
+                f"The {what} at step {step}"
+                + (f"; weights restored to before step {step - 1}'s update (the last state "
+                   "with a finite loss and gradient)" if last_good is not None else
+                   "; the initial weights already give it (check for NaN/inf weights)")
+                + ". Lower the learning rate or check the data.", step, losses, max(step - 1, 0))
+        last_good = [p.detach().clone() for p in params]
+        if cfg.max_grad_norm:
+            clip = min(1.0, cfg.max_grad_norm / (float(norm) + 1e-6))
+            if clip < 1.0:
+                for g in grads:
+                    g.mul_(clip)
+        optimizer.step()
+        with torch.no_grad():
+            for (p, m), snap in zip(masked, snapshots):
+                p.copy_(torch.where(m, snap, p))  # undo decay / any drift of frozen slices
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            _restore(params, last_good)
+            raise _nonfinite(f"The update at step {step} made weights NaN/inf (loss "
+                             f"{loss_value:.4g}); weights restored to before it. Lower the "
+                             "learning rate.", step, losses, step)
+        losses.append(loss_value)
+        log["grad_norms"].append(float(norm))
+        log["lrs"].append(lr)
+        log["fingerprints"].append(batch_fingerprint(batch))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+        if on_step is not None:
+            on_step(step, loss_value)
+        done = step + 1
+        if done == cfg.steps or (eval_every and done % eval_every == 0):
+            record(done)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -499,25 +678,18 @@ class _HasScores(Protocol):
     C: Tensor
 
 
-def _ranked(scores: Float[Tensor, "n_layers n_heads"], k: int, *, largest: bool) -> list[Head]:
-    """Top-k (or bottom-k) heads by score; NaN never selected; ties by (layer, head) order."""
-    ranked = rank_heads(scores, largest=largest)
-    if len(ranked) < k:
-        raise ValueError(f"Only {len(ranked)} heads have a finite score, fewer than k={k}; "
-                         "the conflict map is incomplete (NaN scores mean undefined values).")
-    return sorted(ranked[:k])
-
-
-def _resolve_k(k: Union[int, float], n_total: int) -> int:
+def k_from_fraction(k: Union[int, float], n_total: int) -> int:
+    """A budget as a count of units: an int is a count in 0..n_total; a float a fraction in [0, 1),
+    rounded half up, at least 1 when positive (the conflict map's rule, so both agree at x.5)."""
     if isinstance(k, bool) or not isinstance(k, (int, float)):
         raise TypeError(f"k must be a count (int) or a fraction (float in [0, 1)), got {k!r}.")
     if isinstance(k, float):
         if not 0.0 <= k < 1.0:
             raise HeadIndexError(f"k = {k} is out of range: a fraction must be in [0, 1) "
                                  f"(or pass a count 0..{n_total}).")
-        return int(round(k * n_total))
+        return 0 if k == 0 else max(1, int(math.floor(k * n_total + 0.5)))
     if not 0 <= k <= n_total:
-        raise HeadIndexError(f"k = {k} is out of range: the model has {n_total} heads "
+        raise HeadIndexError(f"k = {k} is out of range: there are {n_total} units "
                              f"(use a count 0..{n_total} or a fraction in [0, 1)).")
     return int(k)
 
@@ -525,21 +697,18 @@ def _resolve_k(k: Union[int, float], n_total: int) -> int:
 def layer_band_heads(
     model: Union[HookedTransformer, tuple[int, int]], k: Union[int, float], *,
     start_layer: Optional[int] = None,
-) -> list[Head]:
-    """All heads of a band of consecutive whole layers, the layer baseline at budget k.
+) -> list[Unit]:
+    """All units of a band of consecutive whole layers, the layer baseline at budget k.
 
-    The band has ceil(k / n_heads) layers, so it freezes exactly the parameters of k heads when k is
-    a multiple of n_heads (without GQA; with GQA and `kv_policy="any"` whole layers share their K/V
-    groups, so the band freezes no more K/V than k scattered heads would), and otherwise rounds *up*
-    to the next whole layer (it then freezes more than k heads). `start_layer` defaults (ours) to
-    the band centred on the middle of the network.
-
-    Args:
-        model: a model, or its `(n_layers, n_heads)`.
+    `model` is a model (query heads) or a `(n_layers, n_units_per_layer)` grid (e.g. key/value
+    groups). The band has ceil(k / n_units_per_layer) layers: it freezes exactly the parameters of
+    k units when k is a multiple of the units per layer, and otherwise rounds *up* to the next
+    whole layer (it then freezes more than k units). `start_layer` defaults (ours) to the band
+    centred on the middle of the network.
     """
     L, H = ((model.cfg.n_layers, model.cfg.n_heads) if hasattr(model, "cfg")
             else (int(model[0]), int(model[1])))
-    k = _resolve_k(k, L * H)
+    k = k_from_fraction(k, L * H)
     n_band = -(-k // H)
     if n_band == 0:
         return []
@@ -551,58 +720,83 @@ def layer_band_heads(
     return [(l, h) for l in range(start_layer, start_layer + n_band) for h in range(H)]
 
 
-def select_arm_heads(
-    arm: Arm,
+def _scores(conflict_map: Any, unit: UnitKind) -> dict[str, Tensor]:
+    """{"O", "S", "C"} `[n_layers, n_units]` of the map for this kind of unit, shapes checked."""
+    if unit == "group":
+        if not hasattr(conflict_map, "units"):
+            raise TypeError("unit='group' needs a ConflictMap (with group scores).")
+        d = conflict_map.units("group")
+    else:
+        d = conflict_map.units("head") if hasattr(conflict_map, "units") else {
+            a: getattr(conflict_map, a, None) for a in ("O", "S", "C")}
+    missing = [a for a in ("O", "S", "C") if not isinstance(d.get(a), Tensor)]
+    if missing:
+        raise TypeError(f"conflict_map must have O, S, C tensors (a ConflictMap); missing "
+                        f"{missing}.")
+    shape = tuple(d["C"].shape)
+    if len(shape) != 2:
+        raise ValueError(f"Conflict scores must be [n_layers, n_units], got shape {shape}.")
+    for a in ("O", "S"):
+        if tuple(d[a].shape) != shape:
+            raise ValueError(f"conflict_map.{a} has shape {tuple(d[a].shape)} but C has {shape}.")
+    return d
+
+
+def _ranked(scores: Float[Tensor, "n_layers n_units"], k: int, *, largest: bool,
+            tie_seed: int) -> list[Unit]:
+    """Top-k (or bottom-k) units by score; NaN never selected; ties in a seeded random order
+    (`stats.rank_order`), never by layer order."""
+    from .stats import rank_order
+
+    n_finite = int(torch.isfinite(scores).sum())
+    if n_finite < k:
+        raise ValueError(f"Only {n_finite} units have a finite score, fewer than k={k}; "
+                         "the conflict map is incomplete (NaN scores mean undefined values).")
+    n = scores.shape[1]
+    order = rank_order(scores.flatten(), seed=tie_seed, largest=largest)[:k]
+    return sorted((int(i) // n, int(i) % n) for i in order)
+
+
+def select_arm_units(
+    arm: ArmMethod,
     conflict_map: Optional[_HasScores],
     k: Union[int, float],
     *,
+    unit: UnitKind = "head",
     seed: int = 0,
-    kv_policy: KVPolicy = "any",
     model: Optional[HookedTransformer] = None,
     start_layer: Optional[int] = None,
-) -> list[Head]:
-    """The heads an arm skips at budget k (a count, or a fraction of all heads).
+) -> list[Unit]:
+    """The units an arm skips at budget k (a count, or a fraction of all units of the kind).
 
-    Arms: "cast" top-k by C; "full" none (k ignored); "random" a seeded sample of k heads (run
-    several seeds); "bottom" bottom-k by C; "top_o" / "top_s" top-k by O / S alone; "layer_band"
-    whole consecutive layers (`layer_band_heads`, rounded up to whole layers). NaN scores are never
-    selected. `conflict_map` is anything with `O`, `S`, `C` tensors of shape [n_layers, n_heads]
-    (a `ConflictMap`); with `model`, its shape is checked against the model.
-    `kv_policy` does not change the heads, only what they freeze; it is accepted so a caller can
-    pass one set of options to selection and training.
+    Arms: "cast" top-k by C; "full" none (k ignored); "random" a sample of k units drawn with the
+    draw seed `seed` (independent of the training seed); "bottom" bottom-k by C; "top_o" / "top_s"
+    top-k by O / S alone; "layer_band" whole consecutive layers (`layer_band_heads`, rounded up).
+    NaN scores are never selected; ties are broken by the map's seeded order (`ConflictMap.seed`).
+    `unit`: "head" (query heads) or "group" (key/value groups, GQA; scores from the map's groups).
+    `conflict_map` is a `ConflictMap`, or for heads anything with `O`, `S`, `C` tensors
+    `[n_layers, n_heads]`; with `model`, its shape and identity are checked against the model.
     """
     _check_choice("arm", arm, ARMS)
-    _check_choice("kv_policy", kv_policy, ("any", "all", "none"))
+    _check_choice("unit", unit, get_args(UnitKind))
     if arm == "full":
         return []
-    shape = None
-    if conflict_map is not None:
-        missing = [a for a in ("O", "S", "C") if not isinstance(getattr(conflict_map, a, None),
-                                                                Tensor)]
-        if missing:
-            raise TypeError(f"conflict_map must have O, S, C tensors (a ConflictMap); "
-                            f"missing {missing}.")
-        shape = tuple(conflict_map.C.shape)
-        for a in ("O", "S"):
-            if tuple(getattr(conflict_map, a).shape) != shape:
-                raise ValueError(f"conflict_map.{a} has shape {tuple(getattr(conflict_map, a).shape)}"
-                                 f" but C has {shape}.")
+    scores = _scores(conflict_map, unit) if conflict_map is not None else None
+    shape = tuple(scores["C"].shape) if scores is not None else None
     if model is not None:
-        mshape = (model.cfg.n_layers, model.cfg.n_heads)
+        mshape = (model.cfg.n_layers, U.n_units(model, unit))
         if shape is not None and shape != mshape:
             raise HeadIndexError(
-                f"The conflict map is [{shape[0]} layers x {shape[1]} heads] but the model has "
+                f"The conflict map is [{shape[0]} layers x {shape[1]} {unit}s] but the model has "
                 f"{mshape[0]} x {mshape[1]}: it was computed on a different model. Recompute the "
                 "map on this model.")
         if shape is not None and hasattr(conflict_map, "check_model"):
             conflict_map.check_model(model)
         shape = mshape
     if shape is None:
-        raise ValueError(f"Arm {arm!r} needs a conflict map or a model (for the head grid).")
-    if len(shape) != 2:
-        raise ValueError(f"Conflict scores must be [n_layers, n_heads], got shape {shape}.")
+        raise ValueError(f"Arm {arm!r} needs a conflict map or a model (for the unit grid).")
     n_total = shape[0] * shape[1]
-    k = _resolve_k(k, n_total)
+    k = k_from_fraction(k, n_total)
     if arm == "layer_band":
         return layer_band_heads(shape, k, start_layer=start_layer)
     if k == 0:
@@ -611,12 +805,17 @@ def select_arm_heads(
         gen = torch.Generator().manual_seed(seed)
         pick = torch.randperm(n_total, generator=gen)[:k]
         return sorted((int(i) // shape[1], int(i) % shape[1]) for i in pick)
-    if conflict_map is None:
-        raise ValueError(f"Arm {arm!r} with k={k} ranks heads by the conflict map: pass one "
+    if scores is None:
+        raise ValueError(f"Arm {arm!r} with k={k} ranks units by the conflict map: pass one "
                          "(a ConflictMap from the diagnosis stage).")
-    scores = {"cast": conflict_map.C, "bottom": conflict_map.C, "top_o": conflict_map.O,
-              "top_s": conflict_map.S}[arm]
-    heads = _ranked(scores, k, largest=arm != "bottom")
-    if not heads:  # defensive: k > 0 must give k heads
-        raise ValueError(f"Arm {arm!r} selected no heads for k={k}; check the conflict map.")
-    return heads
+    by = {"cast": "C", "bottom": "C", "top_o": "O", "top_s": "S"}[arm]
+    return _ranked(scores[by], k, largest=arm != "bottom",
+                   tie_seed=int(getattr(conflict_map, "seed", 0)))
+
+
+def select_arm_heads(arm: ArmMethod, conflict_map: Optional[_HasScores], k: Union[int, float], *,
+                     seed: int = 0, model: Optional[HookedTransformer] = None,
+                     start_layer: Optional[int] = None) -> list[Unit]:
+    """`select_arm_units(..., unit="head")`: the query heads an arm skips."""
+    return select_arm_units(arm, conflict_map, k, unit="head", seed=seed, model=model,
+                            start_layer=start_layer)

@@ -3,12 +3,11 @@ import math
 import pytest
 import torch
 
-from cast_interp.conflict import (ConflictResult, ZeroGradientWarning, accumulate_gradients,
-                                  optimization_conflict)
+from cast_interp.conflict import ConflictResult, ZeroGradientWarning, optimization_conflict
 from cast_interp.data import ChatDataset, ChatExample, load_bundled, make_batches
-from cast_interp.heads import COMPONENTS, component_param_names, kv_group, per_head_gradients
 from cast_interp.model import tiny_model
 from cast_interp.objectives import NonFiniteLossError, response_nll
+from cast_interp.units import component_param_names, unit_components
 
 
 @pytest.fixture
@@ -22,50 +21,50 @@ def _data(n=8):
 
 def _batches(model, n=8, batch_size=2):
     safe, util = _data(n)
-    return (make_batches(model, safe, batch_size=batch_size),
-            make_batches(model, util, batch_size=batch_size))
+    kw = dict(batch_size=batch_size, max_length=400, end_of_turn_in_loss=False)
+    return make_batches(model, safe, **kw), make_batches(model, util, **kw)
 
 
-def _full_set_head_grad(model, ds, layer, head):
-    """g(h) by torch.autograd.grad of the token-mean loss over the whole set as one batch."""
-    [batch] = make_batches(model, ds, batch_size=len(ds))
+def _full_set_grad(model, ds, layer, index, kind):
+    """g(u) by torch.autograd.grad of the token-mean loss over the whole set as one batch, over
+    exactly the parameters the unit owns (an independent route from the per-example pass)."""
+    [batch] = make_batches(model, ds, batch_size=len(ds), max_length=400, end_of_turn_in_loss=False)
     attn = model.blocks[layer].attn
-    names = [(c, n) for c in COMPONENTS for n in component_param_names(model, c)]
-    params = [getattr(attn, n) for _, n in names]
-    loss = response_nll(model, batch, reduction="mean")
-    grads = torch.autograd.grad(loss, params)
-    parts = []
-    for (c, _), g in zip(names, grads):
-        idx = kv_group(model, head) if c in ("k", "v") else head
-        parts.append(g[idx].flatten())
-    return torch.cat(parts).double()
+    names = [n for c in unit_components(model, kind) for n in component_param_names(model, c)]
+    grads = torch.autograd.grad(response_nll(model, batch), [getattr(attn, n) for n in names])
+    return torch.cat([g[index].flatten() for g in grads]).double()
 
 
-def test_conflict_matches_manual_cosine_for_one_head(gqa_model):
-    safe, util = _data(8)
-    sb, ub = _batches(gqa_model, 8, batch_size=3)  # uneven batches: 3, 3, 2
+def test_head_and_group_conflict_match_manual_cosine(gqa_model):
+    safe, util = _data(6)
+    sb, ub = _batches(gqa_model, 6, batch_size=4)  # uneven batches: 4, 2
     res = optimization_conflict(gqa_model, sb, ub, n_bootstrap=0)
-    for layer, head in [(0, 1), (1, 3)]:
-        gs = _full_set_head_grad(gqa_model, safe, layer, head)
-        gu = _full_set_head_grad(gqa_model, util, layer, head)
+    for kind, (layer, i) in (("head", (0, 1)), ("head", (1, 3)), ("group", (1, 0))):
+        gs = _full_set_grad(gqa_model, safe, layer, i, kind)
+        gu = _full_set_grad(gqa_model, util, layer, i, kind)
         cos = torch.dot(gs, gu) / (gs.norm() * gu.norm())
-        assert res.O[layer, head].item() == pytest.approx(1 - cos.item(), abs=1e-5)
-        assert res.dot[layer, head].item() == pytest.approx(torch.dot(gs, gu).item(), rel=1e-4)
-        assert res.norms["safe"][layer, head].item() == pytest.approx(gs.norm().item(), rel=1e-5)
-        assert res.norms["util"][layer, head].item() == pytest.approx(gu.norm().item(), rel=1e-5)
-    assert ((res.O >= 0) & (res.O <= 2)).all()
+        d = res.units(kind)
+        assert d["O"][layer, i].item() == pytest.approx(1 - cos.item(), abs=1e-5)
+        assert d["dot"][layer, i].item() == pytest.approx(torch.dot(gs, gu).item(), rel=1e-4)
+        assert d["norm_safe"][layer, i].item() == pytest.approx(gs.norm().item(), rel=1e-5)
+    assert set(res.head) >= {"O_q", "O_o"} and "O_k" not in res.head  # a head owns Q/O only
+    assert set(res.group) >= {"O_k", "O_v"} and "O_q" not in res.group
+    assert res.group["O"].shape == (2, 2) and res.head["O"].shape == (2, 4)
 
 
-def test_accumulated_gradient_equals_one_big_batch(gqa_model):
-    safe, _ = _data(6)
-    acc = accumulate_gradients(gqa_model, make_batches(gqa_model, safe, batch_size=4))  # 4 + 2
-    [big] = make_batches(gqa_model, safe, batch_size=6)
-    response_nll(gqa_model, big, reduction="mean").backward()
-    ref = per_head_gradients(gqa_model)
-    gqa_model.zero_grad(set_to_none=True)
-    for c in COMPONENTS:
-        assert acc[c].shape == ref[c].shape
-        torch.testing.assert_close(acc[c], ref[c], rtol=1e-4, atol=1e-7)
+def test_heads_of_one_group_get_their_own_conflict(gqa_model):
+    """v1 copied the group's K/V gradient into each head; v2 heads differ within a group."""
+    sb, ub = _batches(gqa_model, 6)
+    O = optimization_conflict(gqa_model, sb, ub, n_bootstrap=0).O
+    assert not torch.equal(O[:, 0], O[:, 1]) and not torch.equal(O[:, 2], O[:, 3])
+
+
+def test_balanced_O_is_mean_of_component_cosines(gqa_model):
+    sb, ub = _batches(gqa_model, 6)
+    res = optimization_conflict(gqa_model, sb, ub, n_bootstrap=0)
+    for d, comps in ((res.head, "qo"), (res.group, "kv")):
+        cos = torch.stack([1 - d[f"O_{c}"] for c in comps]).mean(0)
+        torch.testing.assert_close(d["O_balanced"], 1 - cos)
 
 
 def test_gradients_leave_model_state_as_it_was(gqa_model):
@@ -77,52 +76,31 @@ def test_gradients_leave_model_state_as_it_was(gqa_model):
     assert all(p.grad is None for p in gqa_model.parameters())
 
 
-def test_gqa_kv_parts_are_shared_within_a_group(gqa_model):
-    sb, ub = _batches(gqa_model, 4)
-    acc = accumulate_gradients(gqa_model, sb)
-    res = optimization_conflict(gqa_model, sb, ub, n_bootstrap=0)
-    for c in ("k", "v"):
-        assert torch.equal(acc[c][:, 0], acc[c][:, 1]) and torch.equal(acc[c][:, 2], acc[c][:, 3])
-        assert not torch.equal(acc[c][:, 0], acc[c][:, 2])
-        assert torch.equal(res.component_O[c][:, 0], res.component_O[c][:, 1])
-    assert not torch.equal(acc["q"][:, 0], acc["q"][:, 1])
-    # per-group K/V conflict = 1 - cos over the group's concatenated K and V gradients
-    accu = accumulate_gradients(gqa_model, ub)
-    for l in range(2):
-        for g, h in ((0, 0), (1, 2)):
-            a = torch.cat([acc["k"][l, h], acc["v"][l, h]]).double()
-            b = torch.cat([accu["k"][l, h], accu["v"][l, h]]).double()
-            expected = 1 - torch.dot(a, b) / (a.norm() * b.norm())
-            assert res.kv_group_O[l, g].item() == pytest.approx(expected.item(), abs=1e-5)
-    assert res.kv_group_O.shape == (2, 2)
-
-
 def test_zero_gradient_is_nan_with_a_warning_naming_the_head():
     model = tiny_model(seed=0)
     with torch.no_grad():  # head L1H2 cannot affect anything: no value, no output
         attn = model.blocks[1].attn
-        attn.W_V[2].zero_(); attn.b_V[2].zero_(); attn.W_O[2].zero_()
+        attn.W_V[2].zero_(); attn.W_O[2].zero_()
     sb, ub = _batches(model, 4)
     with pytest.warns(ZeroGradientWarning, match="L1H2"):
         res = optimization_conflict(model, sb, ub, n_bootstrap=10)
-    assert math.isnan(res.O[1, 2]) and res.norms["safe"][1, 2] == 0
-    assert all(math.isnan(res.component_O[c][1, 2]) for c in COMPONENTS)
-    assert math.isnan(res.ci_low[1, 2]) and math.isnan(res.ci_high[1, 2])
+    assert math.isnan(res.O[1, 2]) and res.head["norm_safe"][1, 2] == 0
+    assert math.isnan(res.head["O_low"][1, 2]) and math.isnan(res.head["O_high"][1, 2])
     mask = torch.ones_like(res.O, dtype=torch.bool)
     mask[1, 2] = False
     assert torch.isfinite(res.O[mask]).all()
 
 
-def test_nan_loss_names_objective_and_batch():
+def test_nan_loss_names_objective_and_example():
     model = tiny_model(seed=0)
     tilde = model.tokenizer.convert_tokens_to_ids("~")
     with torch.no_grad():
         model.embed.W_E[tilde] = float("nan")
     safe = load_bundled("harmful", "calibration").take(2)
     util = ChatDataset("u", [ChatExample("hello", "fine"), ChatExample("what is ~", "a tilde")])
-    with pytest.raises(NonFiniteLossError, match="utility batch 1"):
-        optimization_conflict(model, make_batches(model, safe, batch_size=1),
-                              make_batches(model, util, batch_size=1), n_bootstrap=0)
+    with pytest.raises(NonFiniteLossError, match="utility example 1"):
+        optimization_conflict(model, make_batches(model, safe, batch_size=1, max_length=400),
+                              make_batches(model, util, batch_size=2), n_bootstrap=0)
     assert all(p.grad is None for p in model.parameters())
     assert all(p.requires_grad for p in model.parameters())
 
@@ -135,54 +113,52 @@ def test_bad_batches_are_clear_errors(gqa_model):
         optimization_conflict(gqa_model, sb[0], ub)
     with pytest.raises(ValueError, match="ci must be"):
         optimization_conflict(gqa_model, sb, ub, ci=1.5)
+    one = make_batches(gqa_model, _data(1)[0], max_length=400)
+    with pytest.raises(ValueError, match="at least 2"):
+        optimization_conflict(gqa_model, one, ub, n_bootstrap=10)
 
 
-def test_bootstrap_interval_properties(gqa_model):
-    sb, ub = _batches(gqa_model, 8, batch_size=2)  # 4 batches per set
+def test_bootstrap_is_over_examples(gqa_model):
+    sb, ub = _batches(gqa_model, 8, batch_size=4)  # 2 batches per set, 8 examples
     res = optimization_conflict(gqa_model, sb, ub, n_bootstrap=200, seed=0)
-    assert ((res.ci_low <= res.O + 1e-6) & (res.O <= res.ci_high + 1e-6)).all()
-    width = (res.ci_high - res.ci_low).mean()
-    assert width > 0
-    # Same seed, same numbers.
-    again = optimization_conflict(gqa_model, sb, ub, n_bootstrap=200, seed=0)
-    assert torch.equal(res.ci_low, again.ci_low) and torch.equal(res.O, again.O)
-    # Every batch twice: same point estimate, a resampled sum varies ~1/sqrt(2) as much.
+    width = (res.head["O_high"] - res.head["O_low"]).mean()
+    assert width > 0 and res.head["O_boot"].shape == (200, 2, 4)
+    # Same seed, same numbers; batching does not matter (the unit of resampling is the example).
+    again = optimization_conflict(gqa_model, *_batches(gqa_model, 8, batch_size=1), n_bootstrap=200,
+                                  seed=0)
+    torch.testing.assert_close(again.head["O_low"], res.head["O_low"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(again.O, res.O, rtol=0, atol=1e-5)
+    # Every example twice: same point estimate, a resampled sum varies ~1/sqrt(2) as much.
     dup = optimization_conflict(gqa_model, sb + sb, ub + ub, n_bootstrap=200, seed=0)
     torch.testing.assert_close(dup.O, res.O, rtol=0, atol=1e-5)
-    ratio = (dup.ci_high - dup.ci_low).mean() / width
+    ratio = (dup.head["O_high"] - dup.head["O_low"]).mean() / width
     assert 0.5 < ratio < 0.9
-    # Identical batches: every resample has the same direction, the interval collapses to O.
-    same = optimization_conflict(gqa_model, [sb[0]] * 4, [ub[0]] * 4, n_bootstrap=50)
-    torch.testing.assert_close(same.ci_low, same.O, rtol=0, atol=1e-5)
-    torch.testing.assert_close(same.ci_high, same.O, rtol=0, atol=1e-5)
-    for c in COMPONENTS:
-        assert ((res.component_ci_low[c] <= res.component_O[c] + 1e-6)
-                & (res.component_O[c] <= res.component_ci_high[c] + 1e-6)).all()
+    # Identical examples: every resample has the same direction, the interval collapses to O.
+    one = make_batches(gqa_model, _data(1)[0], max_length=400, end_of_turn_in_loss=False)
+    one_u = make_batches(gqa_model, _data(1)[1], max_length=400, end_of_turn_in_loss=False)
+    same = optimization_conflict(gqa_model, one * 4, one_u * 4, n_bootstrap=50)
+    torch.testing.assert_close(same.head["O_low"], same.O, rtol=0, atol=1e-5)
+    torch.testing.assert_close(same.head["O_high"], same.O, rtol=0, atol=1e-5)
 
 
-def test_result_to_dict_and_config(gqa_model):
+def test_result_config(gqa_model):
     sb, ub = _batches(gqa_model, 4)
     res = optimization_conflict(gqa_model, sb, ub, n_bootstrap=0)
     assert isinstance(res, ConflictResult)
-    d = res.to_dict()
-    assert {"O", "dot", "ci_low", "kv_group_O", "component_O.q", "norms.util_o"} <= set(d)
-    assert torch.isnan(res.ci_low).all()  # no bootstrap -> undefined, not a number
-    cfg = d["config"]
-    assert cfg["n_batches_safe"] == 2 and cfg["n_tokens_safe"] == sum(b.n_response_tokens for b in sb)
-    assert cfg["kv_gradient"].startswith("group-shared")
-    assert cfg["loss_safe"] > 0 and "gradients" in cfg["timings_s"]
+    assert torch.isnan(res.head["O_low"]).all()  # no bootstrap -> undefined, not a number
+    cfg = res.config
+    assert cfg["n_examples_safe"] == 4 and cfg["n_tokens_safe"] == sum(b.n_response_tokens for b in sb)
+    assert cfg["bootstrap_unit"].startswith("calibration example")
+    assert cfg["counts"]["head"]["n_units"] == 8 and cfg["counts"]["group"]["n_units"] == 4
+    assert cfg["counts"]["head"]["n_O_above_1"] == int((res.O > 1).sum())
 
 
 @pytest.mark.smollm2
 def test_smollm2_conflict_shapes_and_gqa(smollm2):
     safe, util = _data(4)
-    sb = make_batches(smollm2, safe, batch_size=2)
-    ub = make_batches(smollm2, util, batch_size=2)
-    res = optimization_conflict(smollm2, sb, ub, n_bootstrap=20)
-    assert res.O.shape == (30, 9) and res.kv_group_O.shape == (30, 3)
+    kw = dict(batch_size=2, end_of_turn_in_loss=False)
+    res = optimization_conflict(smollm2, make_batches(smollm2, safe, **kw),
+                                make_batches(smollm2, util, **kw), n_bootstrap=20)
+    assert res.O.shape == (30, 9) and res.group["O"].shape == (30, 3)
     assert torch.isfinite(res.O).all() and ((res.O >= 0) & (res.O <= 2)).all()
-    for c in ("k", "v"):
-        v = res.component_O[c]
-        for g in range(3):
-            assert torch.equal(v[:, 3 * g], v[:, 3 * g + 1]) and torch.equal(v[:, 3 * g], v[:, 3 * g + 2])
-    assert (res.ci_low <= res.ci_high).all()
+    assert (res.head["O_low"] <= res.head["O_high"]).all()

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from cast_interp.data import (
+    ChatBatch,
     ChatDataset,
     ChatExample,
     DataError,
+    encode_example,
     format_prompt,
     load_advbench,
     load_alpaca,
@@ -224,6 +226,7 @@ def _check_masks(model, ds, batches, eot_text):
             mask = batch.loss_mask[b]
             n_prompt = batch.prompt_lengths[b]
             assert tok.decode(ids[mask]) == ex.response + eot_text
+            assert tok.decode(ids[batch.content_mask[b]]) == ex.response
             assert tok.decode(ids[:n_prompt]) == format_prompt(tok, ex.prompt)
             assert not mask[:n_prompt].any()
             # The mask is one contiguous block; everything after it is padding.
@@ -267,3 +270,74 @@ def test_make_batches_bad_input(tiny):
     assert b.loss_mask[1].sum() == 0 and b.loss_mask[0].sum() == len("yes") + 1
     with pytest.raises(DataError, match="batch_size"):
         make_batches(tiny, no_resp, batch_size=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Content tokens and truncated answers
+# --------------------------------------------------------------------------------------------------
+
+
+def test_content_mask_is_the_response_without_end_of_turn(tiny):
+    tok = tiny.tokenizer
+    ds = load_bundled("benign", "test").take(5)
+    with_eot = make_batches(tiny, ds, batch_size=2)
+    content_only = make_batches(tiny, ds, batch_size=2, end_of_turn_in_loss=False)
+    k = 0
+    for batch, other in zip(with_eot, content_only):
+        assert torch.equal(batch.tokens, other.tokens)  # same sequences, only the loss differs
+        assert torch.equal(other.loss_mask, other.content_mask)
+        assert torch.equal(batch.content_mask, other.content_mask)
+        for b in range(len(batch)):
+            resp = tok(ds[k].response, add_special_tokens=False)["input_ids"]  # tokenized alone
+            k += 1
+            assert batch.tokens[b][batch.content_mask[b]].tolist() == resp
+            extra = (batch.loss_mask[b] & ~batch.content_mask[b]).nonzero()[:, 0].tolist()
+            assert extra == [batch.prompt_lengths[b] + len(resp)]  # exactly the appended token
+            assert int(batch.tokens[b, extra[0]]) == tok.eos_token_id
+            assert not (batch.content_mask[b] & ~batch.loss_mask[b]).any()
+    n_bytes = sum(len(e.response.encode()) for e in ds)  # byte tokenizer: one token per byte
+    assert sum(b.n_content_tokens for b in with_eot) == n_bytes
+    assert sum(b.n_response_tokens for b in content_only) == n_bytes
+    assert sum(b.n_response_tokens for b in with_eot) == n_bytes + len(ds)
+
+
+def test_truncated_example_has_no_end_of_turn(tiny):
+    tok = tiny.tokenizer
+    ended = ChatExample("Say hello.", "hello th", meta={"truncated": False})
+    cut = ChatExample("Say hello.", "hello th", meta={"truncated": True})
+    ids_ended, n_prompt = encode_example(tok, ended)
+    ids_cut, n_prompt_cut = encode_example(tok, cut)
+    assert n_prompt == n_prompt_cut and len(ids_cut) == len(ids_ended) - 1
+    assert ids_ended[-1] == tok.eos_token_id and ids_cut == ids_ended[:-1]
+    for eot_in_loss in (True, False):
+        (batch,) = make_batches(tiny, ChatDataset("t", [cut, ended]), batch_size=2,
+                                end_of_turn_in_loss=eot_in_loss)
+        assert tok.decode(batch.tokens[0][batch.loss_mask[0]]) == "hello th"
+        assert torch.equal(batch.loss_mask[0], batch.content_mask[0])
+        assert int(batch.loss_mask[0].sum()) == 8
+        assert int(batch.loss_mask[1].sum()) == 8 + eot_in_loss
+
+
+def test_truncated_flag_in_fingerprint_and_counts():
+    plain = ChatDataset("d", [ChatExample("p", "r"), ChatExample("q", "s")])
+    explicit = ChatDataset("d", [ChatExample("p", "r", meta={"truncated": False}),
+                                 ChatExample("q", "s")])
+    cut = ChatDataset("d", [ChatExample("p", "r", meta={"truncated": True}), ChatExample("q", "s")])
+    assert plain.fingerprint() == explicit.fingerprint() != cut.fingerprint()
+    assert (plain.n_truncated, cut.n_truncated, cut[:1].n_truncated) == (0, 1, 1)
+    assert cut.describe()["n_truncated"] == 1
+    with pytest.raises(DataError, match="must be True or False, got 'False'"):
+        ChatDataset("d", [ChatExample("p", "r", meta={"truncated": "False"})]).n_truncated
+
+
+def test_chat_batch_content_mask_default_and_to(tiny):
+    tokens = torch.zeros((2, 4), dtype=torch.long)
+    loss = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 0]], dtype=torch.bool)
+    old_style = ChatBatch(tokens, loss, [1, 2])  # as callers that predate content_mask build it
+    assert old_style.content_mask is old_style.loss_mask and old_style.n_content_tokens == 4
+    with pytest.raises(DataError, match="content_mask has shape"):
+        ChatBatch(tokens, loss, [1, 2], loss[:, :3])
+    (batch,) = make_batches(tiny, ChatDataset("x", [ChatExample("a", "bc")]))
+    moved = batch.to("cpu")
+    assert torch.equal(moved.content_mask, batch.content_mask)
+    assert moved.n_content_tokens == 2 and moved.n_response_tokens == 3

@@ -4,18 +4,31 @@ import torch
 from matplotlib.figure import Figure
 
 from cast_interp import figures
-from cast_interp.conflict_map import ConflictMap, combine
+from cast_interp.conflict_map import ConflictMap, combine, summarize
 
 matplotlib.use("Agg")
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _units(g, L, n):
+    O = 2 * torch.rand(L, n, generator=g)
+    S = torch.randn(L, n, generator=g) * 0.1
+    d = {"O": O, "S": S, "C": combine(O, S), "O_low": O - 0.1, "O_high": O + 0.1,
+         "S_low": S - 0.02, "S_high": S + 0.02}
+    return d
 
 
 @pytest.fixture
 def cmap():
+    """A GQA-shaped map (6 layers x 4 heads, 2 groups) with intervals and a summary."""
     g = torch.Generator().manual_seed(0)
-    O = 2 * torch.rand(6, 4, generator=g)
-    S = torch.randn(6, 4, generator=g) * 0.1
-    O[2, 1] = float("nan")  # an undefined head must not break a figure
-    return ConflictMap(O=O, S=S, C=combine(O, S), config={"combine": {"how": "product"}})
+    head, group = _units(g, 6, 4), _units(g, 6, 2)
+    head["O"][2, 1] = float("nan")  # an undefined head must not break a figure
+    head["C"] = combine(head["O"], head["S"])
+    summary = {k: summarize(d, how="rank_product", alpha=0.5, seed=0)
+               for k, d in (("head", head), ("group", group))}
+    return ConflictMap(head=head, group=group, summary=summary,
+                       config={"combine": {"how": "rank_product"}})
 
 
 def test_diagnosis_figures_write_files(cmap, tmp_path):
@@ -33,9 +46,33 @@ def test_diagnosis_figures_write_files(cmap, tmp_path):
             assert path.stat().st_size > 1000
     assert (tmp_path / "maps.pdf").read_bytes()[:4] == b"%PDF"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
-    # the top-k heads are labelled in the scatter
-    texts = {t.get_text() for t in made["scatter"].axes[0].texts}
-    assert texts == {f"L{l}H{h}" for l, h in cmap.top_heads(3)}
+    # the top-k heads are labelled in the scatter, with their CIs as error bars
+    ax = made["scatter"].axes[0]
+    assert {t.get_text() for t in ax.texts} == {f"L{l}H{h}" for l, h in cmap.top_heads(3)}
+    assert any("95% CI" in (c.get_label() or "") for c in ax.containers)
+    # group boundaries: one white line between the two groups of every head heatmap; a group row
+    maps = made["maps"].axes
+    assert len([a for a in maps if a.get_xlabel() == "head"]) == 3
+    assert len([a for a in maps if a.get_xlabel() == "K/V group"]) == 3
+    assert all(len(a.lines) == 1 for a in maps if a.get_xlabel() == "head")
+    # the null band and the verdict on the sorted-C figure
+    ax2 = made["sorted"].axes[1]
+    assert any("null" in (c.get_label() or "") for c in ax2.collections)
+    text = " ".join(t.get_text() for t in ax2.texts)
+    assert "null" in text and ("concentrated" in text or "not beyond the null" in text)
+
+
+def test_committed_map_figures_regenerate_from_the_committed_map(tmp_path):
+    from matplotlib.image import imread
+    import numpy as np
+
+    diag = REPO / "figures" / "run" / "diagnosis"
+    if not (diag / "conflict_map.json").exists():
+        pytest.skip("no committed conflict map")
+    figures.diagnosis_figures(ConflictMap.load(diag), tmp_path, k=0.1)
+    for name in ("conflict_maps", "o_vs_s", "sorted_c"):
+        a, b = imread(REPO / "figures" / f"{name}.png"), imread(tmp_path / f"{name}.png")
+        assert a.shape == b.shape and float(np.abs(a - b).max()) < 0.02, name
 
 
 def test_save_option_and_bad_suffix(cmap, tmp_path):

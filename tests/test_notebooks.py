@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 NB_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
 COMMITTED_RUN = REPO / "figures" / "run"
-FIGURES = {"conflict_maps", "o_vs_s", "sorted_c", "tradeoff", "drop_vs_k", "training_curves",
-           "attribution_vs_map"}
+FIGURES = {"conflict_maps", "o_vs_s", "sorted_c", "safety_curves", "paired_differences",
+           "endpoints", "drop_vs_k", "training_curves", "attribution_vs_map"}
 MARK = "TEST-RESULT "
 
 
@@ -148,8 +148,9 @@ def test_explore_notebook_on_the_tiny_model(source, smoke_run, tmp_path):
         torch.manual_seed(0)
         cmap = diagnose(model, load_bundled("harmful", "calibration"),
                         load_bundled("benign", "calibration"),
-                        DiagnosisConfig(n_calibration=4, batch_size=4,
-                                        sensitivity_method="attribution"))
+                        DiagnosisConfig(n_calibration=4, n_sensitivity=4, batch_size=4,
+                                        sensitivity_method="attribution", max_new_tokens=32,
+                                        n_bootstrap=50))
     assert [tuple(h) for h in got["top_heads"]] == cmap.top_heads(3)
     att = attention_by_region(model, load_bundled("harmful", "test").take(4))
     want = [float(att[l, h, REGIONS.index("prompt")]) for l, h in cmap.top_heads(3)]
@@ -187,8 +188,8 @@ def test_paper_figures_notebook_writes_every_figure(smoke_run, tmp_path):
     assert n_images(nb) == len(FIGURES)
     markdown = "".join(o["data"].get("text/markdown", "") for c in nb.cells
                        if c.cell_type == "code" for o in c.outputs if "data" in o)
-    assert "| method | k |" in markdown and "| cast | " in markdown  # the report's table
-    top = read_json(smoke_run / "results.json")["diagnosis"]["top_heads"]
+    assert "## Verdict" in markdown and "| arm | pieces |" in markdown  # the report's tables
+    top = read_json(smoke_run / "results.json")["diagnosis"]["top_units"]
     assert "heads CAST skips: " + ", ".join(f"L{l}H{h}" for l, h in top) in stream_text(nb)
 
 

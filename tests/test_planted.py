@@ -33,8 +33,10 @@ def test_trigger_variant_keeps_the_diagnosis_and_skipping_top_c_heads_removes_th
     model = planted_model(trigger=True)
     safe_all, util_all = planted_data(32, trigger=True)
     safe, util = safe_all[:16], util_all[:16]
-    cmap = diagnose(model, safe, util, DiagnosisConfig(n_calibration=16, batch_size=8,
-                                                       n_bootstrap=20))
+    # The planted roles include the end-of-turn token and the planted answers (see test_diagnose).
+    cmap = diagnose(model, safe, util, DiagnosisConfig(
+        n_calibration=16, batch_size=8, n_bootstrap=20, include_end_of_turn=True,
+        utility_reference="dataset", sensitivity_method="exact"))
     assert cmap.top_heads(1) == [(0, H_STAR)]
     assert cmap.top_heads(1, by="O") == [(0, H_WEAK)]
     assert cmap.top_heads(1, by="S") == [(0, H_ALIGN)]

@@ -72,7 +72,7 @@ def test_subset_of_heads_nan_elsewhere():
         done[l, h] = True
     assert torch.isnan(res.S[~done]).all() and torch.isnan(naive[~done]).all()
     torch.testing.assert_close(res.S[done], naive[done], atol=1e-5, rtol=0)
-    assert res.config["n_heads_computed"] == 3
+    assert res.config["n_units_computed"] == 3
     assert set(res.ranking()) == set(heads)
     attr = functional_sensitivity(model, batches, heads=heads, method="attribution")
     assert torch.isnan(attr.S[~done]).all() and torch.isfinite(attr.S[done]).all()
@@ -235,8 +235,34 @@ def test_result_roundtrip(tmp_path):
     assert torch.equal(torch.isnan(back.S), torch.isnan(res.S))
     torch.testing.assert_close(back.S, res.S, equal_nan=True)
     assert back.base_loss == res.base_loss and back.config == cfg
-    d = SensitivityResult.from_dict(res.to_dict())
-    torch.testing.assert_close(d.S, res.S, equal_nan=True)
+    torch.testing.assert_close(back.per_example, res.per_example, equal_nan=True)
+    assert torch.equal(back.exact, res.exact) and back.kind == "head"
+
+
+def test_group_ablation_equals_naive_and_per_example_sums_give_S():
+    model, batches = _setup(n_kv=2)
+    res = functional_sensitivity(model, batches, unit="group", n_bootstrap=100, seed=1)
+    naive = sensitivity_naive(model, batches, unit="group")
+    assert res.S.shape == (2, 2)
+    torch.testing.assert_close(res.S, naive, atol=1e-5, rtol=0)
+    # S is the ratio of summed per-example increases to summed tokens: the bootstrap's statistic
+    torch.testing.assert_close(res.per_example.sum(0) / res.tokens.sum(), res.S, atol=1e-6, rtol=0)
+    assert (res.S_low <= res.S + 1e-6).all() and (res.S <= res.S_high + 1e-6).all()
+    assert res.S_boot.shape == (100, 2, 2)
+    # Ablating a group (every head reading it) is not the sum of ablating its heads one by one.
+    heads = functional_sensitivity(model, batches, unit="head")
+    assert not torch.allclose(res.S[:, 0], heads.S[:, 0] + heads.S[:, 1], atol=1e-4)
+
+
+def test_bootstrap_ci_excludes_zero_for_a_planted_loud_head_only():
+    from cast_interp.planted import H_STAR, H_UNUSED, planted_data, planted_model
+
+    model = planted_model()
+    _, util = planted_data(12)
+    batches = make_batches(model, util, batch_size=4)
+    res = functional_sensitivity(model, batches, n_bootstrap=200)
+    assert res.S_low[0, H_STAR] > 0  # a real dependence is found
+    assert res.S_low[0, H_UNUSED] <= 1e-6  # a head that writes ~nothing is not called sensitive
 
 
 # ------------------------------------------------------------------ bad input

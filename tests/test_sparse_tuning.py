@@ -1,4 +1,5 @@
-"""Sparse safety fine-tuning: exact freezing, seeding, NaN handling, budget-matched arms."""
+"""Sparse safety fine-tuning: exact freezing by units, paired seeds, monitoring, NaN handling,
+budget-matched arms."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from cast_interp.data import ChatDataset, ChatExample, load_bundled, make_batches
-from cast_interp.heads import HeadIndexError, head_param_count, head_param_masks
+from cast_interp.data import ChatBatch, ChatDataset, ChatExample, load_bundled, make_batches
+from cast_interp import units
+from cast_interp.conflict_map import ConflictMap
+from cast_interp.heads import HeadIndexError
 from cast_interp.model import tiny_model
 from cast_interp.objectives import NonFiniteLossError, dataset_nll
 from cast_interp.sparse_tuning import (
-    TuningConfig, TuningResult, layer_band_heads, safety_finetune, select_arm_heads,
-    trainable_parameters,
+    TuningConfig, TuningResult, ValidationMonitor, batch_fingerprint, k_from_fraction,
+    layer_band_heads, parameter_budget, safety_finetune, select_arm_heads,
+    select_arm_units, trainable_parameters,
 )
 
 SAFE = ChatDataset("safe", [
@@ -52,41 +56,83 @@ def params(model) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Exact freezing
+# Exact freezing by units
 # --------------------------------------------------------------------------------------------------
 
-CASES = [  # (n_key_value_heads, kv_policy, skip)
-    (None, "any", [(0, 1), (1, 2)]),
-    (2, "any", [(0, 1), (1, 2)]),
-    (2, "all", [(0, 0), (0, 1), (1, 2)]),  # layer 0 group 0 whole, layer 1 group 1 half
+CASES = [  # (n_key_value_heads, skip_heads, skip_groups)
+    (None, [(0, 1), (1, 2)], []),
+    (2, [(0, 1), (1, 2)], []),
+    (2, [], [(0, 1), (1, 0)]),
+    (2, [(0, 0)], [(1, 1)]),
 ]
 
 
+def owned_changed(before, after, model, l, i, kind):
+    """Whether any slice unit (l, i) of `kind` owns changed."""
+    return any(not torch.equal(after[n][i], before[n][i])
+               for n in units.unit_slices(model, l, i, kind))
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
-@pytest.mark.parametrize("n_kv,kv_policy,skip", CASES)
-def test_skipped_slices_are_bit_identical_and_the_rest_moves(optimizer, n_kv, kv_policy, skip):
+@pytest.mark.parametrize("n_kv,skip_h,skip_g", CASES)
+def test_skipped_units_are_bit_identical_and_the_rest_moves(optimizer, n_kv, skip_h, skip_g):
     model = tiny_model(seed=1, n_key_value_heads=n_kv)
     before = params(model)
-    res = safety_finetune(model, SAFE, skip_heads=skip,
-                          config=cfg(optimizer=optimizer, kv_policy=kv_policy))
+    res = safety_finetune(model, SAFE, skip_heads=skip_h, skip_groups=skip_g,
+                          config=cfg(optimizer=optimizer))
     after = params(model)
-    masks = head_param_masks(model, skip, kv_policy=kv_policy)
+    masks = units.unit_masks(model, heads=skip_h, groups=skip_g)
     for name, m in masks.items():
+        if name in units.absent_param_names(model):
+            continue
         assert torch.equal(after[name][m], before[name][m]), name  # frozen: bit-identical
         assert not torch.equal(after[name][~m], before[name][~m]), name  # the rest trained
-    for l in range(model.cfg.n_layers):
-        for h in range(model.cfg.n_heads):
-            q_changed = not torch.equal(after[f"blocks.{l}.attn.W_Q"][h],
-                                        before[f"blocks.{l}.attn.W_Q"][h])
-            assert q_changed == ((l, h) not in skip), (l, h)
-    if kv_policy == "all":  # K/V of a half-skipped group still move
-        assert not torch.equal(after["blocks.1.attn._W_K"][1], before["blocks.1.attn._W_K"][1])
-        assert torch.equal(after["blocks.0.attn._W_K"][0], before["blocks.0.attn._W_K"][0])
+    for kind, skipped in [("head", skip_h)] + ([("group", skip_g)] if n_kv else []):
+        for l, i in units.all_units(model, kind):
+            assert owned_changed(before, after, model, l, i, kind) == ((l, i) not in skipped), \
+                (kind, l, i)
+    for name in units.absent_param_names(model):  # biases the architecture lacks: never trained
+        assert torch.equal(after[name], before[name]) and not after[name].any(), name
     for name in before:  # scope="attention": MLP, embeddings, norms untouched
         if ".attn." not in name:
             assert torch.equal(after[name], before[name]), name
-    assert res.n_frozen_in_scope == head_param_count(model, skip, kv_policy=kv_policy)
+    assert res.n_frozen_in_scope == units.unit_param_count(model, heads=skip_h, groups=skip_g)
+    assert res.skip_heads == sorted(skip_h) and res.skip_groups == sorted(skip_g)
     assert len(res.losses) == 3 and all(torch.isfinite(torch.tensor(res.losses)))
+
+
+def test_under_gqa_a_skipped_heads_shared_kv_still_trains():
+    model = tiny_model(seed=1, n_key_value_heads=2)  # groups {0, 1}, {2, 3}
+    before = params(model)
+    safety_finetune(model, SAFE, skip_heads=[(0, 0), (0, 1)], config=cfg())  # all of group 0
+    after = params(model)
+    assert torch.equal(after["blocks.0.attn.W_Q"][:2], before["blocks.0.attn.W_Q"][:2])
+    assert not torch.equal(after["blocks.0.attn._W_K"][0], before["blocks.0.attn._W_K"][0])
+
+
+def test_absent_biases_never_train_even_in_full_tuning():
+    model = tiny_model(seed=3)
+    before = params(model)
+    res = safety_finetune(model, SAFE, config=cfg(scope="attention"))
+    after = params(model)
+    absent = units.absent_param_names(model)
+    assert absent == {f"blocks.{l}.attn.{b}" for l in range(2) for b in ("b_Q", "b_K", "b_V")}
+    for name in absent:
+        assert torch.equal(after[name], before[name]), name
+    assert res.n_absent == 2 * 3 * 4 * 8  # layers x biases x heads x d_head
+    n_attn = sum(p.numel() for n, p in model.named_parameters() if ".attn." in n)
+    assert res.n_trainable == n_attn - res.n_absent and res.n_frozen_in_scope == 0
+
+
+def test_deprecated_kv_policy_still_freezes_the_group_and_warns():
+    model = tiny_model(seed=1, n_key_value_heads=2)
+    before = params(model)
+    with pytest.warns(DeprecationWarning, match="kv_policy"):
+        c = cfg(kv_policy="any")
+    safety_finetune(model, SAFE, skip_heads=[(0, 1)], config=c)
+    after = params(model)
+    assert torch.equal(after["blocks.0.attn._W_K"][0], before["blocks.0.attn._W_K"][0])
+    assert not torch.equal(after["blocks.0.attn._W_K"][1], before["blocks.0.attn._W_K"][1])
 
 
 def test_scope_all_trains_mlp_embeddings_and_norms_but_not_skipped_heads():
@@ -97,10 +143,10 @@ def test_scope_all_trains_mlp_embeddings_and_norms_but_not_skipped_heads():
     after = params(model)
     for name in ("embed.W_E", "blocks.0.mlp.W_in", "blocks.1.ln1.w", "ln_final.w", "unembed.W_U"):
         assert not torch.equal(after[name], before[name]), name
-    for name, m in head_param_masks(model, skip).items():
+    for name, m in units.unit_masks(model, heads=skip).items():
         assert torch.equal(after[name][m], before[name][m]), name
     n_all = sum(p.numel() for p in model.parameters())
-    assert res.n_trainable == n_all - res.n_frozen_in_scope
+    assert res.n_trainable == n_all - res.n_frozen_in_scope - res.n_absent
 
 
 def test_requires_grad_and_grads_are_restored_after_training():
@@ -112,7 +158,7 @@ def test_requires_grad_and_grads_are_restored_after_training():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_trainable_parameters_drops_fully_frozen_and_masks_partly_frozen():
+def test_trainable_parameters_drops_fully_frozen_absent_and_masks_partly_frozen():
     model = tiny_model(seed=0)
     skip = [(0, h) for h in range(4)] + [(1, 0)]
     ps, masks = trainable_parameters(model, skip)
@@ -120,8 +166,8 @@ def test_trainable_parameters_drops_fully_frozen_and_masks_partly_frozen():
     got = {names[id(p)] for p in ps}
     assert "blocks.0.attn.W_Q" not in got and "blocks.0.attn.b_O" in got  # b_O: no head's
     assert "blocks.1.attn.W_Q" in got and "blocks.0.mlp.W_in" not in got
-    assert set(masks) == {f"blocks.1.attn.{n}" for n in ("W_Q", "b_Q", "W_K", "b_K", "W_V",
-                                                          "b_V", "W_O")}
+    assert "blocks.1.attn.b_Q" not in got  # absent bias (Llama-style)
+    assert set(masks) == {f"blocks.1.attn.{n}" for n in ("W_Q", "W_K", "W_V", "W_O")}
     assert int(masks["blocks.1.attn.W_Q"].sum()) == 32 * 8
 
 
@@ -139,6 +185,88 @@ def test_same_seed_gives_bit_identical_weights_and_other_seed_differs():
     assert runs[0][1] == runs[1][1]
     assert all(torch.equal(runs[0][0][n], runs[1][0][n]) for n in runs[0][0])
     assert runs[0][1] != runs[2][1]  # a different shuffled batch order
+
+
+def test_two_arms_on_one_training_seed_see_the_same_batches_in_the_same_order():
+    """The paired design: the skipped units never change the data order; the training seed does."""
+    model = tiny_model(seed=0)
+    sc = planted_scores(2, 4)
+    arms = {"full": [], "cast": select_arm_heads("cast", sc, 2),
+            "random": select_arm_heads("random", sc, 2, seed=7)}
+    runs = {a: safety_finetune(tiny_model(seed=0), SAFE, skip_heads=skip, benign_data=BENIGN,
+                               config=cfg(steps=5, benign_mix=0.25, seed=3))
+            for a, skip in arms.items()}
+    prints = {a: r.batch_fingerprints for a, r in runs.items()}
+    assert len(prints["full"]) == 5 and len(set(map(tuple, prints.values()))) == 1
+    assert runs["cast"].losses != runs["random"].losses  # the units differ, the data do not
+    other = safety_finetune(tiny_model(seed=0), SAFE, skip_heads=arms["cast"], benign_data=BENIGN,
+                            config=cfg(steps=5, benign_mix=0.25, seed=4))
+    assert other.batch_fingerprints != prints["cast"]
+    # Known answer: step 0 of seed 3 is the first 3 safety examples of a randperm seeded 3, then
+    # the first benign example of the same generator's next permutation.
+    gen = torch.Generator().manual_seed(3)
+    safe_order = torch.randperm(len(SAFE), generator=gen).tolist()
+    benign_order = torch.randperm(len(BENIGN), generator=gen).tolist()
+    chosen = [SAFE[i] for i in safe_order[:3]] + [BENIGN[benign_order[0]]]
+    rows = []
+    for ex in chosen:
+        b = make_batches(model, ChatDataset("one", [ex]), batch_size=1)[0]
+        rows.append(b)
+    width = max(b.tokens.shape[1] for b in rows)
+    pad = model.tokenizer.pad_token_id
+    tokens = torch.full((4, width), pad, dtype=torch.long)
+    mask = torch.zeros((4, width), dtype=torch.bool)
+    for i, b in enumerate(rows):
+        tokens[i, :b.tokens.shape[1]] = b.tokens[0]
+        mask[i, :b.tokens.shape[1]] = b.loss_mask[0]
+    assert prints["cast"][0] == batch_fingerprint(ChatBatch(tokens, mask, [0] * 4))
+
+
+def test_monitor_logs_curves_without_changing_training():
+    original = tiny_model(seed=0)
+    harmful = ChatDataset("h", SAFE.examples[:3])
+    benign = ChatDataset("b", BENIGN.examples[:3])
+    mon = ValidationMonitor(original, harmful, benign, batch_size=2)
+    plain = safety_finetune(tiny_model(seed=0), SAFE, config=cfg(steps=5))
+    model = tiny_model(seed=0)
+    res = safety_finetune(model, SAFE, config=cfg(steps=5), monitor=mon, eval_every=2)
+    assert res.losses == plain.losses  # monitoring draws no random numbers and moves no weight
+    assert [c["step"] for c in res.curve] == [0, 2, 4, 5]
+    assert res.curve[0]["kl"] == 0.0  # the untouched model is the original
+    from cast_interp.evaluate import refusal_logprobs
+
+    assert res.curve[0]["refusal_score"] == pytest.approx(
+        float(refusal_logprobs(original, harmful).mean()), abs=1e-5)
+    assert res.curve[-1] == pytest.approx({"step": 5, **mon(model)}, abs=1e-6)
+    assert res.curve[-1]["kl"] > 1e-4 and res.config["monitor_time_s"] > 0
+    # eval_every=0: before and after only; a known start is recorded, not recomputed
+    start = {"refusal_score": 1.5, "kl": 0.0}
+    res0 = safety_finetune(tiny_model(seed=0), SAFE, config=cfg(steps=3), monitor=mon,
+                           curve_start=start)
+    assert res0.curve[0] == {"step": 0, **start} and [c["step"] for c in res0.curve] == [0, 3]
+    with pytest.raises(ValueError, match="eval_every"):
+        safety_finetune(tiny_model(seed=0), SAFE, config=cfg(steps=1), monitor=mon, eval_every=-1)
+
+
+def test_monitor_values_are_the_evaluations_generation_free_measures():
+    from cast_interp.utility import utility_per_prompt
+
+    original, tuned = tiny_model(seed=0), tiny_model(seed=1)
+    harmful = ChatDataset("h", SAFE.examples[:3])
+    mon = ValidationMonitor(original, harmful, BENIGN, batch_size=3)
+    got = mon.per_prompt(tuned)
+    assert got["kl"].shape == (4,) and got["refusal_score"].shape == (3,)
+    assert torch.equal(mon.per_prompt(original)["kl"], torch.zeros(4))
+    b = make_batches(original, ChatDataset("one", [BENIGN[3]]), batch_size=1)[0]
+    with torch.no_grad():  # by hand: KL at the positions predicting the answer's content tokens
+        p = original(b.tokens)[0, :-1].log_softmax(-1)
+        q = tuned(b.tokens)[0, :-1].log_softmax(-1)
+    pos = b.content_mask[0, 1:]
+    kl = (p.exp() * (p - q)).sum(-1)[pos]
+    assert len(kl) == len(BENIGN[3].response)  # byte tokenizer: one token per character
+    assert float(got["kl"][3]) == pytest.approx(float(kl.mean()), rel=1e-5)
+    assert torch.allclose(got["kl"], utility_per_prompt(tuned, BENIGN, original=original)[
+        "kl_to_original"])
 
 
 def test_batches_input_equals_dataset_input():
@@ -285,65 +413,70 @@ def test_random_arm_is_seeded_sample_of_k_distinct_heads():
     assert all(0 <= l < 3 and 0 <= h < 4 for l, h in a)
 
 
+@pytest.mark.parametrize("n_kv", [None, 2])
 @pytest.mark.parametrize("k", [4, 5])
-def test_budget_is_matched_across_arms_without_gqa(k):
-    model = tiny_model(n_layers=3)
+def test_every_head_arm_at_one_k_freezes_the_same_number_of_parameters(k, n_kv):
+    model = tiny_model(n_layers=3, n_key_value_heads=n_kv)
     sc = planted_scores()
-    arms = ["cast", "random", "bottom", "top_o", "top_s"]
-    counts = {a: head_param_count(model, select_arm_heads(a, sc, k, model=model)) for a in arms}
-    assert len(set(counts.values())) == 1, counts
-    band = head_param_count(model, select_arm_heads("layer_band", sc, k, model=model))
-    if k % 4 == 0:
-        assert band == counts["cast"]
-    else:  # rounded up to whole layers
-        assert band == 2 * head_param_count(model, [(0, h) for h in range(4)])  # 2 layers
-    # n_trainable reported by training agrees across arms
-    n = {a: safety_finetune(tiny_model(n_layers=3), SAFE, config=cfg(steps=1),
-                            skip_heads=select_arm_heads(a, sc, k)).n_trainable
-         for a in ("cast", "random")}
-    assert n["cast"] == n["random"]
-
-
-def test_gqa_budget_q_and_o_match_kv_depends_on_grouping():
-    model = tiny_model(n_layers=3, n_key_value_heads=2)  # groups {0,1}, {2,3}
-    same_group, two_groups = [(0, 0), (0, 1)], [(0, 0), (0, 2)]
-
-    def qo(heads):
-        m = head_param_masks(model, heads)
-        return sum(int(v.sum()) for n, v in m.items() if n.split(".")[-1] in ("W_Q", "b_Q", "W_O"))
-
-    assert qo(same_group) == qo(two_groups)
-    assert head_param_count(model, same_group) < head_param_count(model, two_groups)
-    assert head_param_count(model, two_groups, kv_policy="all") == qo(two_groups)
-    # a whole layer freezes all K/V groups once: never more than 4 scattered heads
-    band = layer_band_heads(model, 4)
-    assert band == [(1, h) for h in range(4)]
-    assert head_param_count(model, band) <= head_param_count(model, [(0, 0), (0, 2), (1, 0),
-                                                                     (2, 2)])
-
-
-def test_gqa_budget_is_exactly_matched_with_kv_policy_none():
-    model = tiny_model(n_layers=3, n_key_value_heads=2)
-    sc = planted_scores()
-    heads = {a: select_arm_heads(a, sc, 3, seed=1, model=model)
-             for a in ("cast", "random", "bottom", "top_o", "top_s")}
-    counts = {a: head_param_count(model, hs, kv_policy="none") for a, hs in heads.items()}
-    assert len(set(counts.values())) == 1, counts
     d_model, d_head = model.cfg.d_model, model.cfg.d_head
-    assert counts["cast"] == 3 * (2 * d_model * d_head + d_head)  # W_Q, W_O and b_Q per head
-    # Under "any" the same selections differ (K/V groups), which is why "none" exists.
-    assert len({head_param_count(model, hs) for hs in heads.values()}) > 1
-    # Training with "none": the skipped heads' Q/O slices stay bit-identical, their K/V may move.
-    m = tiny_model(n_layers=3, n_key_value_heads=2)
-    before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    skip = heads["cast"]
-    res = safety_finetune(m, SAFE, config=cfg(steps=3, kv_policy="none"), skip_heads=skip)
-    for l, h in skip:
-        a = m.blocks[l].attn
-        assert torch.equal(a.W_Q[h], before[f"blocks.{l}.attn.W_Q"][h])
-        assert torch.equal(a.W_O[h], before[f"blocks.{l}.attn.W_O"][h])
-    full = safety_finetune(tiny_model(n_layers=3, n_key_value_heads=2), SAFE, config=cfg(steps=1))
-    assert full.n_trainable - res.n_trainable == counts["cast"]
+    # Bias-free (Llama-style): a head owns W_Q[h] and W_O[h], plus W_K[h], W_V[h] without GQA.
+    per_head = (2 if n_kv else 4) * d_model * d_head
+    arms = ["cast", "random", "bottom", "top_o", "top_s"]
+    counts = {a: parameter_budget(model, select_arm_heads(a, sc, k, seed=1, model=model))
+              for a in arms}
+    assert {c["n_frozen"] for c in counts.values()} == {k * per_head}, counts
+    assert len({c["n_trainable"] for c in counts.values()}) == 1
+    band = parameter_budget(model, select_arm_heads("layer_band", sc, k, model=model))["n_frozen"]
+    assert band == (k if k % 4 == 0 else 8) * per_head  # rounded up to whole layers
+    # what training reports agrees
+    n = {a: safety_finetune(tiny_model(n_layers=3, n_key_value_heads=n_kv), SAFE,
+                            config=cfg(steps=1),
+                            skip_heads=select_arm_heads(a, sc, k, seed=1)).n_frozen_in_scope
+         for a in ("cast", "random")}
+    assert n == {"cast": k * per_head, "random": k * per_head}
+
+
+def group_map(L=3, n_kv=2, seed=0, C=None):
+    g = torch.Generator().manual_seed(seed)
+    head = {"O": torch.rand(L, 4, generator=g), "S": torch.rand(L, 4, generator=g),
+            "C": torch.rand(L, 4, generator=g)}
+    group = {"O": torch.rand(L, n_kv, generator=g), "S": torch.rand(L, n_kv, generator=g),
+             "C": torch.rand(L, n_kv, generator=g) if C is None else C}
+    return ConflictMap(head=head, group=group, config={"combine": {"tie_break_seed": seed}})
+
+
+def test_group_arms_skip_whole_groups_by_the_maps_group_scores():
+    model = tiny_model(n_layers=3, n_key_value_heads=2)
+    cmap = group_map()
+    flat = cmap.group["C"].flatten()
+    top = sorted((int(i) // 2, int(i) % 2) for i in torch.topk(flat, 2).indices)
+    assert select_arm_units("cast", cmap, 2, unit="group", model=model) == top
+    per_group = 2 * model.cfg.d_model * model.cfg.d_head  # W_K[g], W_V[g]
+    for arm in ("cast", "random", "bottom", "top_o", "top_s"):
+        g = select_arm_units(arm, cmap, 2, unit="group", seed=3, model=model)
+        assert len(g) == 2
+        assert parameter_budget(model, skip_groups=g)["n_frozen"] == 2 * per_group
+    assert select_arm_units("layer_band", cmap, 2, unit="group", model=model) == [(1, 0), (1, 1)]
+    with pytest.raises(units.UnitError, match="grouped-query"):
+        select_arm_units("random", None, 1, unit="group", model=tiny_model())
+
+
+def test_ties_are_broken_by_the_maps_seed_not_by_layer_order():
+    flat = torch.ones(3, 2)
+    picks = {s: select_arm_units("cast", group_map(seed=s, C=flat), 2, unit="group")
+             for s in range(6)}
+    assert len({tuple(p) for p in picks.values()}) > 1  # different seeds, different tie-breaks
+    assert picks[0] == select_arm_units("cast", group_map(seed=0, C=flat), 2, unit="group")
+
+
+def test_k_from_fraction_rounds_half_up_like_the_map():
+    from cast_interp.conflict_map import _count_from_fraction
+
+    for n in (6, 10, 270):
+        for f in (0.05, 0.1, 0.25, 0.5):
+            assert k_from_fraction(f, n) == _count_from_fraction(f, n)
+    assert k_from_fraction(0.25, 6) == 2 and k_from_fraction(0.0, 6) == 0
+    assert k_from_fraction(3, 6) == 3
 
 
 def test_layer_band_placement():
@@ -374,8 +507,12 @@ def test_bad_input_gives_clear_errors():
         select_arm_heads("cast", planted_scores(30, 9), 2, model=model)
     with pytest.raises(ValueError, match="'cast'"):
         select_arm_heads("CAST", sc, 2)
-    with pytest.raises(HeadIndexError, match="does not exist"):
+    with pytest.raises(units.UnitError, match="does not exist"):
         safety_finetune(model, SAFE, skip_heads=[(5, 0)], config=cfg(steps=1))
+    with pytest.raises(units.UnitError, match="grouped-query"):
+        safety_finetune(model, SAFE, skip_groups=[(0, 0)], config=cfg(steps=1))
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        TuningConfig(max_grad_norm=-1)
     with pytest.raises(ValueError, match=r"\['attention', 'all'\]"):
         TuningConfig(scope="atention")
     with pytest.raises(ValueError, match=r"\['adamw', 'adam', 'sgd'\]"):
@@ -431,7 +568,7 @@ def test_skipping_the_planted_head_preserves_utility_better_than_full_tuning():
 def test_smollm2_frozen_heads_bit_identical(smollm2):
     model = smollm2
     skip = [(0, 0), (12, 4), (29, 8)]
-    masks = head_param_masks(model, skip)
+    masks = units.unit_masks(model, heads=skip)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n in masks}
     w_e = model.embed.W_E.detach().clone()
     q_other = model.blocks[12].attn.W_Q[5].detach().clone()
@@ -445,8 +582,8 @@ def test_smollm2_frozen_heads_bit_identical(smollm2):
             assert torch.equal(p[m], before[n][m]), n
         assert torch.equal(model.embed.W_E, w_e)
         assert not torch.equal(model.blocks[12].attn.W_Q[5], q_other)
-        # SmolLM2: 3 KV groups of 3 heads; three heads in three different groups
-        assert res.n_frozen_in_scope == head_param_count(model, skip)
+        # SmolLM2 (GQA, no attention biases): a head freezes its W_Q and W_O slices only
+        assert res.n_frozen_in_scope == 3 * 2 * model.cfg.d_model * model.cfg.d_head
     finally:
         with torch.no_grad():  # the session fixture is shared: put the weights back
             for n, p in model.named_parameters():

@@ -1,0 +1,620 @@
+"""The verdict of a CAST run: paired comparisons with CIs, ranks among random draws, matched safety.
+
+A run (`pipeline.run_experiment`) leaves one piece per arm x training seed (x random draw), each
+with per-prompt values of the final evaluation and a safety / utility-cost curve along training. This
+module turns them into the comparisons METHOD v2 asks for (stage 3, "Inference"):
+
+- Paired differences (`stats.paired_difference`): for every arm at budget k, its per-prompt values
+  `[n_seeds, n_prompts]` minus those of CAST, of the random arm and of full tuning on the same
+  training seeds and prompts, with a 95% bootstrap CI over seeds and prompts. The random arm's
+  value on a seed is the mean over its draws on that seed. A difference is called real only when
+  its CI excludes 0; otherwise the report says "no detectable difference".
+- CAST among the random draws (`stats.empirical_p`): each draw is compared with CAST on the draw's
+  own training seed (seed-matched: draw value - CAST on its seed + CAST's mean), so the rank
+  reflects the unit sets, not the data order.
+- Matched safety (`stats.interpolate_at`): each piece's utility cost (validation KL) read off its
+  training curve at the validation refusal score reached by the weakest piece, compared between
+  arms over training seeds.
+
+`report_markdown` writes the tables; `run_figures` draws the figures from the saved files alone:
+safety and utility cost along training per arm with seed bands, paired differences vs random with
+CIs, the end-point trade-off with CIs, plus the diagnosis and training-loss figures of `figures.py`.
+All statistics here are ours (the paper gives none).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from . import stats
+from .io import read_json
+
+# Per-prompt values of `EvalResult.per_prompt` that the report compares: (label, lower_is_better,
+# role), in table order after the primary endpoints. Other per-prompt entries (token counts) are not
+# metrics and are left out.
+METRICS: dict[str, tuple[str, bool, str]] = {
+    "kl_to_original": ("KL(original ‖ tuned) on benign test prompts", True, "utility cost"),
+    "refusal_score": ("refusal score (log P of a refusal opening) on harmful test prompts", False,
+                      "safety"),
+    "refusal": ("refusal rate (generated answers, judged) on harmful test prompts", False,
+                "safety"),
+    "over_refusal_score": ("refusal score on safe-but-alarming prompts (over-refusal)", True,
+                           "utility cost"),
+    "over_refusal": ("over-refusal rate (generated answers) on safe-but-alarming prompts", True,
+                     "utility cost"),
+    "reference_nll": ("NLL of held-out benign references", True, "utility cost"),
+    "task_correct": ("task accuracy (multiple choice by log-likelihood)", False, "utility"),
+}
+PRIMARY = ("kl_to_original", "refusal_score")
+MIN_SEEDS_MATCHED = 4  # fewer training seeds: the matched-safety table gives no CI (ours)
+_ORDER = {"full": 0, "cast": 1, "random": 2}
+QUICK_LOOK_SEEDS = 8  # fewer training seeds than this: the report calls its CIs wide
+
+
+def _info(metric: str) -> tuple[str, bool, str]:
+    return METRICS[metric]
+
+
+def _ordered_metrics(pieces: dict[str, dict]) -> list[str]:
+    """The METRICS some piece has per-prompt values of, in table order."""
+    names = set().union(*(set(p.get("per_prompt", {})) for p in pieces.values()))
+    return [m for m in METRICS if m in names]
+
+
+def _with_metric(arms: dict, metric: str, seeds: list[int]) -> tuple[dict, list[int]]:
+    """The arms' pieces that have `metric`, and the training seeds on which every arm has one (a
+    metric measured on some seeds only, e.g. generated refusals, is compared on those)."""
+    have = {a: [p for p in ps if metric in p.get("per_prompt", {})] for a, ps in arms.items()}
+    have = {a: ps for a, ps in have.items() if ps}
+    common = [s for s in seeds
+              if all(any(p["piece"]["train_seed"] == s for p in ps) for ps in have.values())]
+    return have, common
+
+
+# --------------------------------------------------------------------------------------------------
+# Arrays of per-prompt values
+# --------------------------------------------------------------------------------------------------
+
+
+def _by_arm(pieces: dict[str, dict]) -> dict[tuple[str, int], list[dict]]:
+    out: dict[tuple[str, int], list[dict]] = {}
+    for p in pieces.values():
+        out.setdefault((p["piece"]["method"], p["piece"]["k"]), []).append(p)
+    return out
+
+
+def seed_matrix(arm_pieces: list[dict], seeds: list[int], value) -> np.ndarray:
+    """`[n_seeds, ...]` values of one arm, row s for training seed `seeds[s]`; pieces sharing a
+    seed (random draws) are averaged. `value(piece)` gives one piece's array."""
+    rows = []
+    for s in seeds:
+        mine = [np.asarray(value(p), dtype=float) for p in arm_pieces
+                if p["piece"]["train_seed"] == s]
+        if not mine:
+            raise ValueError(f"Arm {arm_pieces[0]['piece']['method']} has no piece on training "
+                             f"seed {s}: the paired design needs every arm on every seed.")
+        rows.append(np.mean(mine, axis=0))
+    return np.stack(rows)
+
+
+def _paired(a: np.ndarray, b: np.ndarray, metric: str, names: tuple[str, str],
+            cfg: dict) -> Optional[dict]:
+    """`stats.paired_difference` on the prompts finite in both; None when fewer than 2 remain."""
+    ok = np.isfinite(a).all(0) & np.isfinite(b).all(0)
+    if ok.sum() < 2:
+        return None
+    res = stats.paired_difference(a[:, ok], b[:, ok], n_boot=cfg.get("n_boot", 2000),
+                                  ci=cfg.get("ci", 0.95), seed=cfg.get("seed", 0),
+                                  lower_is_better=_info(metric)[1], names=names)
+    res["n_dropped"] = int((~ok).sum())
+    return res
+
+
+def _mean_ci(a: np.ndarray, cfg: dict) -> dict:
+    """An arm's mean with its CI from the same seed x prompt bootstrap (a difference to 0)."""
+    ok = np.isfinite(a).all(0)
+    if ok.sum() < 2:
+        return {"mean": float(np.nanmean(a)), "low": math.nan, "high": math.nan}
+    r = stats.paired_difference(a[:, ok], np.zeros_like(a[:, ok]), n_boot=cfg.get("n_boot", 2000),
+                                ci=cfg.get("ci", 0.95), seed=cfg.get("seed", 0))
+    return {"mean": r["diff"], "low": r["low"], "high": r["high"]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Comparisons
+# --------------------------------------------------------------------------------------------------
+
+
+def compare_arms(doc: dict) -> dict:
+    """Every comparison of the report, from `results.json`'s content (`config`, `arms`).
+
+    Returns {"metrics": {metric: {k: {"rows": [...], "cast_rank": empirical_p or None}}},
+    "matched_safety": {...}, "endpoints": {k: {arm: {metric: {"mean", "low", "high"}}}},
+    "seeds", "n_draws"}. A row: {"arm", "method", "k", "n_pieces", "n_frozen", "mean",
+    "vs_cast", "vs_random", "vs_full"} (each a `paired_difference` result or None).
+    """
+    cfg, pieces = doc["config"], doc["arms"]
+    seeds = list(cfg["train_seeds"])
+    arms = _by_arm(pieces)
+    ks = sorted({k for m, k in arms if m != "full"})
+    out: dict[str, Any] = {"seeds": seeds, "n_draws": cfg.get("n_draws"), "metrics": {},
+                           "endpoints": {}, "ks": ks}
+    for metric in _ordered_metrics(pieces):
+        have, seeds_m = _with_metric(arms, metric, seeds)
+        if not seeds_m:
+            continue
+        per_k = {}
+        for k in ks:
+            mats = {m: seed_matrix(ps, seeds_m, lambda p: p["per_prompt"][metric])
+                    for (m, kk), ps in have.items() if kk == k or m == "full"}
+            per_k[k] = {"rows": _rows(mats, have, k, metric, cfg), "seeds": seeds_m,
+                        "cast_rank": _cast_rank(have, k, seeds_m, metric)}
+            ends = out["endpoints"].setdefault(k, {})
+            for m, a in mats.items():
+                ends.setdefault(m, {})[metric] = _mean_ci(a, cfg)
+        out["metrics"][metric] = per_k
+    out["matched_safety"] = matched_safety(doc)
+    return out
+
+
+def _rows(mats: dict[str, np.ndarray], arms: dict, k: int, metric: str, cfg: dict) -> list[dict]:
+    rows = []
+    for m in sorted(mats, key=lambda m: (_ORDER.get(m, 9), m)):
+        a = mats[m]
+        kk = 0 if m == "full" else k
+        first = arms[(m, kk)][0]["tuning"]
+        row = {"arm": f"{m}_k{kk}", "method": m, "k": kk, "n_pieces": len(arms[(m, kk)]),
+               "n_frozen": first.get("n_frozen_in_scope"), "mean": float(np.nanmean(a))}
+        for ref in ("cast", "random", "full"):
+            row[f"vs_{ref}"] = (_paired(a, mats[ref], metric, (m, ref), cfg)
+                                if ref in mats and ref != m else None)
+        rows.append(row)
+    return rows
+
+
+def _cast_rank(arms: dict, k: int, seeds: list[int], metric: str) -> Optional[dict]:
+    """CAST's rank among the random draws at k, each draw seed-matched (see module docstring)."""
+    if ("cast", k) not in arms or ("random", k) not in arms:
+        return None
+    cast = {p["piece"]["train_seed"]: np.nanmean(p["per_prompt"][metric])
+            for p in arms[("cast", k)]}
+    value = float(np.mean([cast[s] for s in seeds]))
+    draws = [np.nanmean(p["per_prompt"][metric]) - cast[p["piece"]["train_seed"]] + value
+             for p in arms[("random", k)] if p["piece"]["train_seed"] in seeds]
+    lower = _info(metric)[1]
+    res = stats.empirical_p(value, draws, alternative="less" if lower else "greater")
+    res["value"] = value
+    return res
+
+
+def matched_safety(doc: dict) -> dict:
+    """Utility cost (validation KL) at equal safety (validation refusal score), per arm and seed.
+
+    target: the highest validation refusal score that every piece reaches along training (the
+    weakest piece's best), so each piece's curve covers it. Each piece's KL is interpolated at
+    target on its curve (`stats.interpolate_at`); arms are compared over training seeds (random:
+    mean over its draws per seed) with `paired_difference` on the `[n_seeds]` vectors (bootstrap
+    over seeds only). With fewer than `MIN_SEEDS_MATCHED` seeds there is no CI (ours: a bootstrap
+    over 2 or 3 values gives intervals that mean nothing).
+    """
+    cfg, pieces = doc["config"], doc["arms"]
+    seeds = list(cfg["train_seeds"])
+    curves = {n: p["tuning"].get("curve") or [] for n, p in pieces.items()}
+    if not all(len(c) >= 2 for c in curves.values()):
+        return {"target": None, "note": "no training curves (eval curves need a monitor)"}
+    target = min(max(pt["refusal_score"] for pt in c) for c in curves.values())
+    at = {id(pieces[n]): stats.interpolate_at([pt["refusal_score"] for pt in c],
+                                              [pt["kl"] for pt in c], target)
+          for n, c in curves.items()}
+    arms = _by_arm(pieces)
+    vec = {arm: seed_matrix(ps, seeds, lambda p: at[id(p)]) for arm, ps in arms.items()}
+    rows = []
+    ks = sorted({k for m, k in arms if m != "full"})
+    for (m, k) in sorted(vec, key=lambda a: (a[1], _ORDER.get(a[0], 9), a[0])):
+        v = vec[(m, k)]
+        row = {"arm": f"{m}_k{k}", "method": m, "k": k, "kl_at_target": float(np.mean(v)),
+               "per_seed": v.tolist()}
+        for ref in ("cast", "random", "full"):
+            rk = 0 if ref == "full" else (k if k else (ks[0] if ks else None))
+            if (ref, rk) not in vec or (ref, rk) == (m, k):
+                continue
+            if len(seeds) >= MIN_SEEDS_MATCHED:
+                row[f"vs_{ref}"] = _paired(v[None, :], vec[(ref, rk)][None, :], "kl_to_original",
+                                           (m, ref), cfg)
+            else:
+                row[f"diff_{ref}"] = float(np.mean(v - vec[(ref, rk)]))
+        rows.append(row)
+    return {"target": target, "rows": rows, "n_seeds": len(seeds),
+            "final_val": {n: c[-1] for n, c in curves.items()}}
+
+
+def summarize(base: dict, results: dict[str, dict]) -> list[dict]:
+    """One row per arm (method, k): mean of each evaluation metric over its pieces, its change from
+    the original (`d_`), the sd of the change over pieces (`sd_`), and the frozen parameter count.
+    (Rows for `figures.plot_drop_vs_k`; the report's inference is `compare_arms`.)"""
+    rows = []
+    base_m = base["eval"]["metrics"]
+    for (method, k), pieces in sorted(_by_arm(results).items(), key=lambda x: (x[0][1], x[0][0])):
+        row: dict[str, Any] = {"method": method, "k": k, "n_seeds": len(pieces),
+                               "n_trainable": pieces[0]["tuning"].get("n_trainable"),
+                               "n_frozen": pieces[0]["tuning"].get("n_frozen_in_scope")}
+        for m in sorted({m for p in pieces for m in p["eval"]["metrics"]}):
+            vals = [p["eval"]["metrics"].get(m) for p in pieces]
+            vals = np.array([v for v in vals if isinstance(v, (int, float))], dtype=float)
+            if not vals.size:
+                continue
+            ref = 0.0 if m == "kl_to_original" else (base_m.get(m) or 0.0)
+            row[m] = float(vals.mean())
+            row[f"d_{m}"] = float(vals.mean() - ref)
+            row[f"sd_{m}"] = float(vals.std(ddof=1)) if vals.size > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------------
+
+
+def _num(v: Any) -> str:
+    """A signed number with 3 significant digits (+0 for 0)."""
+    if not isinstance(v, (int, float)) or not math.isfinite(v):
+        return "n/a"
+    return "+0" if v == 0 else f"{v:+.3g}"
+
+
+def _cell(r: Optional[dict]) -> str:
+    """'+0.012 [-0.003, +0.027] no detectable difference' from a paired_difference result."""
+    if r is None:
+        return "–"
+    verdict = "no detectable difference" if not r["significant"] else \
+        ("**lower**" if r["diff"] < 0 else "**higher**")
+    return f"{_num(r['diff'])} [{_num(r['low'])}, {_num(r['high'])}] {verdict}"
+
+
+def _quick_look(cfg: dict) -> Optional[str]:
+    n = len(cfg["train_seeds"])
+    if n >= QUICK_LOOK_SEEDS and cfg.get("n_draws", 0) >= 20:
+        return None
+    return (f"**Quick look: wide CIs.** Preset `{cfg.get('preset')}` runs {n} training seed(s) and "
+            f"{cfg.get('n_draws')} random draw(s). The intervals below are wide, and with fewer "
+            f"than {QUICK_LOOK_SEEDS} seeds the seed-to-seed variance is estimated from {n} "
+            "value(s), so even these intervals are too narrow where seeds matter. Read every "
+            "difference here as indicative; `--preset cpu-full` (>= 8 seeds, >= 20 draws) is the "
+            "run to cite.")
+
+
+def report_markdown(doc: dict) -> str:
+    """The run's report: the verdict, design, diagnosis, the paired tables per metric with CAST's
+    rank among the random draws, matched safety, times, attribution."""
+    cfg, comp = doc["config"], doc["comparisons"]
+    lines = [f"# CAST run: {cfg['model']} (preset `{cfg.get('preset')}`)", "",
+             f"Units skipped: {cfg['unit']}s. Training seeds {cfg['train_seeds']} shared by every "
+             f"arm; {cfg['n_draws']} random draws (draw d: units drawn with seed d, trained on "
+             f"seed train_seeds[d mod {len(cfg['train_seeds'])}]). Steps {cfg['steps']}, batch "
+             f"{cfg['batch_size']}, scope {cfg['scope']}, benign mix {cfg['benign_mix']}. Total "
+             f"time {doc['time_s'] / 60:.1f} min.", "",
+             "Every comparison is a paired difference (row arm minus column arm) over the same "
+             f"training seeds and test prompts, with a {cfg.get('ci', 0.95):.0%} bootstrap CI over "
+             "seeds and prompts (`stats.paired_difference`); the random arm's value on a seed is "
+             "the mean of its draws on that seed. A difference is called real only when its CI "
+             "excludes 0, otherwise: no detectable difference.", ""]
+    warn = _quick_look(cfg)
+    if warn:
+        lines += [warn, ""]
+    lines += _verdict_lines(comp)
+    lines += _diagnosis_lines(doc)
+    for metric, per_k in comp["metrics"].items():
+        lines += _metric_lines(metric, per_k, cfg["train_seeds"])
+    lines += _matched_lines(comp["matched_safety"])
+    lines += _time_lines(doc)
+    lines += _attribution_lines(doc)
+    lines += ["## Figures", "", "![safety along training](figures/safety_curves.png)", "",
+              "![paired differences vs random](figures/paired_differences.png)", "",
+              "![end points](figures/endpoints.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _verdict_lines(comp: dict) -> list[str]:
+    """CAST against random and against full tuning on the primary endpoints, per k."""
+    lines = ["## Verdict", "", "| k | endpoint | CAST − random [95% CI] | CAST − full [95% CI] | "
+             "CAST's rank among random draws |", "|---|---|---|---|---|"]
+    for metric in PRIMARY:
+        for k, block in comp["metrics"].get(metric, {}).items():
+            cast = next((r for r in block["rows"] if r["method"] == "cast"), None)
+            if cast is None:
+                continue
+            rank = block.get("cast_rank")
+            where = (f"{rank['rank']} of {rank['n_draws'] + 1} (p = {rank['p']:.2f})"
+                     if rank else "–")
+            lines.append(f"| {k} | {metric} | {_cell(cast['vs_random'])} | "
+                         f"{_cell(cast['vs_full'])} | {where} |")
+    return lines + ["", "Lower KL is less utility lost; a higher refusal score is safer.", ""]
+
+
+def _diagnosis_lines(doc: dict) -> list[str]:
+    """The map's Spearman numbers and its concentration beside the null (`conflict_map.map_report`
+    says the same for a saved map)."""
+    from .conflict_map import _fmt_conc
+
+    d = doc["diagnosis"]
+    unit = doc["config"]["unit"]
+    sm = d.get("summary") or {}
+    tag = "H" if unit == "head" else "G"
+    lines = ["## Diagnosis", ""]
+    if sm:
+        lines += [f"Spearman(C, O) = {sm['spearman_C_O']:.2f}, Spearman(C, S) = "
+                  f"{sm['spearman_C_S']:.2f}; {sm['n_O_above_1']} of {sm['n_units']} {unit}s have "
+                  "O > 1.", "", "| score | top-10% share | null 95% | Gini | null 95% | verdict |",
+                  "|---|---|---|---|---|---|"]
+        lines += [_fmt_conc(n, sm["concentration"][n]) for n in ("O", "S", "C")]
+        lines.append("")
+    return lines + [f"Top {unit}s by C: " + ", ".join(f"L{l}{tag}{i}" for l, i in d["top_units"]),
+                    "", "![conflict maps](figures/conflict_maps.png)", ""]
+
+
+def _metric_lines(metric: str, per_k: dict, all_seeds: list[int]) -> list[str]:
+    label, lower, role = _info(metric)
+    lines = [f"## {label} ({role}; {'lower' if lower else 'higher'} is better)", ""]
+    for k, block in per_k.items():
+        seeds = block.get("seeds", all_seeds)
+        on = "" if list(seeds) == list(all_seeds) else f" Measured on training seeds {seeds} only."
+        lines += [f"Budget k = {k}.{on}", "",
+                  "| arm | pieces | frozen params | mean | − CAST [95% CI] | − random [95% CI] | "
+                  "− full [95% CI] |", "|---|---|---|---|---|---|---|"]
+        for r in block["rows"]:
+            cells = " | ".join(_cell(r[f"vs_{x}"]) for x in ("cast", "random", "full"))
+            lines.append(f"| {r['arm']} | {r['n_pieces']} | {r['n_frozen']} | {r['mean']:.4g} | "
+                         f"{cells} |")
+        rank = block.get("cast_rank")
+        if rank:
+            lines += ["", f"CAST among the {rank['n_draws']} random draws (each against CAST on "
+                      f"its own training seed): rank {rank['rank']} of {rank['n_draws'] + 1} "
+                      f"({'lowest' if lower else 'highest'} first), empirical p = {rank['p']:.3f}."]
+        cast = next((r for r in block["rows"] if r["method"] == "cast"), None)
+        rel = (cast or {}).get("vs_random")
+        if metric == "kl_to_original" and rel and math.isfinite(rel.get("relative_low", math.nan)):
+            half = (rel["relative_high"] - rel["relative_low"]) / 2
+            lines += ["", f"CAST's KL relative to random's: {rel['relative']:+.1%} "
+                      f"[{rel['relative_low']:+.1%}, {rel['relative_high']:+.1%}] (CI half-width "
+                      f"{half:.1%}; `cpu-full` aims at under 8%)."]
+        lines.append("")
+    return lines
+
+
+def _matched_lines(ms: dict) -> list[str]:
+    if not ms.get("rows"):
+        return []
+    lines = ["## Utility cost at matched safety", "",
+             f"Validation KL of each piece read off its training curve at validation refusal score "
+             f"{ms['target']:.3f} (the highest score every piece reaches), compared over training "
+             "seeds only (no prompts)."]
+    if ms["n_seeds"] < MIN_SEEDS_MATCHED:
+        lines += [f" With {ms['n_seeds']} seed(s) there is no CI (needs {MIN_SEEDS_MATCHED}): mean "
+                  "differences only, no verdict.", "",
+                  "| arm | KL at matched safety | − CAST | − random | − full |",
+                  "|---|---|---|---|---|"]
+        for r in ms["rows"]:
+            lines.append(f"| {r['arm']} | {r['kl_at_target']:.4g} | "
+                         + " | ".join(_num(r.get(f"diff_{x}")) if f"diff_{x}" in r else "–"
+                                      for x in ("cast", "random", "full")) + " |")
+        return lines + [""]
+    lines += ["", "| arm | KL at matched safety | − CAST [95% CI] | − random [95% CI] | "
+              "− full [95% CI] |", "|---|---|---|---|---|"]
+    for r in ms["rows"]:
+        lines.append(f"| {r['arm']} | {r['kl_at_target']:.4g} | {_cell(r.get('vs_cast'))} | "
+                     f"{_cell(r.get('vs_random'))} | {_cell(r.get('vs_full'))} |")
+    return lines + [""]
+
+
+def time_breakdown(doc: dict) -> dict:
+    """Seconds by stage: diagnosis, per-piece training, monitoring, evaluation and its parts (means
+    over pieces; a part measured on some pieces only, e.g. generation, averages over those)."""
+    pieces = list(doc["arms"].values())
+    tune = [p["tuning"]["config"]["time_s"] - p["tuning"]["config"].get("monitor_time_s", 0)
+            for p in pieces]
+    mon = [p["tuning"]["config"].get("monitor_time_s", 0.0) for p in pieces]
+    ev = [p.get("eval_time_s", p["eval"].get("time_s", 0.0)) for p in pieces]
+    parts: dict[str, list[float]] = {}
+    for p in pieces:
+        for name, v in (p["eval"].get("timings_s") or p["eval"].get("timings") or {}).items():
+            if not name.endswith("_share"):
+                parts.setdefault(name, []).append(v)
+    t = doc.get("timings", {})
+    mean = lambda x: float(np.mean(x)) if x else None  # noqa: E731
+    return {"total_s": doc["time_s"], "diagnosis_s": t.get("diagnosis_s"),
+            "self_reference_s": t.get("self_reference_s"), "n_pieces": len(pieces),
+            "train_per_piece_s": mean(tune), "monitor_per_piece_s": mean(mon),
+            "eval_per_piece_s": mean(ev),
+            "eval_parts_per_piece_s": {k: float(np.mean(v)) for k, v in parts.items()}}
+
+
+def _time_lines(doc: dict) -> list[str]:
+    tb = time_breakdown(doc)
+    f = lambda v: "n/a" if v is None else f"{v:.1f} s"  # noqa: E731
+    parts = ", ".join(f"{k} {v:.1f} s" for k, v in tb["eval_parts_per_piece_s"].items())
+    lines = ["## Time", "", "| stage | seconds |", "|---|---|",
+             f"| total | {f(tb['total_s'])} |", f"| diagnosis | {f(tb['diagnosis_s'])} |",
+             f"| self-reference answers | {f(tb['self_reference_s'])} |",
+             f"| training, per piece ({tb['n_pieces']} pieces) | {f(tb['train_per_piece_s'])} |",
+             f"| safety/utility-cost curve, per piece | {f(tb['monitor_per_piece_s'])} |",
+             f"| evaluation, per piece | {f(tb['eval_per_piece_s'])} |", "",
+             f"Evaluation per piece by part: {parts or 'n/a'}."]
+    est = doc.get("estimate_s")
+    if est:
+        lines += ["", f"Estimated before the run (`pipeline.estimate_seconds`, 2 free CPU cores): "
+                  f"{est['total'] / 60:.1f} min."]
+    return lines + [""]
+
+
+def _attribution_lines(doc: dict) -> list[str]:
+    """Stage 4's numbers (`attribution.AttributionResult.summary`): drop, out-of-sample shares
+    against random revert sets, Spearman with the map, first order vs exact."""
+    att = doc.get("attribution")
+    if not att:
+        return []
+    f = lambda v: "n/a" if not isinstance(v, (int, float)) else f"{v:.3g}"  # noqa: E731
+    ci = lambda n: f"{f(att.get(n))} [{f(att.get(n + '_low'))}, {f(att.get(n + '_high'))}]"  # noqa
+    lines = ["## Which units caused the utility drop", "",
+             f"Post-hoc attribution of the full-tuning arm on training seed "
+             f"{doc['config']['train_seeds'][0]}: each unit's own parameters reverted to their "
+             "pre-training values; utility recovered = L_util(tuned) - L_util(unit reverted), on "
+             "the original model's answers (content tokens). Units are chosen on half A of the "
+             "examples and measured on half B.", "", "| quantity | value [95% CI] |", "|---|---|"]
+    for name, label in (("total_drop", "utility drop (nats/token)"),
+                        ("top_k_C_share_B", "share recovered by the map's top-k, half B"),
+                        ("selected_share_B", "share recovered by the top-k chosen on half A, half B"),
+                        ("all_units_share", "share recovered by reverting every unit")):
+        if name in att:
+            lines.append(f"| {label} | {ci(name)} |")
+    for k in sorted(att):
+        if k.startswith("random_") and isinstance(att[k], (int, float)):
+            lines.append(f"| {k.replace('_', ' ')} | {f(att[k])} |")
+    for k, v in sorted(att.items()):
+        if k.startswith("spearman_") and not k.endswith(("_low", "_high", "_p")):
+            lines.append(f"| {k.replace('_', ' ')} | {ci(k)}, permutation p = {f(att.get(k + '_p'))} |")
+        elif k.endswith(("percentile", "_p")) and "vs_random" in k or k.startswith("additivity") or (
+                k.startswith("agreement_") and k.endswith(("spearman", "relative_error"))):
+            lines.append(f"| {k.replace('_', ' ')} | {f(v)} |")
+    return lines + ["", "![attribution](figures/attribution_vs_map.png)", ""]
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------------
+
+
+def _style(method: str) -> tuple[str, str, str]:
+    from .figures import ARM_STYLE
+
+    return ARM_STYLE.get(method, (method, "#777777", "o"))
+
+
+def _sci(ax, axis: str) -> None:
+    """Scientific notation and few ticks on an axis of small values (KL): labels do not collide."""
+    ax.ticklabel_format(axis=axis, style="sci", scilimits=(-2, 3))
+    ax.locator_params(axis=axis, nbins=5)
+
+
+def plot_safety_curves(pieces: dict[str, dict], *, k: Optional[int] = None):
+    """Validation refusal score and KL to the original along training, per arm (mean over pieces,
+    band = min..max over training seeds / draws), and the trade-off KL vs refusal score.
+    `k` keeps full tuning and the arms at that budget (default: all)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 3.6), dpi=150)
+    axes = fig.subplots(1, 3)
+    for (method, kk), ps in sorted(_by_arm(pieces).items()):
+        if k is not None and kk not in (0, k):
+            continue
+        curves = [p["tuning"].get("curve") or [] for p in ps]
+        if not curves or not all(curves) or len({len(c) for c in curves}) != 1:
+            continue
+        steps = [pt["step"] for pt in curves[0]]
+        score = np.array([[pt["refusal_score"] for pt in c] for c in curves])
+        kl = np.array([[pt["kl"] for pt in c] for c in curves])
+        label, color, marker = _style(method)
+        label = f"{label} (k={kk}, n={len(ps)})"
+        for ax, y in ((axes[0], score), (axes[1], kl)):
+            ax.plot(steps, y.mean(0), color=color, marker=marker, ms=3, lw=1.4, label=label)
+            ax.fill_between(steps, y.min(0), y.max(0), color=color, alpha=0.15, lw=0)
+        axes[2].plot(kl.mean(0), score.mean(0), color=color, marker=marker, ms=3, lw=1.4)
+    _sci(axes[1], "y")
+    _sci(axes[2], "x")
+    axes[0].set(xlabel="step", ylabel="refusal score (validation, log P)",
+                title="Safety along training")
+    axes[1].set(xlabel="step", ylabel="KL(original ‖ tuned) (validation)",
+                title="Utility cost along training")
+    axes[2].set(xlabel="KL(original ‖ tuned)", ylabel="refusal score",
+                title="Trade-off along training (means)")
+    axes[1].legend(fontsize=6, frameon=False, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_paired_differences(comparisons: dict, *, ref: str = "random"):
+    """Forest plot: each arm minus `ref` with its 95% CI, one panel per primary metric and k."""
+    from matplotlib.figure import Figure
+
+    panels = [(m, k, b) for m in PRIMARY if m in comparisons["metrics"]
+              for k, b in comparisons["metrics"][m].items()]
+    fig = Figure(figsize=(4.2 * max(1, len(panels)), 3.4), dpi=150)
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(panels))))
+    for ax, (metric, k, block) in zip(axes, panels):
+        rows = [r for r in block["rows"] if r.get(f"vs_{ref}")]
+        for i, r in enumerate(rows):
+            d = r[f"vs_{ref}"]
+            _, color, marker = _style(r["method"])
+            ax.errorbar(d["diff"], i, xerr=[[d["diff"] - d["low"]], [d["high"] - d["diff"]]],
+                        fmt=marker, color=color, capsize=3, ms=6)
+        ax.axvline(0, color="grey", lw=0.8)
+        _sci(ax, "x")
+        ax.set_yticks(range(len(rows)), [r["arm"] for r in rows], fontsize=7)
+        ax.set_xlabel(f"{metric} − {ref} (paired, 95% CI)", fontsize=8)
+        ax.set_title(f"{_info(metric)[2]}: k={k}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_endpoints(comparisons: dict):
+    """End of training: refusal score (y) against KL to the original (x) per arm, 95% CIs."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.4, 4.0), dpi=150)
+    ax = fig.add_subplot()
+    for k, arms in comparisons["endpoints"].items():
+        for method, ms in arms.items():
+            if not all(m in ms for m in PRIMARY):
+                continue
+            x, y = ms["kl_to_original"], ms["refusal_score"]
+            label, color, marker = _style(method)
+            ax.errorbar(x["mean"], y["mean"],
+                        xerr=[[x["mean"] - x["low"]], [x["high"] - x["mean"]]],
+                        yerr=[[y["mean"] - y["low"]], [y["high"] - y["mean"]]], fmt=marker,
+                        color=color, capsize=2, ms=6,
+                        label=f"{label} (k={0 if method == 'full' else k})")
+    _sci(ax, "x")
+    ax.set_xlabel("KL(original ‖ tuned), benign test (lower is better)")
+    ax.set_ylabel("refusal score, harmful test (higher is safer)")
+    ax.set_title("End points with 95% CIs (seeds x prompts)", fontsize=9)
+    ax.legend(fontsize=6, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def _save(fig, path: Path) -> None:
+    from .figures import save_figure
+
+    for ext in ("png", "pdf"):
+        save_figure(fig, path.with_suffix(f".{ext}"))
+
+
+def run_figures(out_dir, fig_dir=None) -> list[Path]:
+    """Every figure of a finished run, regenerated from its saved files alone (no model needed).
+
+    Reads `out_dir/results.json`, `diagnosis/` and `attribution/`; writes PNG and PDF into
+    `fig_dir` (default `out_dir/figures`). Returns the written paths."""
+    from . import figures
+    from .conflict_map import ConflictMap
+
+    out = Path(out_dir)
+    fig_dir = Path(fig_dir) if fig_dir is not None else out / "figures"
+    doc = read_json(out / "results.json")
+    cmap = ConflictMap.load(out / "diagnosis")
+    k = doc["comparisons"]["ks"][0] if doc["comparisons"]["ks"] else 1
+    figures.diagnosis_figures(cmap, fig_dir, k=k if doc["config"]["unit"] == "head" else 0.1)
+    _save(plot_safety_curves(doc["arms"]), fig_dir / "safety_curves")
+    _save(plot_paired_differences(doc["comparisons"]), fig_dir / "paired_differences")
+    _save(plot_endpoints(doc["comparisons"]), fig_dir / "endpoints")
+    _save(figures.plot_training_curves(doc["arms"]), fig_dir / "training_curves")
+    _save(figures.plot_drop_vs_k(doc["summary"]), fig_dir / "drop_vs_k")
+    if (out / "attribution" / "attribution_result.json").exists():
+        from .attribution import AttributionResult
+
+        res = AttributionResult.load(out / "attribution")
+        _save(figures.plot_attribution_vs_map(res, cmap, k=k), fig_dir / "attribution_vs_map")
+    return sorted(fig_dir.glob("*.p*"))
