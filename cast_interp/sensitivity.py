@@ -27,10 +27,13 @@ Two ways to compute it, sharing one signature (`functional_sensitivity(method=..
   backward per batch. An approximation (it misses every nonlinear effect of the ablation): validate
   it against "exact" with `compare_sensitivity` before trusting a ranking from it.
 
-Cost (SmolLM2-135M, 8 examples, 2 CPU cores; `benchmarks/bench_sensitivity.py`): a CPU pass is
-compute-bound, so stacking saves little there and "exact" gains mostly from skipping layers < l and
-unembedding only response positions: ~2.2x faster than the naive loop over a spread of layers
-(~5 min for all 270 heads); "attribution" is ~10 s for all heads. Stacking pays more on a GPU.
+Units (METHOD.md v2): `unit="head"` ablates one head's z; `unit="group"` (under GQA) ablates every
+head that reads a key/value group. Every path returns each example's summed NLL increase, so S gets a
+bootstrap CI over examples (`n_bootstrap`) without another model pass, and `screened_sensitivity`
+combines the two methods: attribution for every unit, exact ablation for the candidates.
+
+Cost: exact grows with the layers touched and the tokens per example; attribution is one forward and
+backward per batch for all units. Measured times are in `benchmarks/` and the README, not here.
 """
 
 from __future__ import annotations
@@ -429,6 +432,11 @@ def _exact(model: HookedTransformer, batches: Sequence[ChatBatch], ablation: _Ab
     return sums
 
 
+# --------------------------------------------------------------------------------------------------
+# Attribution patching
+# --------------------------------------------------------------------------------------------------
+
+
 def _attribution(model: HookedTransformer, batches: Sequence[ChatBatch], ablation: _Ablation,
                  progress: bool) -> Tensor:
     """First-order estimate of each example's summed NLL change when one head is ablated,
@@ -476,6 +484,11 @@ def _to_groups(model: HookedTransformer, per_head: Tensor) -> Tensor:
     """Sum per-head first-order terms over the heads of each group: `[..., L, H] -> [..., L, G]`."""
     return torch.stack([per_head[..., group_heads(model, g)].sum(-1)
                         for g in range(n_kv_heads(model))], dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------------
 
 
 def _data_sha(batches: Sequence[ChatBatch]) -> str:
