@@ -279,7 +279,7 @@ COST_S = {
     "kl_nll": 0.43,              # per benign prompt, KL and NLL (8 prompts: 5.2 s)
     "task_item": 0.35,           # per multiple-choice item, 4 choices (8 items: 4.2 s)
     "generate_32": 0.87,         # per prompt, 32 greedy tokens (8 prompts: 10.5 s)
-    "diagnosis": 480.0,          # NOT measured for v2 (v1: 198 s + 34 s self-reference): a guess
+    "diagnosis": 480.0,          # v2 library defaults (S on 16) measured 508 s on idle cores; S on 8 less
 }
 BUNDLED_TEST_SIZES = {"harmful": 50, "benign": 50, "over_refusal": 60, "task": 95}
 
