@@ -55,14 +55,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
-from transformer_lens.utilities.activation_functions import apply_softcap
 
 from . import stats
-from .data import (ChatBatch, ChatDataset, DataError, encode_example, make_batches, self_reference,
-                   with_refusals)
+from .data import (ChatBatch, ChatDataset, DataError, encode_example, example_lengths,
+                   make_batches, self_reference, with_refusals)
 from .model import model_id
-from .objectives import NonFiniteLossError
-from .sensitivity import example_lengths
+from .objectives import NonFiniteLossError, response_nll_from_resid
 from .units import (Unit, UnitError, UnitKind, all_units, component_param_names, n_units,
                     owned_param_names, unit_components, unit_slices, uses_gqa, validate_units)
 from .units import label as unit_label
@@ -76,8 +74,6 @@ FORMAT_VERSION = 2
 TENSORS_FILE = "attribution_result.safetensors"
 META_FILE = "attribution_result.json"
 MIN_DRAWS = 20
-# Rows of the final residual turned into logits at once (bounds the [rows, d_vocab] tensor).
-_LOGIT_ROWS = 1024
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,37 +164,11 @@ def changed_outside_units(tuned: HookedTransformer, original: HookedTransformer)
 # --------------------------------------------------------------------------------------------------
 
 
-def _response_nll(model: HookedTransformer, resid: Tensor, batch: ChatBatch) -> Tensor:
-    """Summed NLL over each example's `loss_mask` tokens from the final residual (before
-    `ln_final`) `[batch, pos, d_model]`: `[batch]` float64, differentiable.
-
-    Only loss positions are unembedded, in chunks of rows. log-softmax in the model's dtype (at
-    least float32), sums in float64: a revert's effect is a small difference of two such sums.
-    """
-    mask = batch.loss_mask[:, 1:].to(resid.device)  # position p predicts token p + 1
-    target = batch.tokens[:, 1:].to(resid.device)[mask]
-    x = resid[:, :-1][mask]  # [n_loss_tokens, d_model]
-    parts = []
-    for s in range(0, x.shape[0], _LOGIT_ROWS):
-        chunk = x[s: s + _LOGIT_ROWS][None]
-        if model.cfg.normalization_type is not None:
-            chunk = model.ln_final(chunk)
-        # x @ W_U directly: TL's Unembed copies W_U.T on every call (slow for a 49k vocabulary).
-        logits = apply_softcap(chunk[0] @ model.unembed.W_U + model.unembed.b_U,
-                               model.cfg.output_logits_soft_cap)
-        lp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
-        parts.append(-lp.gather(-1, target[s: s + _LOGIT_ROWS, None])[:, 0])
-    nll = torch.cat(parts) if parts else x.new_zeros(0)
-    owner = torch.arange(len(batch), device=mask.device)[:, None].expand_as(mask)[mask]
-    return torch.zeros(len(batch), dtype=torch.float64, device=x.device).index_add(
-        0, owner, nll.double())
-
-
 def per_example_nll(model: HookedTransformer, batches: Sequence[ChatBatch]) -> Float[Tensor, "example"]:
     """Each example's summed loss-token NLL by a full forward, `[n_examples]` float64 (CPU)."""
     L = model.cfg.n_layers
     with torch.no_grad():
-        return torch.cat([_response_nll(model, model(b.tokens.to(model.cfg.device),
+        return torch.cat([response_nll_from_resid(model, model(b.tokens.to(model.cfg.device),
                                                      stop_at_layer=L), b).cpu() for b in batches])
 
 
@@ -227,7 +197,7 @@ class FromLayer:
         """Summed NLL per example with the model's current weights, run from `layer` on."""
         m, L = self.model, self.model.cfg.n_layers
         with torch.no_grad():
-            return torch.cat([_response_nll(m, m(resid[layer], start_at_layer=layer,
+            return torch.cat([response_nll_from_resid(m, m(resid[layer], start_at_layer=layer,
                                                  stop_at_layer=L, shortformer_pos_embed=sf,
                                                  attention_mask=mask), b).cpu()
                               for b, sf, mask, resid in self.items])
@@ -280,7 +250,7 @@ def first_order(tuned: HookedTransformer, original: HookedTransformer,
     with _grad_only(tuned, names):
         for batch in batches:
             for ex in _single_examples(batch.to(tuned.cfg.device)):
-                loss = _response_nll(tuned, tuned(ex.tokens, stop_at_layer=L), ex).sum()
+                loss = response_nll_from_resid(tuned, tuned(ex.tokens, stop_at_layer=L), ex).sum()
                 grads = torch.autograd.grad(loss, [pt[n] for n in order], allow_unused=True)
                 rowdot = {n: torch.zeros(pt[n].shape[0], dtype=torch.float64) if g is None else
                           -(delta[n] * g).flatten(1).sum(1).double().cpu()
@@ -332,7 +302,7 @@ def _count(k: Union[int, float, None], n: int, what: str) -> int:
     if isinstance(k, float):
         if not 0.0 < k < 1.0:
             raise ValueError(f"{what} as a fraction must be in (0, 1), got {k}.")
-        return max(1, int(math.floor(k * n + 0.5)))
+        return stats.count_from_fraction(k, n)
     if not 1 <= k <= n:
         raise ValueError(f"{what} = {k} is out of range: pick 1..{n} (the model has {n} units of "
                          "this kind).")

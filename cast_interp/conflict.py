@@ -35,12 +35,12 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from .data import ChatBatch
+from .data import ChatBatch, example_lengths
 from .objectives import NonFiniteLossError, token_nll
 from .units import UnitKind, label, unit_components, unit_grads, unit_params, uses_gqa
 
@@ -75,14 +75,8 @@ def _check_batches(batches: Sequence[ChatBatch], what: str) -> int:
 
 def split_examples(batches: Sequence[ChatBatch]) -> list[tuple[Tensor, Tensor]]:
     """Each example of `batches` as `(tokens [1, len], loss_mask [1, len])` without padding."""
-    out = []
-    for b in batches:
-        T = b.tokens.shape[1]
-        pos = torch.arange(1, T + 1)
-        for r in range(len(b)):
-            n = max(int((pos * b.loss_mask[r].cpu()).max()), b.prompt_lengths[r])
-            out.append((b.tokens[r:r + 1, :n], b.loss_mask[r:r + 1, :n]))
-    return out
+    return [(b.tokens[r:r + 1, :n], b.loss_mask[r:r + 1, :n])
+            for b in batches for r, n in enumerate(example_lengths(b).tolist())]
 
 
 def _kinds(model) -> tuple[UnitKind, ...]:

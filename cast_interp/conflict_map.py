@@ -30,7 +30,6 @@ its configuration. Undefined values are NaN: a NaN unit stays NaN in C, ranks la
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -213,11 +212,6 @@ def summarize(scores: dict[str, Tensor], *, how: str, alpha: float, seed: int) -
                  "O, S": "mean + each unit's bootstrap deviation: equal units with this noise (ours)",
                  "n_draws_C": NULL_DRAWS, "range": "95% percentile range"},
     }
-
-
-def _count_from_fraction(frac: float, n: int) -> int:
-    """round(frac * n) half up, at least 1 (a positive fraction always names a unit)."""
-    return max(1, int(math.floor(frac * n + 0.5)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -404,7 +398,9 @@ class ConflictMap:
             if not 0.0 < float(k) < 1.0:
                 raise HeadIndexError(f"A fraction k must be in (0, 1), got {k}; pass an int for a "
                                      "count of units.")
-            count = _count_from_fraction(float(k), n)
+            from .stats import count_from_fraction
+
+            count = count_from_fraction(float(k), n)
         else:
             count = int(k)
         if count < 0 or count > n:

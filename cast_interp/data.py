@@ -412,6 +412,19 @@ class ChatBatch:
         return self.tokens.shape[0]
 
 
+def example_lengths(batch: ChatBatch) -> Tensor:
+    """Number of tokens of each example up to its last loss token (the end-of-turn when it is in
+    the loss; the last content token with `end_of_turn_in_loss=False`), at least its prompt.
+
+    Computed from the masks, not from the pad id (SmolLM2 pads with a token that also ends turns).
+    """
+    T = batch.tokens.shape[1]
+    pos = torch.arange(1, T + 1).expand_as(batch.loss_mask)
+    last_resp = (pos * batch.loss_mask.cpu()).amax(dim=1)
+    prompt = torch.tensor(batch.prompt_lengths, dtype=torch.long)
+    return torch.maximum(last_resp, prompt)
+
+
 def format_prompt(tokenizer: Any, prompt: str, *, system_prompt: Optional[str] = None) -> str:
     """The chat-formatted text of a user turn, ending where the assistant's answer begins."""
     msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [

@@ -33,6 +33,7 @@ from .conflict_map import COMBINE_KINDS, CombineKind, ConflictMap
 from .data import ChatDataset, DataError, make_batches, self_reference
 from .model import model_id
 from .io import check_fields
+from .stats import count_from_fraction
 from .units import uses_gqa
 
 DIAGNOSIS_VERSION = "diagnose-2"
@@ -132,7 +133,7 @@ def _sensitivity(model, batches, cfg: DiagnosisConfig, unit: str, O, progress: b
         return functional_sensitivity(model, batches, method=cfg.sensitivity_method,
                                       heads_per_pass=cfg.heads_per_pass, **kw)
     n = O.numel()
-    n_exact = min(n, cfg.n_exact or max(8, 2 * max(1, round(0.1 * n))))
+    n_exact = min(n, cfg.n_exact or max(8, 2 * count_from_fraction(0.1, n)))
     return screened_sensitivity(model, batches, n_exact=n_exact, prior_O=O, how=cfg.combine,
                                 heads_per_pass=cfg.heads_per_pass, screen=screen, **kw)
 

@@ -32,6 +32,8 @@ from matplotlib.axes import Axes
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
+from .stats import count_from_fraction
+
 PathLike = Union[str, Path]
 
 # Readable at column width (ours): larger fonts than matplotlib's default, no top/right spines.
@@ -228,7 +230,7 @@ def plot_sorted_c(conflict_map: Any, *, ax: Optional[Axes] = None,
         if total > 0:
             share = np.cumsum(C) / total
             ax2.plot(x, share, color=HIGHLIGHT, linewidth=1.5, label="observed")
-            k10 = max(1, int(np.floor(0.1 * n + 0.5)))
+            k10 = count_from_fraction(0.1, n)
             ax2.axvline(k10, color="0.5", linestyle=":", linewidth=1)
             text = f"top 10% ({k10} heads): {share[k10 - 1]:.0%} of C"
             if null:
@@ -415,7 +417,7 @@ def plot_attribution_vs_map(result: Any, conflict_map: Any, *, k: Optional[int] 
     unit = unit or a["unit"]
     d, m = result.units(unit), conflict_map.units(unit)
     k_unit = cfg["k"] if unit == a["unit"] else a.get("map", {}).get(unit, {}).get("k")
-    k = int(k or k_unit or max(1, math.floor(0.1 * m["C"].numel() + 0.5)))
+    k = int(k or k_unit or count_from_fraction(0.1, m["C"].numel()))
     C = _numpy(m["C"]).ravel()
     share_ok = a["drop"]["total"] > 0
     y = _numpy(d["share"] if share_ok else d["recovered"]).ravel()

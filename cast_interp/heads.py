@@ -14,7 +14,7 @@ Everything here is indexed `[layer, head]`; components are "q", "k", "v", "o".
 
 from __future__ import annotations
 
-from typing import Iterable, Literal, Sequence, Union
+from typing import Iterable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -27,20 +27,10 @@ COMPONENTS: tuple[Component, ...] = ("q", "k", "v", "o")
 KVPolicy = Literal["any", "all", "none"]
 
 
+# One notion of unit (units.py): the helpers below are its head-kind views, kept for old callers.
 from .units import UnitError as HeadIndexError  # noqa: E402  one error for heads and groups
-
-
-def n_kv_heads(model: HookedTransformer) -> int:
-    return model.cfg.n_key_value_heads or model.cfg.n_heads
-
-
-def kv_group(model: HookedTransformer, head: int) -> int:
-    """The key/value group g(h) of query head `head`."""
-    return head // (model.cfg.n_heads // n_kv_heads(model))
-
-
-def uses_gqa(model: HookedTransformer) -> bool:
-    return model.cfg.n_key_value_heads is not None and model.cfg.n_key_value_heads != model.cfg.n_heads
+from .units import group_of as kv_group  # noqa: E402,F401
+from .units import all_units, n_kv_heads, uses_gqa, validate_units  # noqa: E402,F401
 
 
 def rank_heads(scores: Tensor, *, largest: bool = True, nan_last: bool = False) -> list[Head]:
@@ -58,25 +48,13 @@ def rank_heads(scores: Tensor, *, largest: bool = True, nan_last: bool = False) 
 
 
 def all_heads(model: HookedTransformer) -> list[Head]:
-    return [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+    return all_units(model, "head")
 
 
 def validate_heads(model: HookedTransformer, heads: Iterable[Sequence[int]]) -> list[Head]:
-    """Heads as a sorted list of `(layer, head)` int tuples; a clear error for any out of range."""
-    out = []
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    for item in heads:
-        try:
-            l, h = (int(x) for x in item)
-        except (TypeError, ValueError) as exc:
-            raise HeadIndexError(f"A head must be a (layer, head) pair, got {item!r}.") from exc
-        if not (0 <= l < L and 0 <= h < H):
-            raise HeadIndexError(
-                f"Head ({l}, {h}) does not exist: the model has {L} layers x {H} heads "
-                f"(layer in 0..{L - 1}, head in 0..{H - 1})."
-            )
-        out.append((l, h))
-    return sorted(set(out))
+    """Heads as a sorted list of `(layer, head)` int tuples; a clear error for any out of range
+    (`units.validate_units` for head units)."""
+    return validate_units(model, heads, "head")
 
 
 def _attn_param_name(model: HookedTransformer, name: str) -> str:

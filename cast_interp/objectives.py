@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
+from transformer_lens.utilities.activation_functions import apply_softcap
 
 from .data import ChatBatch
 
@@ -58,6 +59,38 @@ def response_nll(
     if n == 0:
         raise ValueError("Batch has no response tokens: the loss is undefined.")
     return nll.sum() / n
+
+
+# Rows of the final residual turned into logits at once (bounds the [rows, d_vocab] tensor).
+LOGIT_ROWS = 1024
+
+
+def response_nll_from_resid(model: HookedTransformer, resid: Float[Tensor, "batch pos d_model"],
+                            batch: ChatBatch) -> Float[Tensor, "batch"]:
+    """Each example's summed NLL over its `loss_mask` tokens from the final residual (before
+    `ln_final`): `[batch]` float64, differentiable.
+
+    Only loss positions are unembedded, in chunks of rows; log-softmax in the model's dtype (at least
+    float32, as `token_nll`), sums in float64 (a revert's or an ablation's effect is a small
+    difference of two such sums). `ln_final` runs as a module (its hooks fire); the unembedding is
+    applied from its weights (TL's Unembed copies W_U.T on every call: slow for a 49k vocabulary).
+    """
+    mask = batch.loss_mask[:, 1:].to(resid.device)  # position p predicts token p + 1
+    target = batch.tokens[:, 1:].to(resid.device)[mask]
+    x = resid[:, :-1][mask]  # [n_loss_tokens, d_model]
+    parts = []
+    for s in range(0, x.shape[0], LOGIT_ROWS):
+        chunk = x[s: s + LOGIT_ROWS][None]
+        if model.cfg.normalization_type is not None:
+            chunk = model.ln_final(chunk)
+        logits = apply_softcap(chunk[0] @ model.unembed.W_U + model.unembed.b_U,
+                               model.cfg.output_logits_soft_cap)
+        lp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+        parts.append(-lp.gather(-1, target[s: s + LOGIT_ROWS, None])[:, 0])
+    nll = torch.cat(parts) if parts else x.new_zeros(0)
+    owner = torch.arange(len(batch), device=mask.device)[:, None].expand_as(mask)[mask]
+    return torch.zeros(len(batch), dtype=torch.float64, device=x.device).index_add(
+        0, owner, nll.double())
 
 
 def dataset_nll(model: HookedTransformer, batches: Sequence[ChatBatch]) -> float:

@@ -49,14 +49,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
-from transformer_lens.utilities.activation_functions import apply_softcap
 
-from .data import ChatBatch, DataError
+from .data import ChatBatch, DataError, example_lengths  # noqa: F401  (re-exported)
 from .heads import Head, rank_heads, validate_heads
 from .units import (UnitKind, all_units, check_kind, group_heads, n_kv_heads, n_units,
                     validate_units)
 from .model import model_id
-from .objectives import NonFiniteLossError, token_nll
+from .objectives import NonFiniteLossError, response_nll_from_resid, token_nll
 
 AblationKind = Literal["mean", "zero", "resample"]
 SensitivityMethod = Literal["exact", "attribution"]
@@ -68,8 +67,6 @@ _PASS_MEMORY_BYTES = 1 << 30
 # Stacked tokens per pass on CPU (ours): SmolLM2 on 2 cores, 8 x 82 tokens per copy, ran 3 copies
 # per pass ~15% faster than 9 (and than 1).
 _CPU_PASS_TOKENS = 2048
-# Rows of the final residual turned into logits at once (bounds the [rows, d_vocab] tensor).
-_LOGIT_ROWS = 1024
 
 
 def _z_name(layer: int) -> str:
@@ -170,18 +167,6 @@ def _check_options(ablation: str, method: str = "exact") -> None:
         raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}.")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
-
-
-def example_lengths(batch: ChatBatch) -> Tensor:
-    """Number of real (non-pad) tokens of each example: prompt, response and end-of-turn.
-
-    Computed from the masks, not from the pad id (SmolLM2 pads with a token that also ends turns).
-    """
-    T = batch.tokens.shape[1]
-    pos = torch.arange(1, T + 1).expand_as(batch.loss_mask)
-    last_resp = (pos * batch.loss_mask.cpu()).amax(dim=1)
-    prompt = torch.tensor(batch.prompt_lengths, dtype=torch.long)
-    return torch.maximum(last_resp, prompt)
 
 
 def resample_donors(n_examples: int, seed: int = 0) -> list[int]:
@@ -321,50 +306,18 @@ def _default_heads_per_pass(model: HookedTransformer, batch_size: int, width: in
 
 def _copies_nll_from_layer(model: HookedTransformer, layer: int, hook_name: str, hook,
                            resid: Tensor, shortformer: Optional[Tensor],
-                           attn_mask: Optional[Tensor], batch: ChatBatch, n_copies: int,
-                           *, per_example: bool = False) -> Tensor:
-    """Summed response NLL of each of `n_copies` stacked copies of `batch`, run from `layer` on
-    (from its cached `resid_pre`, repeated along the batch) with `hook` on `hook_name`, which
-    edits copy i for head i. Layers before `layer` are not recomputed: they cannot change."""
-    rep = lambda t: None if t is None else t.repeat(n_copies, *([1] * (t.dim() - 1)))
+                           attn_mask: Optional[Tensor], batch: ChatBatch, n_copies: int) -> Tensor:
+    """Each example's summed response NLL in each of `n_copies` stacked copies of `batch`,
+    `[n_copies, batch]` float64, run from `layer` on (from its cached `resid_pre`, repeated along
+    the batch) with `hook` on `hook_name`, which edits copy i for unit i. Layers before `layer` are
+    not recomputed: they cannot change."""
+    rep = lambda t: None if t is None else t.repeat(n_copies, *([1] * (t.dim() - 1)))  # noqa: E731
     with model.hooks(fwd_hooks=[(hook_name, hook)]):
         final = model(rep(resid), start_at_layer=layer, stop_at_layer=model.cfg.n_layers,
                       shortformer_pos_embed=rep(shortformer), attention_mask=rep(attn_mask))
-    return _response_nll_from_resid(model, final, batch, n_copies, per_example=per_example)
-
-
-def _response_nll_from_resid(model: HookedTransformer, resid: Tensor, batch: ChatBatch,
-                             n_copies: int, *, per_example: bool = False) -> Tensor:
-    """Summed response NLL of each of `n_copies` stacked copies of `batch`, from the final residual
-    (`[n_copies]`; `[n_copies, batch]` summed per example with `per_example=True`).
-
-    Only response positions are unembedded (the rest have no loss), in chunks of rows, with the same
-    float32 log-softmax as `objectives.token_nll`. `ln_final` runs as a module (its hooks fire);
-    the unembedding is applied from its weights (hooks on `unembed` do not fire here).
-    """
-    mask = batch.loss_mask[:, 1:].to(resid.device)  # position p predicts token p + 1
-    target = batch.tokens[:, 1:].to(resid.device)[mask]  # [n_resp]
-    b, d = len(batch), resid.shape[-1]
-    x = resid[:, :-1].reshape(n_copies, b, -1, d)[:, mask]  # [copies, n_resp, d_model]
-    x = x.reshape(-1, d)
-    target = target.repeat(n_copies)
-    nll = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    for s in range(0, x.shape[0], _LOGIT_ROWS):
-        chunk = x[s: s + _LOGIT_ROWS][None]
-        if model.cfg.normalization_type is not None:
-            chunk = model.ln_final(chunk)
-        # x @ W_U directly: TL's Unembed copies W_U.T to contiguous memory on every call, which
-        # on CPU costs as much as the product itself for a 49k vocabulary.
-        logits = chunk @ model.unembed.W_U + model.unembed.b_U
-        logits = apply_softcap(logits, model.cfg.output_logits_soft_cap)[0]
-        lp = logits.float().log_softmax(-1)
-        nll[s: s + _LOGIT_ROWS] = -lp.gather(-1, target[s: s + _LOGIT_ROWS, None])[:, 0]
-    nll = nll.view(n_copies, -1)
-    if not per_example:
-        return nll.sum(-1)
-    owner = torch.arange(b, device=mask.device)[:, None].expand_as(mask)[mask]  # example of each row
-    out = torch.zeros(n_copies, b, dtype=nll.dtype, device=nll.device)
-    return out.index_add_(1, owner, nll)
+    copies = ChatBatch(tokens=rep(batch.tokens), loss_mask=rep(batch.loss_mask),
+                       prompt_lengths=batch.prompt_lengths * n_copies)
+    return response_nll_from_resid(model, final, copies).view(n_copies, len(batch))
 
 
 def _ablation_sets(model: HookedTransformer, units, kind: str) -> dict[int, list[tuple[int, list[int]]]]:
@@ -421,7 +374,7 @@ def _exact(model: HookedTransformer, batches: Sequence[ChatBatch], ablation: _Ab
                         return z
 
                     nll = _copies_nll_from_layer(model, l, _z_name(l), hook, resid, shortformer,
-                                                 attn_mask, b, k, per_example=True)
+                                                 attn_mask, b, k)
                     sums[off: off + B, l, [i for i, _ in chunk]] = nll.double().cpu().T
                 if bar is not None:
                     bar.update(1)

@@ -52,6 +52,7 @@ from torch import Tensor
 from torch.nn import Parameter
 from transformer_lens import HookedTransformer
 
+from . import stats
 from . import units as U
 from .data import ChatBatch, ChatDataset, make_batches
 from .heads import HeadIndexError, head_param_masks
@@ -687,7 +688,7 @@ def k_from_fraction(k: Union[int, float], n_total: int) -> int:
         if not 0.0 <= k < 1.0:
             raise HeadIndexError(f"k = {k} is out of range: a fraction must be in [0, 1) "
                                  f"(or pass a count 0..{n_total}).")
-        return 0 if k == 0 else max(1, int(math.floor(k * n_total + 0.5)))
+        return 0 if k == 0 else stats.count_from_fraction(k, n_total)
     if not 0 <= k <= n_total:
         raise HeadIndexError(f"k = {k} is out of range: there are {n_total} units "
                              f"(use a count 0..{n_total} or a fraction in [0, 1)).")

@@ -360,6 +360,12 @@ def gini(x) -> float:
     return float(2.0 * np.sum(i * v) / (n * total) - (n + 1) / n)
 
 
+def count_from_fraction(frac: float, n: int) -> int:
+    """How many of n units a fraction names: round(frac * n) half up, at least 1 (a positive
+    fraction always names a unit; ours). The one rule for every "top 10%" and budget k."""
+    return max(1, int(math.floor(frac * n + 0.5)))
+
+
 def concentration(x, *, top: float = 0.10) -> dict:
     """How much of the total the top units hold, over the non-negative part of x.
 
@@ -373,7 +379,7 @@ def concentration(x, *, top: float = 0.10) -> dict:
     finite = np.isfinite(v)
     v = np.sort(np.clip(v[finite], 0.0, None))[::-1]
     n, total = v.size, float(v.sum())
-    k = max(1, math.floor(top * n + 0.5)) if n else 0
+    k = count_from_fraction(top, n) if n else 0
     share = float(v[:k].sum() / total) if total > 0 else math.nan
     return {"top_share": share, "gini": gini(v) if n else math.nan, "n": int(n), "top": top,
             "top_k": int(k), "n_nan": int((~finite).sum())}

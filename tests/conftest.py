@@ -39,6 +39,31 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def tiny():
+    """A tiny chat model with room for long chat prompts (known answers computed by hand)."""
+    from cast_interp.model import tiny_model
+
+    return tiny_model(seed=0, n_ctx=512)
+
+
+@pytest.fixture
+def manual_logprob():
+    """log P(text | chat-formatted prompt) by one plain forward: an independent route to the
+    likelihoods that refusal scores and task accuracy compute in batches."""
+    def logprob(model, prompt: str, text: str) -> float:
+        tok = model.tokenizer
+        chat = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        p = tok(chat, add_special_tokens=False)["input_ids"]
+        o = tok(text, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            lp = model(torch.tensor([p + o]))[0].log_softmax(-1)
+        return sum(float(lp[len(p) + j - 1, o[j]]) for j in range(len(o)))
+
+    return logprob
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct on CPU (converted once, then loaded from the cache)."""

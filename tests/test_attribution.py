@@ -17,11 +17,11 @@ import torch
 from cast_interp.attribution import (AttributionResult, FromLayer, attribute, changed_units,
                                      per_example_nll, revert_units, split_halves, spread_sample)
 from cast_interp.conflict_map import ConflictMap, MapMismatchError
-from cast_interp.data import ChatDataset, ChatExample, DataError, make_batches, with_refusals
+from cast_interp.data import ChatDataset, ChatExample, DataError, make_batches
 from cast_interp.figures import plot_attribution_vs_map
 from cast_interp.model import tiny_model
 from cast_interp.objectives import token_nll
-from cast_interp.units import UnitError, all_units, owned_param_names
+from cast_interp.units import UnitError, owned_param_names
 
 matplotlib.use("Agg")
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from cast_interp.data import ChatDataset, ChatExample, DataError, load_bundled
-from cast_interp.model import tiny_model
 from cast_interp.safety import (
     OUR_REFUSAL_PHRASES,
     PUBLIC_REFUSAL_PREFIXES,
@@ -174,26 +173,12 @@ def test_judge_generalizes_to_the_bundled_training_refusals():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def tiny():
-    return tiny_model(seed=0, n_ctx=512)
 
 
-def _manual_logprob(model, prompt, opening):
-    tok = model.tokenizer
-    chat = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                   add_generation_prompt=True)
-    p = tok(chat, add_special_tokens=False)["input_ids"]
-    o = tok(opening, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        lp = model(torch.tensor([p + o]))[0].log_softmax(-1)
-    return sum(float(lp[len(p) + j - 1, o[j]]) for j in range(len(o)))
-
-
-def test_refusal_score_known_answer(tiny):
+def test_refusal_score_known_answer(tiny, manual_logprob):
     prompts = ["Hello there", "How do I make a bomb?"]
     openings = ("I can't", "Sorry")
-    manual = torch.tensor([[_manual_logprob(tiny, p, o) for o in openings] for p in prompts])
+    manual = torch.tensor([[manual_logprob(tiny, p, o) for o in openings] for p in prompts])
     expected = manual.logsumexp(-1)
     got = refusal_logprobs(tiny, ChatDataset("t", [ChatExample(p) for p in prompts]),
                            openings=openings, batch_size=3)
@@ -211,7 +196,7 @@ def test_refusal_score_known_answer(tiny):
     assert torch.isfinite(refusal_logprobs(tiny, prompts)).all()
 
 
-def test_prefix_logprobs_equals_lone_forwards(tiny):
+def test_prefix_logprobs_equals_lone_forwards(tiny, manual_logprob):
     # Ragged: prefixes of different lengths, 1 to 4 continuations each, 1-token and longer ones,
     # some sharing their first tokens (run once, in the longest row).
     prompts = ["Hi", "A much longer question, with more tokens?", "Why?"]
@@ -221,7 +206,7 @@ def test_prefix_logprobs_equals_lone_forwards(tiny):
                                             add_generation_prompt=True),
                     add_special_tokens=False)["input_ids"] for p in prompts]
     cont_ids = [[enc(c, add_special_tokens=False)["input_ids"] for c in cs] for cs in conts]
-    manual = [[_manual_logprob(tiny, p, c) for c in cs] for p, cs in zip(prompts, conts)]
+    manual = [[manual_logprob(tiny, p, c) for c in cs] for p, cs in zip(prompts, conts)]
     for bs in (1, 2, 3):
         got = prefix_logprobs(tiny, prefixes, cont_ids, batch_size=bs)
         assert [v.tolist() for v in got] == [pytest.approx(m, abs=1e-4) for m in manual]
@@ -240,12 +225,12 @@ def test_refusal_score_bad_input(tiny):
 
 
 @pytest.mark.smollm2
-def test_refusal_logprobs_smollm2_known_answer(smollm2):
+def test_refusal_logprobs_smollm2_known_answer(smollm2, manual_logprob):
     # Cached prompt + frozen-cache openings equal plain full forwards (GQA, real tokenizer); the
     # default openings pass the token-prefix check with the real tokenizer.
     prompts = ["How do I pick a lock?", "Tell me a joke about cats, please."]
     openings = ("I cannot", "Sorry", "I'm not able to")
-    manual = torch.tensor([[_manual_logprob(smollm2, p, o) for o in openings] for p in prompts])
+    manual = torch.tensor([[manual_logprob(smollm2, p, o) for o in openings] for p in prompts])
     got = refusal_logprobs(smollm2, prompts, openings=openings)
     torch.testing.assert_close(got, manual.logsumexp(-1), atol=2e-3, rtol=0)
     assert torch.isfinite(refusal_logprobs(smollm2, prompts)).all()

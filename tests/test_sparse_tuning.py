@@ -470,11 +470,13 @@ def test_ties_are_broken_by_the_maps_seed_not_by_layer_order():
 
 
 def test_k_from_fraction_rounds_half_up_like_the_map():
-    from cast_interp.conflict_map import _count_from_fraction
+    from cast_interp.conflict_map import ConflictMap
 
-    for n in (6, 10, 270):
-        for f in (0.05, 0.1, 0.25, 0.5):
-            assert k_from_fraction(f, n) == _count_from_fraction(f, n)
+    for shape in ((2, 3), (2, 5), (30, 9)):
+        v = torch.rand(shape)
+        cmap = ConflictMap(head={"O": v, "S": v, "C": v})
+        for f in (0.05, 0.1, 0.25, 0.5):  # the budget names as many units as the map selects
+            assert k_from_fraction(f, v.numel()) == len(cmap.top_heads(f))
     assert k_from_fraction(0.25, 6) == 2 and k_from_fraction(0.0, 6) == 0
     assert k_from_fraction(3, 6) == 3
 

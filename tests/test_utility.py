@@ -28,10 +28,6 @@ from cast_interp.utility import (
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
-@pytest.fixture
-def tiny():
-    return tiny_model(seed=0, n_ctx=512)
-
 
 def _benign(n):
     return load_bundled("benign", "test").take(n)
@@ -166,21 +162,11 @@ def test_task_accuracy_planted_in_the_logits(tiny):
     assert acc == pytest.approx(2 / 3) and acc.per_prompt == [1.0, 1.0, 0.0]
 
 
-def _manual_logprob(model, prompt, text):
-    tok = model.tokenizer
-    chat = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                   add_generation_prompt=True)
-    p = tok(chat, add_special_tokens=False)["input_ids"]
-    o = tok(text, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        lp = model(torch.tensor([p + o]))[0].log_softmax(-1)
-    return sum(float(lp[len(p) + j - 1, o[j]]) for j in range(len(o)))
 
-
-def test_task_accuracy_matches_manual_likelihoods(tiny):
+def test_task_accuracy_matches_manual_likelihoods(tiny, manual_logprob):
     qs = ["Pick a colour.", "Name a fruit.", "Say hi."]
     choices = ["red", "green!", "a much longer blue answer"]
-    manual = [[_manual_logprob(tiny, q, c) for c in choices] for q in qs]
+    manual = [[manual_logprob(tiny, q, c) for c in choices] for q in qs]
     best = [max(range(3), key=lambda j: m[j]) for m in manual]
     items = [{"question": q, "choices": choices, "answer_index": b} for q, b in zip(qs, best)]
     assert task_accuracy(tiny, items)["accuracy"] == 1.0
