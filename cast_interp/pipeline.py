@@ -67,9 +67,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 4 draws, small test sets, no generation: the CIs are wide and the report says so.
     "cpu": {},
     # Under 2 hours on 2 CPU cores: 8 training seeds shared by full tuning, CAST and random, 20
-    # random draws, all test prompts (40 task items), generated refusals on the first seed.
+    # random draws, S on 16 examples (as `diagnose`), all test prompts (40 task items), generated
+    # refusals on the first seed; tuned weights of the first seed kept for `cast-interp attribute`.
     "cpu-full": {"train_seeds": list(range(8)), "n_draws": 20, "n_eval": None, "n_task": 40,
-                 "generation_seeds": 1, "attribute": False},
+                 "n_sensitivity": 16, "generation_seeds": 1, "attribute": False},
     # A GPU (the `device` machine): every baseline, more calibration data, steps, seeds and draws
     # (not timed yet).
     "gpu": {"n_calibration": 128, "n_sensitivity": 64, "n_bootstrap": 500, "steps": 40,
@@ -551,8 +552,20 @@ def _piece_key(ctx: _Context, piece: Piece) -> str:
         **asdict(piece), "generation": _generates(ctx.cfg, piece.train_seed)})
 
 
+def _keeps_state(cfg: RunConfig, piece: Piece) -> bool:
+    """Whether a piece's tuned weights are kept for stage 4: on the first training seed, full
+    tuning, CAST and the random arm's first draw (attention weights only, ~0.1 GB each)."""
+    return piece.train_seed == cfg.train_seeds[0] and (
+        piece.method in ("full", "cast") or (piece.method == "random" and piece.draw == 0))
+
+
+def _state_path(ctx: _Context, piece: Piece) -> Path:
+    name = "full_state" if piece.method == "full" else f"{piece.name}_state"
+    return ctx.out / "arms" / f"{name}.safetensors"
+
+
 def _full_state_path(ctx: _Context) -> Path:
-    return ctx.out / "arms" / "full_state.safetensors"
+    return _state_path(ctx, Piece("full", 0, ctx.cfg.train_seeds[0]))
 
 
 def _run_piece(ctx: _Context, piece: Piece, where: str, progress: bool) -> dict:
@@ -562,10 +575,9 @@ def _run_piece(ctx: _Context, piece: Piece, where: str, progress: bool) -> dict:
     cfg, path = ctx.cfg, ctx.out / "arms" / f"{piece.name}.json"
     key, skip = _piece_key(ctx, piece), _skipped(ctx, piece)
     done = _load_piece(path, key)
-    keeps_state = (piece.method == "full" and piece.train_seed == cfg.train_seeds[0]
-                   and cfg.attribute)
+    keeps_state = _keeps_state(cfg, piece)
     if done is not None and [tuple(u) for u in done["skip"]] == skip and (
-            not keeps_state or _state_key(_full_state_path(ctx)) == key):
+            not keeps_state or _state_key(_state_path(ctx, piece)) == key):
         _log(f"piece {where} {piece.name}: done before, re-used")
         return done
     if path.exists():
@@ -592,7 +604,7 @@ def _run_piece(ctx: _Context, piece: Piece, where: str, progress: bool) -> dict:
 
         state = {k: v.detach().cpu() for k, v in ctx.model.state_dict().items()
                  if ".attn." in k or cfg.scope == "all"}
-        atomic_save_safetensors(state, _full_state_path(ctx), {"key": key})
+        atomic_save_safetensors(state, _state_path(ctx, piece), {"key": key})
     atomic_write_json(result, path)  # written last: its presence means the piece is finished
     return read_json(path)  # as JSON (tuples -> lists), the same whether fresh or re-used
 
