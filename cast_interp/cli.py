@@ -113,9 +113,10 @@ def _cmd_attribute(args) -> int:
     cfg = RunConfig.from_dict(read_json(path))
     cfg.attribute = True
     cfg.out_dir = str(args.run)  # the directory may have been moved or copied since the run
-    for name in ("examples", "candidates", "spread", "draws"):
+    for name in ("examples", "candidates", "spread", "draws", "arms"):
         if getattr(args, name) is not None:
             setattr(cfg, f"attribution_{name}", getattr(args, name))
+    cfg.__post_init__()  # the options above are checked like a config's
     run_experiment(cfg)  # finished stages are re-used; only attribution is computed
     print((Path(args.run) / "report.md").read_text())
     return 0
@@ -183,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exact reverts of the top first-order units (default 2k)")
     a.add_argument("--spread", type=int, default=None, help="exact reverts spread over the range")
     a.add_argument("--draws", type=int, default=None, help="random revert sets (default 20)")
+    a.add_argument("--arms", nargs="+", choices=["full", "cast", "random"], default=None,
+                   help="arms to attribute on the first training seed (default: full)")
     a.set_defaults(fn=_cmd_attribute)
     return p
 

@@ -50,6 +50,7 @@ from .io import atomic_write_json, atomic_write_text, read_json, to_jsonable
 PIPELINE_VERSION = "pipeline-2"
 UnitKind = Literal["head", "group"]
 BASELINES = ("bottom", "top_o", "top_s", "layer_band")
+ATTRIBUTABLE = ("full", "cast", "random")  # arms whose first-seed tuned weights are kept
 
 # Sized with `estimate_seconds` (per-unit times measured on SmolLM2, 2 CPU cores; the v2 diagnosis
 # time in it is a guess until measured): cpu ~19 min, cpu-full ~110 min.
@@ -59,7 +60,7 @@ PRESETS: dict[str, dict[str, Any]] = {
               "batch_size": 4, "n_eval": 4, "n_task": 4, "eval_max_new_tokens": 32,
               "k_fractions": [0.5], "baselines": list(BASELINES), "train_seeds": [0, 1],
               "n_draws": 2, "eval_every": 1, "n_val": 2, "generation_seeds": None,
-              "attribution_examples": 4, "attribution_candidates": 2, "attribution_spread": 4,
+              "attribution_examples": 4, "attribution_candidates": 4, "attribution_spread": 4,
               "attribution_max_new_tokens": 16, "n_boot": 200,
               "self_reference_tokens": 16, "utility_reference": "dataset"},
     # The default (RunConfig's defaults): a quick look in under 20 minutes on 2 CPU cores. Same
@@ -139,6 +140,8 @@ class RunConfig:
     n_boot: int = 2000
     # Stage 4
     attribute: bool = True
+    # Arms attributed on the first training seed: "full", "cast" (first budget), "random" (draw 0).
+    attribution_arms: list = field(default_factory=lambda: ["full"])
     attribution_examples: int = 16            # split into halves A (choose) and B (measure)
     attribution_candidates: Optional[int] = None  # exact reverts of the top first-order units (2k)
     attribution_spread: int = 30              # exact reverts spread over the first-order range
@@ -187,6 +190,15 @@ class RunConfig:
             raise ValueError(f"generation_seeds must be None (all) or a count >= 0, got {g!r}.")
         if not 0 < self.ci < 1:
             raise ValueError(f"ci is a coverage in (0, 1), got {self.ci!r}.")
+        arms = self.attribution_arms
+        if (not isinstance(arms, (list, tuple)) or not arms
+                or any(a not in ATTRIBUTABLE for a in arms) or len(set(arms)) != len(arms)):
+            raise ValueError(f"attribution_arms must be distinct names from {list(ATTRIBUTABLE)}, "
+                             f"got {arms!r}.")
+        if "random" in arms and self.n_draws == 0:
+            raise ValueError("attribution_arms has 'random' but n_draws is 0: there is no random "
+                             "arm to attribute.")
+        self.attribution_arms = list(arms)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -564,10 +576,6 @@ def _state_path(ctx: _Context, piece: Piece) -> Path:
     return ctx.out / "arms" / f"{name}.safetensors"
 
 
-def _full_state_path(ctx: _Context) -> Path:
-    return _state_path(ctx, Piece("full", 0, ctx.cfg.train_seeds[0]))
-
-
 def _run_piece(ctx: _Context, piece: Piece, where: str, progress: bool) -> dict:
     """Train and evaluate one piece, or re-use it from disk (same key and same skipped units)."""
     from .sparse_tuning import TuningConfig, safety_finetune
@@ -633,42 +641,56 @@ def _state_key(path: Path) -> Optional[str]:
         return None
 
 
-def _attribution(ctx: _Context, progress: bool):
-    """Stage 4 (`attribution.attribute`, METHOD.md v2) on the full-tuning piece of the first
-    training seed: units as in the map, the diagnosis' utility objective (the original model's own
-    answers, content tokens), first order for all units, exact reverts of the candidates and a
-    spread sample, units chosen on half A and measured on half B, random revert sets."""
+def _attributed_piece(ctx: _Context, arm: str) -> Piece:
+    """The piece stage 4 attributes for `arm`: its first training seed (random: draw 0) at the
+    first budget."""
+    cfg = ctx.cfg
+    k = 0 if arm == "full" else _k0(cfg, ctx.model)
+    return Piece(arm, k, cfg.train_seeds[0], 0 if arm == "random" else None)
+
+
+def _attribution(ctx: _Context, progress: bool) -> dict:
+    """Stage 4 (`attribution.attribute`, METHOD.md v2) on the first-seed piece of each of
+    `cfg.attribution_arms`: units as in the map, the diagnosis' utility objective (the original
+    model's own answers, content tokens), first order for all units, exact reverts of the
+    candidates and a spread sample, units chosen on half A and measured on half B, random revert
+    sets. Returns {arm: summary}; each arm's files go to `attribution/<arm>/`."""
+    return {arm: _attribute_arm(ctx, arm, progress) for arm in ctx.cfg.attribution_arms}
+
+
+def _attribute_arm(ctx: _Context, arm: str, progress: bool) -> dict:
     from safetensors.torch import load_file
 
     from .attribution import attribute
 
     cfg, out, original = ctx.cfg, ctx.out, ctx.original
-    full_key = _piece_key(ctx, Piece("full", 0, cfg.train_seeds[0]))
-    if _state_key(_full_state_path(ctx)) != full_key:
-        raise RuntimeError(f"{_full_state_path(ctx)} is missing or from other settings; rerun "
-                           "`cast-interp run` on this directory to retrain the full-tuning arm.")
-    key = cfg.key(*TUNE_FIELDS, *EVAL_FIELDS, *ATTR_FIELDS, *DIAG_FIELDS)
-    path = out / "attribution" / "attribution.json"
-    piece = _load_piece(path, key)
-    if piece is not None:
-        return piece
+    piece = _attributed_piece(ctx, arm)
+    state_path = _state_path(ctx, piece)
+    if _state_key(state_path) != _piece_key(ctx, piece):
+        raise RuntimeError(f"{state_path} is missing or from other settings; rerun "
+                           "`cast-interp run` on this directory to retrain that piece.")
+    key = cfg.key(*TUNE_FIELDS, *EVAL_FIELDS, *ATTR_FIELDS, *DIAG_FIELDS, extra=asdict(piece))
+    arm_dir = out / "attribution" / arm
+    done = _load_piece(arm_dir / "attribution.json", key)
+    if done is not None:
+        return done
     tuned = copy.deepcopy(original)
-    tuned.load_state_dict(load_file(str(_full_state_path(ctx))), strict=False)
-    _log(f"stage 4: post-hoc attribution of the full-tuning arm ({cfg.attribution_examples} "
-         "examples, halves A/B)")
+    tuned.load_state_dict(load_file(str(state_path)), strict=False)
+    _log(f"stage 4: post-hoc attribution of {piece.name} ({cfg.attribution_examples} examples, "
+         "halves A/B)")
     res = attribute(tuned, original, utility_data=ctx.data["benign_test"], conflict_map=ctx.cmap,
                     safety_data=ctx.data["harmful_test"], unit=cfg.unit,
-                    n_examples=cfg.attribution_examples,
+                    k=_k0(cfg, ctx.model), n_examples=cfg.attribution_examples,
                     utility_reference=cfg.attribution_reference,
                     max_new_tokens=cfg.attribution_max_new_tokens,
                     reference_cache=out / "attribution" / "self_reference_test.jsonl",
                     n_candidates=cfg.attribution_candidates, n_spread=cfg.attribution_spread,
-                    n_draws=cfg.attribution_draws, seed=cfg.seed, label="full",
+                    n_draws=cfg.attribution_draws, seed=cfg.seed, label=arm,
                     progress=progress)
-    res.save(out / "attribution")
-    piece = {"key": key, **res.summary()}
-    atomic_write_json(piece, path)
-    return piece
+    res.save(arm_dir)
+    summary = {"key": key, "piece": piece.name, **res.summary()}
+    atomic_write_json(summary, arm_dir / "attribution.json")
+    return read_json(arm_dir / "attribution.json")
 
 
 def run_figures(out_dir, fig_dir=None) -> list[Path]:

@@ -451,36 +451,55 @@ def _time_lines(doc: dict) -> list[str]:
     return lines + [""]
 
 
+def attributions(doc: dict) -> dict[str, dict]:
+    """{arm: stage-4 summary} of a results document (older runs stored one flat summary)."""
+    att = doc.get("attribution") or {}
+    return {att.get("label", "full"): att} if "total_drop" in att else att
+
+
 def _attribution_lines(doc: dict) -> list[str]:
-    """Stage 4's numbers (`attribution.AttributionResult.summary`): drop, out-of-sample shares
-    against random revert sets, Spearman with the map, first order vs exact."""
-    att = doc.get("attribution")
-    if not att:
+    """Stage 4's numbers (`attribution.AttributionResult.summary`), one column per attributed arm:
+    drop, out-of-sample shares against random revert sets, Spearman with the map, first order vs
+    exact."""
+    atts = attributions(doc)
+    if not atts:
         return []
+    arms = list(atts)
     f = lambda v: "n/a" if not isinstance(v, (int, float)) else f"{v:.3g}"  # noqa: E731
-    ci = lambda n: f"{f(att.get(n))} [{f(att.get(n + '_low'))}, {f(att.get(n + '_high'))}]"  # noqa
-    lines = ["## Which units caused the utility drop", "",
-             f"Post-hoc attribution of the full-tuning arm on training seed "
-             f"{doc['config']['train_seeds'][0]}: each unit's own parameters reverted to their "
-             "pre-training values; utility recovered = L_util(tuned) - L_util(unit reverted), on "
-             "the original model's answers (content tokens). Units are chosen on half A of the "
-             "examples and measured on half B.", "", "| quantity | value [95% CI] |", "|---|---|"]
-    for name, label in (("total_drop", "utility drop (nats/token)"),
-                        ("top_k_C_share_B", "share recovered by the map's top-k, half B"),
-                        ("selected_share_B", "share recovered by the top-k chosen on half A, half B"),
-                        ("all_units_share", "share recovered by reverting every unit")):
-        if name in att:
-            lines.append(f"| {label} | {ci(name)} |")
-    for k in sorted(att):
-        if k.startswith("random_") and isinstance(att[k], (int, float)):
-            lines.append(f"| {k.replace('_', ' ')} | {f(att[k])} |")
-    for k, v in sorted(att.items()):
+
+    def ci(att, n):
+        return f"{f(att.get(n))} [{f(att.get(n + '_low'))}, {f(att.get(n + '_high'))}]"
+
+    names = [("total_drop", "utility drop (nats/token)", True),
+             ("top_k_C_share_B", "share recovered by the map's top-k, half B", True),
+             ("selected_share_B", "share recovered by the top-k chosen on half A, half B", True),
+             ("all_units_share", "share recovered by reverting every unit", True)]
+    keys = sorted({k for att in atts.values() for k in att})
+    for k in keys:
         if k.startswith("spearman_") and not k.endswith(("_low", "_high", "_p")):
-            lines.append(f"| {k.replace('_', ' ')} | {ci(k)}, permutation p = {f(att.get(k + '_p'))} |")
-        elif k.endswith(("percentile", "_p")) and "vs_random" in k or k.startswith("additivity") or (
-                k.startswith("agreement_") and k.endswith(("spearman", "relative_error"))):
-            lines.append(f"| {k.replace('_', ' ')} | {f(v)} |")
-    return lines + ["", "![attribution](figures/attribution_vs_map.png)", ""]
+            names.append((k, k.replace("_", " "), True))
+    for k in keys:
+        if (k.startswith("random_") or k.startswith("additivity") or ("vs_random" in k and k.endswith(
+                ("percentile", "_p"))) or (k.startswith("agreement_")
+                                           and k.endswith(("spearman", "relative_error")))):
+            names.append((k, k.replace("_", " "), False))
+    lines = ["## Which units caused the utility drop", "",
+             f"Post-hoc attribution on training seed {doc['config']['train_seeds'][0]} of: "
+             + ", ".join(f"{a} ({atts[a].get('piece', a)})" for a in arms) + ". Each unit's own "
+             "parameters reverted to their pre-training values; utility recovered = L_util(tuned) - "
+             "L_util(unit reverted), on the original model's answers (content tokens). Units are "
+             "chosen on half A of the examples and measured on half B; [95% CI] over examples.", "",
+             "| quantity | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    for name, label, with_ci in names:
+        if any(isinstance(att.get(name), (int, float)) for att in atts.values()):
+            cells = [ci(atts[a], name) if with_ci else f(atts[a].get(name)) for a in arms]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    figs = [f"![attribution, {a}](figures/{attribution_figure_name(a)}.png)" for a in arms]
+    return lines + [""] + figs + [""]
+
+
+def attribution_figure_name(arm: str) -> str:
+    return "attribution_vs_map" if arm == "full" else f"attribution_vs_map_{arm}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -612,9 +631,10 @@ def run_figures(out_dir, fig_dir=None) -> list[Path]:
     _save(plot_endpoints(doc["comparisons"]), fig_dir / "endpoints")
     _save(figures.plot_training_curves(doc["arms"]), fig_dir / "training_curves")
     _save(figures.plot_drop_vs_k(doc["summary"]), fig_dir / "drop_vs_k")
-    if (out / "attribution" / "attribution_result.json").exists():
-        from .attribution import AttributionResult
+    from .attribution import META_FILE, AttributionResult
 
-        res = AttributionResult.load(out / "attribution")
-        _save(figures.plot_attribution_vs_map(res, cmap, k=k), fig_dir / "attribution_vs_map")
+    for meta in sorted((out / "attribution").glob(f"*/{META_FILE}")):
+        res = AttributionResult.load(meta.parent)
+        name = attribution_figure_name(res.config.get("label") or meta.parent.name)
+        _save(figures.plot_attribution_vs_map(res, cmap, k=k), fig_dir / name)
     return sorted(fig_dir.glob("*.p*"))

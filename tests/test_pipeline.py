@@ -371,7 +371,18 @@ def test_cli_attribute_on_a_finished_run(finished, tmp_path, capsys):
     src, _ = finished
     run = tmp_path / "run"
     shutil.copytree(src, run)
-    assert main(["attribute", "--run", str(run), "--draws", "20", "--spread", "4"]) == 0
-    att = read_json(run / "results.json")["attribution"]
+    assert main(["attribute", "--run", str(run), "--draws", "20", "--spread", "4",
+                 "--arms", "full", "cast", "random"]) == 0
+    atts = read_json(run / "results.json")["attribution"]
+    assert list(atts) == ["full", "cast", "random"]
+    att = atts["full"]
     assert att["n_draws"] == 20 and att["unit"] == "head" and att["label"] == "full"
-    assert "Which units caused the utility drop" in capsys.readouterr().out
+    assert atts["random"]["piece"].endswith("_d0_t0") and atts["cast"]["label"] == "cast"
+    # CAST froze the map's top-k by C: reverting them gives back exactly nothing.
+    assert atts["cast"]["top_k_C_recovered"] == 0.0
+    assert atts["full"]["top_k_C_recovered"] != 0.0
+    out = capsys.readouterr().out
+    assert "Which units caused the utility drop" in out and "| full | cast | random |" in out
+    figs = {p.name for p in (run / "figures").glob("attribution_vs_map*.png")}
+    assert figs == {"attribution_vs_map.png", "attribution_vs_map_cast.png",
+                    "attribution_vs_map_random.png"}
