@@ -436,6 +436,7 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict:
     doc["summary"] = report.summarize(base, results)
     doc["comparisons"] = report.compare_arms(doc)
     doc["time_s"] = time.time() - t_start
+    doc["invocations"] = _invocations(out, doc, cfg)
     atomic_write_json(doc, out / "results.json")
     report.run_figures(out)
     atomic_write_text(report.report_markdown(doc), out / "report.md")
@@ -472,6 +473,24 @@ def _self_references(cfg: RunConfig, model, data: dict, out: Path) -> None:
         _log(f"benign mix: the model's own answers to {n_mix} training prompts")
         data["util_train"] = self_reference(model, data["util_train"].take(n_mix), max_new_tokens=n,
                                             cache_path=out / "self_reference_train.jsonl")
+
+
+def _invocations(out: Path, doc: dict, cfg: RunConfig) -> list[dict]:
+    """The wall time of every invocation that worked on this directory, this one last: a resumed
+    run or a later `attribute` re-uses finished stages, so its own `time_s` is not the run's cost.
+    Stage times of re-used stages stay those of the invocation that computed them."""
+    old: list[dict] = []
+    if (out / "results.json").exists():
+        try:
+            prev = read_json(out / "results.json")
+            old = prev.get("invocations") or [{"time_s": prev["time_s"],
+                                               "timings": prev.get("timings", {})}]
+            for name, v in (old[0].get("timings") or {}).items():
+                doc["timings"][name] = max(v, doc["timings"].get(name, 0.0))
+        except (ValueError, KeyError, TypeError):  # unreadable: count this invocation alone
+            old = []
+    return old + [{"time_s": doc["time_s"], "timings": dict(doc["timings"]),
+                   "attribute": bool(cfg.attribute), "attribution_arms": list(cfg.attribution_arms)}]
 
 
 def _diagnosis(cfg: RunConfig, model, data: dict, out: Path, progress: bool):

@@ -296,8 +296,8 @@ def report_markdown(doc: dict) -> str:
              f"Units skipped: {cfg['unit']}s. Training seeds {cfg['train_seeds']} shared by every "
              f"arm; {cfg['n_draws']} random draws (draw d: units drawn with seed d, trained on "
              f"seed train_seeds[d mod {len(cfg['train_seeds'])}]). Steps {cfg['steps']}, batch "
-             f"{cfg['batch_size']}, scope {cfg['scope']}, benign mix {cfg['benign_mix']}. Total "
-             f"time {doc['time_s'] / 60:.1f} min.", "",
+             f"{cfg['batch_size']}, scope {cfg['scope']}, benign mix {cfg['benign_mix']}. "
+             f"{_total_time(doc)}", "",
              "Every comparison is a paired difference (row arm minus column arm) over the same "
              f"training seeds and test prompts, with a {cfg.get('ci', 0.95):.0%} bootstrap CI over "
              "seeds and prompts (`stats.paired_difference`); the random arm's value on a seed is "
@@ -317,6 +317,15 @@ def report_markdown(doc: dict) -> str:
               "![paired differences vs random](figures/paired_differences.png)", "",
               "![end points](figures/endpoints.png)", ""]
     return "\n".join(lines) + "\n"
+
+
+def _total_time(doc: dict) -> str:
+    runs = doc.get("invocations") or [{"time_s": doc["time_s"]}]
+    if len(runs) == 1:
+        return f"Total time {doc['time_s'] / 60:.1f} min."
+    each = " + ".join(f"{r['time_s'] / 60:.1f}" for r in runs)
+    return (f"Total time {sum(r['time_s'] for r in runs) / 60:.1f} min over {len(runs)} "
+            f"invocations ({each} min; later ones re-use finished stages).")
 
 
 def _verdict_lines(comp: dict) -> list[str]:
@@ -426,7 +435,8 @@ def time_breakdown(doc: dict) -> dict:
                 parts.setdefault(name, []).append(v)
     t = doc.get("timings", {})
     mean = lambda x: float(np.mean(x)) if x else None  # noqa: E731
-    return {"total_s": doc["time_s"], "diagnosis_s": t.get("diagnosis_s"),
+    runs = doc.get("invocations") or [{"time_s": doc["time_s"]}]
+    return {"total_s": sum(r["time_s"] for r in runs), "diagnosis_s": t.get("diagnosis_s"),
             "self_reference_s": t.get("self_reference_s"), "n_pieces": len(pieces),
             "train_per_piece_s": mean(tune), "monitor_per_piece_s": mean(mon),
             "eval_per_piece_s": mean(ev),
@@ -473,7 +483,8 @@ def _attribution_lines(doc: dict) -> list[str]:
     names = [("total_drop", "utility drop (nats/token)", True),
              ("top_k_C_share_B", "share recovered by the map's top-k, half B", True),
              ("selected_share_B", "share recovered by the top-k chosen on half A, half B", True),
-             ("all_units_share", "share recovered by reverting every unit", True)]
+             ("all_units_share", "share recovered by reverting every unit", True),
+             ("time_s", "time (s)", False)]
     keys = sorted({k for att in atts.values() for k in att})
     for k in keys:
         if k.startswith("spearman_") and not k.endswith(("_low", "_high", "_p")):

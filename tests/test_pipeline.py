@@ -383,6 +383,10 @@ def test_cli_attribute_on_a_finished_run(finished, tmp_path, capsys):
     assert atts["full"]["top_k_C_recovered"] != 0.0
     out = capsys.readouterr().out
     assert "Which units caused the utility drop" in out and "| full | cast | random |" in out
+    # The run's own time is kept: the attribute invocation re-used it and adds its own.
+    runs = read_json(run / "results.json")["invocations"]
+    assert len(runs) == 2 and runs[0]["time_s"] == read_json(src / "results.json")["time_s"]
+    assert "over 2 invocations" in out
     figs = {p.name for p in (run / "figures").glob("attribution_vs_map*.png")}
     assert figs == {"attribution_vs_map.png", "attribution_vs_map_cast.png",
                     "attribution_vs_map_random.png"}
