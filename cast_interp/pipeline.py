@@ -514,8 +514,10 @@ def _clear_run(out: Path) -> None:
 def _prepare(cfg: RunConfig, overwrite: bool):
     """Everything that can fail on bad input, before any work or write: data, model, lengths, the
     run directory; then config.json and run.json are written. Returns (model, data)."""
+    from .io import check_out_dir
     from .model import load_model
 
+    check_out_dir(cfg.out_dir)  # a file or read-only path: before loading anything
     data = _datasets(cfg)
     torch.manual_seed(cfg.seed)  # before loading, as runs always did (a model's init draws)
     model = load_model(cfg.model, device=cfg.device)
