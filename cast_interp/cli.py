@@ -35,8 +35,8 @@ def _cmd_eval(args) -> int:
     cfg = EvalConfig(max_new_tokens=args.max_new_tokens)  # checks the numbers
     if args.out:
         check_out_file(args.out)
-    n = args.n
-    sets = {k: load_dataset(getattr(args, k)).take(n) for k in ("harmful", "benign", "over_refusal")}
+    sets = {k: load_dataset(getattr(args, k)).take(args.n)
+            for k in ("harmful", "benign", "over_refusal")}
     model = load_model(args.model, device=args.device)
     res = evaluate(model, original=model, config=cfg, **sets, progress=True)
     print(format_table({args.model: res}))
@@ -108,8 +108,8 @@ def _cmd_attribute(args) -> int:
         raise FileNotFoundError(f"{path} does not exist: pass the output directory of a "
                                 "`cast-interp run` (it holds config.json).")
     # The directory may have been moved or copied since the run; `replace` re-checks the options.
-    options = {f"attribution_{n}": getattr(args, n) for n in ("examples", "candidates", "spread",
-                                                              "draws") if getattr(args, n) is not None}
+    names = ("examples", "candidates", "spread", "draws")
+    options = {f"attribution_{n}": getattr(args, n) for n in names if getattr(args, n) is not None}
     cfg = replace(RunConfig.from_dict(read_json(path)), attribute=True, out_dir=str(args.run),
                   **options)
     run_experiment(cfg)  # finished stages are re-used; only attribution is computed

@@ -223,7 +223,7 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def _check_csv_rows(rows: list[dict], path: Path) -> list[dict]:
-    """Rows whose number of cells differs from the header's (a stray comma or quote) are an error."""
+    """A row whose number of cells differs from the header's (a stray comma or quote): an error."""
     for i, r in enumerate(rows):
         if None in r or any(v is None for v in r.values()):
             raise DataError(f"{path}: row {i + 2} has a different number of cells than the header; "

@@ -42,7 +42,8 @@ def check_out_dir(out: PathLike, marker: Optional[str] = None, overwrite: bool =
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise ValueError(f"--out {out} is not writable ({exc.strerror}): pick another path.") from exc
+        raise ValueError(f"--out {out} is not writable ({exc.strerror}): pick another path."
+                         ) from exc
 
 
 def check_out_file(out: PathLike) -> None:

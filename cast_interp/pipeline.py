@@ -642,7 +642,7 @@ def _self_references(cfg: RunConfig, model, data: dict, out: Path) -> None:
 def _diagnosis(cfg: RunConfig, model, data: dict, out: Path, progress: bool):
     """Stage 1, re-used from disk when its settings are unchanged."""
     from .conflict_map import ConflictMap
-    from .diagnose import DiagnosisConfig, diagnose
+    from .diagnose import diagnose
 
     diag_dir, diag_key = out / "diagnosis", cfg.key(*DIAG_FIELDS)
     if (diag_dir / "conflict_map.json").exists():
@@ -654,12 +654,8 @@ def _diagnosis(cfg: RunConfig, model, data: dict, out: Path, progress: bool):
         except Exception:  # unreadable or of another version: recompute
             pass
     _log("stage 1: diagnosis")
-    dcfg = DiagnosisConfig(n_calibration=cfg.n_calibration, n_sensitivity=cfg.n_sensitivity,
-                           batch_size=cfg.diag_batch_size, ablation=cfg.ablation,
-                           sensitivity_method=cfg.sensitivity_method, combine=cfg.combine,
-                           n_bootstrap=cfg.n_bootstrap, seed=cfg.seed,
-                           utility_reference=cfg.utility_reference)
-    cmap = diagnose(model, data["safe_cal"], data["util_cal"], dcfg, progress=progress)
+    cmap = diagnose(model, data["safe_cal"], data["util_cal"], cfg.diagnosis_config(),
+                    progress=progress)
     cmap.config["run_key"] = diag_key
     cmap.save(diag_dir)
     return cmap
@@ -747,7 +743,7 @@ def _full_state_path(ctx: _Context) -> Path:
 
 def _run_piece(ctx: _Context, piece: Piece, where: str, progress: bool) -> dict:
     """Train and evaluate one piece, or re-use it from disk (same key and same skipped units)."""
-    from .sparse_tuning import TuningConfig, safety_finetune
+    from .sparse_tuning import safety_finetune
 
     cfg, path = ctx.cfg, ctx.out / "arms" / f"{piece.name}.json"
     key, skip = _piece_key(ctx, piece), _skipped(ctx, piece)
@@ -761,9 +757,7 @@ def _run_piece(ctx: _Context, piece: Piece, where: str, progress: bool) -> dict:
         _log(f"piece {where} {piece.name}: on disk from other settings: redone")
     _log(f"piece {where} {piece.name}: tuning")
     ctx.model.load_state_dict(ctx.original_state)
-    tcfg = TuningConfig(seed=piece.train_seed, steps=cfg.steps, batch_size=cfg.batch_size,
-                        scope=cfg.scope, benign_mix=cfg.benign_mix,
-                        **({"lr": cfg.lr} if cfg.lr is not None else {}))
+    tcfg = cfg.tuning_config(piece.train_seed)
     skip_kw = {"skip_groups": skip} if cfg.unit == "group" else {"skip_heads": skip}
     tres = safety_finetune(ctx.model, ctx.data["safe_train"], config=tcfg,
                            benign_data=ctx.data["util_train"] if cfg.benign_mix > 0 else None,

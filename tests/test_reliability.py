@@ -7,8 +7,6 @@ import json
 import os
 import shutil
 import time
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -16,8 +14,8 @@ from cast_interp import model as model_mod
 from cast_interp import pipeline
 from cast_interp.cli import main
 from cast_interp.conflict_map import ConflictMap, MapMismatchError
-from cast_interp.data import (ChatDataset, ChatExample, DataError, check_fits, load_bundled,
-                              load_dataset, make_batches, self_reference)
+from cast_interp.data import (DataError, check_fits, load_bundled, load_dataset, make_batches,
+                              self_reference)
 from cast_interp.diagnose import DiagnosisConfig, diagnose
 from cast_interp.evaluate import EvalConfig
 from cast_interp.generation import generate_tokens
@@ -151,7 +149,8 @@ def _jsonl(path, rows):
 
 
 def test_a_single_data_file_is_split_into_disjoint_seeded_parts(tmp_path):
-    f = _jsonl(tmp_path / "mine.jsonl", [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(40)])
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(40)]
+    f = _jsonl(tmp_path / "mine.jsonl", rows)
     parts = pipeline._splits(f, 0)
     sets = {k: {e.prompt for e in v} for k, v in parts.items()}
     assert [len(sets[k]) for k in ("calibration", "train", "test")] == [10, 20, 10]
