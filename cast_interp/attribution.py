@@ -871,8 +871,8 @@ def attribute(
     kinds, ks, n_cand = _check_options(tuned, unit=unit, exact=exact, k=k, n_candidates=n_candidates,
                                        n_spread=n_spread, n_draws=n_draws, n_bootstrap=n_bootstrap,
                                        n_examples=n_examples)
-    if conflict_map is not None:
-        conflict_map.check_model(tuned)
+    if conflict_map is not None:  # the map describes the model before tuning
+        conflict_map.check_model(original)
     t = time.perf_counter()
     data = _prepare_data(tuned, original, utility_data, safety_data, n_examples=n_examples,
                          utility_reference=utility_reference, max_new_tokens=max_new_tokens,

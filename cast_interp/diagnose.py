@@ -31,7 +31,8 @@ from transformer_lens import HookedTransformer
 from .conflict import optimization_conflict
 from .conflict_map import COMBINE_KINDS, CombineKind, ConflictMap
 from .data import ChatDataset, DataError, make_batches, self_reference
-from .model import model_id
+from .model import model_id, weight_fingerprint
+from .checks import check_types
 from .io import check_fields
 from .stats import count_from_fraction
 from .units import uses_gqa
@@ -90,6 +91,7 @@ class DiagnosisConfig:
     heads_per_pass: Optional[int] = None
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name, lo in (("n_calibration", 1), ("batch_size", 1), ("max_new_tokens", 1),
                          ("n_bootstrap", 0)):
             v = getattr(self, name)
@@ -202,7 +204,7 @@ def diagnose(
 
     meta = {
         "diagnosis": cfg.to_dict(),
-        "model": model_id(model),
+        "model": {**model_id(model), "weights": weight_fingerprint(model)},
         "device": str(model.cfg.device),
         "data": {"safety": safe.describe(), "utility": util.describe(),
                  "sensitivity": util_sens.describe()},

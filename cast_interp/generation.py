@@ -35,9 +35,13 @@ def generate_tokens(
     eot = end_of_turn_id(model.tokenizer)
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else eot
     width = max(len(p) for p in prompt_ids)
-    if width + max_new_tokens > model.cfg.n_ctx:
+    n_ctx = model.cfg.n_ctx
+    if width + max_new_tokens > n_ctx:
+        fix = "drop or shorten the prompt, or use a model with a longer context"
+        if width < n_ctx:
+            fix = f"lower max_new_tokens to at most {n_ctx - width}, or {fix}"
         raise ValueError(f"Prompt of {width} tokens + {max_new_tokens} new tokens exceeds the "
-                         f"model's context ({model.cfg.n_ctx}); lower max_new_tokens.")
+                         f"model's context ({n_ctx}); {fix}.")
     b = len(prompt_ids)
     tokens = torch.full((b, width), pad, dtype=torch.long, device=device)
     attn = torch.zeros((b, width), dtype=torch.long, device=device)

@@ -41,10 +41,11 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Literal, Optional, Union, get_args
 
 import torch
 
+from .checks import check_int, check_number, check_types
 from .io import atomic_write_json, atomic_write_text, read_json, to_jsonable
 
 PIPELINE_VERSION = "pipeline-2"
@@ -99,8 +100,10 @@ class RunConfig:
 
     out_dir: str = "runs/default"
     model: str = "smollm2-135m-instruct"
-    safety_data: str = "bundled:harmful"
-    utility_data: str = "bundled:benign"
+    # A spec (one set, split into calibration/train/test by `split_seed`, or "bundled:KIND",
+    # split as shipped) or a list of three specs [calibration, train, test].
+    safety_data: Union[str, list] = "bundled:harmful"
+    utility_data: Union[str, list] = "bundled:benign"
     over_refusal_data: str = "bundled:over_refusal"
     # Stage 1
     n_calibration: int = 32
@@ -112,6 +115,7 @@ class RunConfig:
     n_bootstrap: int = 200
     utility_reference: str = "self"
     seed: int = 0                    # diagnosis: bootstraps, tie-breaks; evaluation
+    split_seed: int = 0              # the split of a single data file into calibration/train/test
     # Stage 2
     unit: str = "head"
     k_fractions: list = field(default_factory=lambda: [0.1])
@@ -154,19 +158,20 @@ class RunConfig:
     device: Optional[str] = None
 
     def __post_init__(self) -> None:
+        check_types(self)
         seeds = self.train_seeds
-        if (not isinstance(seeds, (list, tuple)) or not seeds
-                or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-                or len(set(seeds)) != len(seeds)):
+        if not seeds or len(set(seeds)) != len(seeds) or not all(
+                isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise ValueError(f"train_seeds must be a non-empty list of distinct ints, got "
                              f"{seeds!r}.")
         self.train_seeds = list(seeds)
-        if not isinstance(self.n_draws, int) or self.n_draws < 0 or 0 < self.n_draws < len(seeds):
+        check_int("n_draws", self.n_draws, 0)
+        if 0 < self.n_draws < len(seeds):
             raise ValueError(f"n_draws must be 0 (no random arm) or at least len(train_seeds) = "
                              f"{len(seeds)} (every training seed needs a random draw to pair "
                              f"with), got {self.n_draws!r}.")
-        if self.unit not in get_args(UnitKind):
-            raise ValueError(f"unit must be 'head' or 'group', got {self.unit!r}.")
+        for name in ("safety_data", "utility_data"):
+            _check_spec(name, getattr(self, name))
         bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
             raise ValueError(f"Unknown baselines {bad}; choose from {list(BASELINES)}.")
@@ -177,19 +182,16 @@ class RunConfig:
         if not self.k_fractions:
             raise ValueError("k_fractions is empty: give at least one budget (e.g. [0.1]).")
         for name, lo in (("steps", 1), ("batch_size", 1), ("eval_every", 0), ("n_val", 2),
-                         ("eval_max_new_tokens", 1), ("n_boot", 100), ("self_reference_tokens", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}.")
+                         ("eval_max_new_tokens", 1), ("n_boot", 100), ("self_reference_tokens", 1),
+                         ("attribution_examples", 4), ("attribution_spread", 1),
+                         ("attribution_draws", 20), ("attribution_max_new_tokens", 1)):
+            check_int(name, getattr(self, name), lo)
+        check_int("attribution_candidates", self.attribution_candidates, 1, none_ok=True)
         for name in ("n_eval", "n_task"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 2):
-                raise ValueError(f"{name} must be None (all test examples) or >= 2, got {v!r}.")
-        g = self.generation_seeds
-        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 0):
-            raise ValueError(f"generation_seeds must be None (all) or a count >= 0, got {g!r}.")
-        if not 0 < self.ci < 1:
-            raise ValueError(f"ci is a coverage in (0, 1), got {self.ci!r}.")
+            check_int(name, getattr(self, name), 2, none_ok=True, what=" (None: all test examples)")
+        check_int("generation_seeds", self.generation_seeds, 0, none_ok=True, what=" (None: all)")
+        check_number("ci", self.ci, lo=0, hi=1, lo_open=True, hi_open=True)
+        _check_choices(self)
         arms = self.attribution_arms
         if (not isinstance(arms, (list, tuple)) or not arms
                 or any(a not in ATTRIBUTABLE for a in arms) or len(set(arms)) != len(arms)):
@@ -199,6 +201,27 @@ class RunConfig:
             raise ValueError("attribution_arms has 'random' but n_draws is 0: there is no random "
                              "arm to attribute.")
         self.attribution_arms = list(arms)
+        # The stage configs check their own fields: one source of the rules.
+        self.diagnosis_config()
+        self.tuning_config(seeds[0])
+
+    def diagnosis_config(self):
+        """Stage 1's `DiagnosisConfig` from this run's fields."""
+        from .diagnose import DiagnosisConfig
+
+        return DiagnosisConfig(n_calibration=self.n_calibration, n_sensitivity=self.n_sensitivity,
+                               batch_size=self.diag_batch_size, ablation=self.ablation,
+                               sensitivity_method=self.sensitivity_method, combine=self.combine,
+                               n_bootstrap=self.n_bootstrap, seed=self.seed,
+                               utility_reference=self.utility_reference)
+
+    def tuning_config(self, train_seed: int):
+        """Stage 2's `TuningConfig` of a piece on `train_seed`."""
+        from .sparse_tuning import TuningConfig
+
+        return TuningConfig(seed=train_seed, steps=self.steps, batch_size=self.batch_size,
+                            scope=self.scope, benign_mix=self.benign_mix,
+                            **({"lr": self.lr} if self.lr is not None else {}))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -226,6 +249,27 @@ class RunConfig:
         what = {"version": PIPELINE_VERSION, **{n: d[n] for n in names}, "extra": extra}
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()
                               ).hexdigest()[:12]
+
+
+def _check_spec(name: str, spec: Any) -> None:
+    if isinstance(spec, str) and spec:
+        return
+    if isinstance(spec, (list, tuple)) and len(spec) == 3 and all(
+            isinstance(x, str) and x for x in spec):
+        return
+    raise ValueError(f"{name} must be one dataset spec (split by split_seed) or a list of three "
+                     f"[calibration, train, test], got {spec!r}.")
+
+
+def _check_choices(cfg: RunConfig) -> None:
+    choices = {"unit": get_args(UnitKind), "benign_reference": ("self", "dataset"),
+               "attribution_reference": ("self", "dataset"), "preset": tuple(sorted(PRESETS))}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(cfg, name)!r}.")
+    from .model import check_device
+
+    check_device(cfg.device, available=False)  # availability: when the run loads the model
 
 
 DIAG_FIELDS = ("model", "safety_data", "utility_data", "n_calibration", "n_sensitivity",
@@ -338,27 +382,39 @@ def _log(msg: str) -> None:
     print(f"[cast {time.time() - _T0:7.1f}s] {msg}", flush=True)
 
 
+def _splits(spec, split_seed: int) -> dict:
+    """{"calibration", "train", "test"} of a data setting: "bundled:KIND" as shipped, three specs as
+    given (the test one checked for overlap), any other single spec split by `split_seed`."""
+    from .data import SPLITS, check_held_out, load_dataset, split_dataset
+
+    if isinstance(spec, (list, tuple)):
+        parts = dict(zip(SPLITS, (load_dataset(s) for s in spec)))
+    elif spec in ("bundled:harmful", "bundled:benign"):
+        parts = {s: load_dataset(f"{spec}:{s}") for s in SPLITS}
+    else:
+        parts = split_dataset(load_dataset(spec), seed=split_seed)
+    check_held_out(parts)
+    return parts
+
+
 def _datasets(cfg: RunConfig) -> dict:
     """The splits: calibration (stage 1), train minus validation (stage 2), validation (curves),
     test (stage 3). Validation = the last `n_val` examples of each train split (ours)."""
     from .data import DataError, load_dataset
 
-    def split(spec: str, name: str):
-        return load_dataset(spec if spec.count(":") >= 2 or not spec.startswith("bundled:")
-                            else f"{spec}:{name}")
-
-    out = {"safe_cal": split(cfg.safety_data, "calibration"),
-           "util_cal": split(cfg.utility_data, "calibration")}
+    out = {}
     for kind, spec in (("safe", cfg.safety_data), ("util", cfg.utility_data)):
-        train = split(spec, "train")
+        parts = _splits(spec, cfg.split_seed)
+        train = parts["train"]
         if len(train) < cfg.n_val + 2:
             raise DataError(f"The train split of {spec!r} has {len(train)} examples: too few to "
                             f"hold out n_val={cfg.n_val} for validation and train on the rest.")
+        out[f"{kind}_cal"] = parts["calibration"]
         out[f"{kind}_train"] = train.take(len(train) - cfg.n_val)
         out[f"{kind}_val"] = type(train)(f"{train.name}:val", train.examples[-cfg.n_val:],
                                          train.source)
-    out["harmful_test"] = split(cfg.safety_data, "test").take(cfg.n_eval)
-    out["benign_test"] = split(cfg.utility_data, "test").take(cfg.n_eval)
+        out[f"{kind}_test"] = parts["test"].take(cfg.n_eval)
+    out["harmful_test"], out["benign_test"] = out.pop("safe_test"), out.pop("util_test")
     out["over_refusal"] = load_dataset(cfg.over_refusal_data).take(cfg.n_eval)
     return out
 
@@ -383,17 +439,137 @@ class _Context:
     out: Path
 
 
-def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict:
-    """Run (or resume) the whole experiment; returns the content of `results.json`."""
-    from .model import load_model, model_id
+# Settings that only add pieces (seeds, draws, budgets, baselines) or recompute the report and
+# stage 4: a run directory takes new values of these. Any other change makes another run.
+ADDITIVE_FIELDS = ("out_dir", "device", "preset", "train_seeds", "n_draws", "k_sweep", "baselines",
+                   "attribute", "attribution_arms", "ci", "n_boot", *ATTR_FIELDS)
+# Everything a run writes into its directory (what `overwrite=True` deletes; nothing else is).
+RUN_FILES = ("config.json", "run.json", "results.json", "report.md", "arms", "diagnosis",
+             "attribution", "figures", "self_reference_val.jsonl", "self_reference_train.jsonl")
+
+
+class RunMismatchError(ValueError):
+    """The run directory holds pieces of another run (other settings, data or model)."""
+
+
+def run_manifest(cfg: RunConfig, model, data: dict) -> dict:
+    """What produced a run's pieces: the settings they depend on, a fingerprint of each data split
+    (before self-reference answers) and the model's identity with a weight fingerprint."""
+    from .data import SPLIT_FRACTIONS
+    from .model import model_id, weight_fingerprint
+
+    d = cfg.to_dict()
+    return {"version": PIPELINE_VERSION,
+            "settings": {k: v for k, v in d.items() if k not in ADDITIVE_FIELDS},
+            "data": {k: v.fingerprint() for k, v in data.items()},
+            "split": {"seed": cfg.split_seed, "fractions": list(SPLIT_FRACTIONS)},
+            "model": {**model_id(model), "weights": weight_fingerprint(model)}}
+
+
+def _recorded_manifest(out: Path) -> Optional[dict]:
+    """The manifest of the run in `out` (from config.json alone for runs older than run.json), or
+    None for a directory without a run."""
+    if (out / "run.json").exists():
+        return read_json(out / "run.json")
+    if not (out / "config.json").exists():
+        return None
+    old = to_jsonable(RunConfig.from_dict(read_json(out / "config.json")).to_dict())
+    return {"settings": {k: v for k, v in old.items() if k not in ADDITIVE_FIELDS}}
+
+
+def _manifest_difference(old: dict, new: dict) -> list[str]:
+    new = to_jsonable(new)
+    diff = [f"{k} ({old['settings'].get(k)!r} -> {v!r})" for k, v in new["settings"].items()
+            if k in old.get("settings", {}) and old["settings"][k] != v]
+    diff += [f"{part} fingerprint" for part in ("data", "model")
+             if part in old and old[part] != new[part]]
+    return diff
+
+
+def claim_run_dir(out: Path, manifest: dict, *, overwrite: bool = False) -> None:
+    """Make `out` this run's directory, before anything is written: a file or unwritable path, or
+    a directory holding another run (`RunMismatchError`) fail here; `overwrite` deletes the old
+    run's files (only `RUN_FILES`) first. Leftover `.partial` files of a killed run are removed."""
+    from .io import check_out_dir, remove_partials
+
+    check_out_dir(out)
+    try:
+        old = _recorded_manifest(out)
+    except ValueError as exc:  # unreadable or from another version
+        if not overwrite:
+            raise RunMismatchError(f"{out} holds a run this version cannot read ({exc}); pass "
+                                   "--overwrite to delete it and start over, or use another --out.")
+        old = None
+    if overwrite:
+        _clear_run(out)
+    elif old is not None:
+        diff = _manifest_difference(old, manifest)
+        if diff:
+            raise RunMismatchError(
+                f"{out} holds a run made with other settings, data or model ({'; '.join(diff)}): "
+                "its pieces cannot be mixed with this run's. Pass --overwrite (overwrite=True) to "
+                "delete that run and start over, or use another --out.")
+    remove_partials(out)
+
+
+def _clear_run(out: Path) -> None:
+    import shutil
+
+    for name in RUN_FILES:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+def _prepare(cfg: RunConfig, overwrite: bool):
+    """Everything that can fail on bad input, before any work or write: data, model, lengths, the
+    run directory; then config.json and run.json are written. Returns (model, data)."""
+    from .io import check_out_dir
+    from .model import load_model
+
+    check_out_dir(cfg.out_dir)  # a file or read-only path: before loading anything
+    data = _datasets(cfg)
+    torch.manual_seed(cfg.seed)  # before loading, as runs always did (a model's init draws)
+    model = load_model(cfg.model, device=cfg.device)
+    _check_lengths(cfg, model, data)
+    manifest = run_manifest(cfg, model, data)
+    out = Path(cfg.out_dir)
+    claim_run_dir(out, manifest, overwrite=overwrite)
+    atomic_write_json(cfg.to_dict(), out / "config.json")
+    atomic_write_json(manifest, out / "run.json")
+    return model, data
+
+
+def _check_lengths(cfg: RunConfig, model, data: dict) -> None:
+    """Every example fits the model's context as the stages will use it (a DataError naming the
+    first that does not, before the diagnosis rather than after it)."""
+    from .data import check_fits
+
+    answers = {"safe_cal": True, "safe_train": True, "safe_val": True,
+               "util_cal": cfg.utility_reference == "dataset",
+               "util_train": cfg.benign_reference == "dataset", "util_val": False,
+               "benign_test": True, "harmful_test": False, "over_refusal": False}
+    for name, with_response in answers.items():
+        check_fits(model, data[name], with_response=with_response,
+                   new_tokens=0 if with_response else 1)  # room for at least one answer token
+    if cfg.generation_seeds != 0:  # some evaluation generates refusals
+        for name in ("harmful_test", "over_refusal"):
+            check_fits(model, data[name], with_response=False, new_tokens=cfg.eval_max_new_tokens)
+
+
+def run_experiment(cfg: RunConfig, *, progress: bool = True, overwrite: bool = False) -> dict:
+    """Run (or resume) the whole experiment; returns the content of `results.json`.
+
+    A directory holding a run with other settings (beyond more seeds, draws, budgets, baselines
+    or stage-4 options), data or model is refused (`RunMismatchError`) unless `overwrite`, which
+    deletes that run's files first."""
+    from .model import model_id
 
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(cfg.to_dict(), out / "config.json")
     t_start = time.time()
-    torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, device=cfg.device)
-    data = _datasets(cfg)
+    model, data = _prepare(cfg, overwrite)
     timings: dict[str, float] = {}
     t = time.time()
     _self_references(cfg, model, data, out)
@@ -420,6 +596,7 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict:
         "config": cfg.to_dict(),
         "model": model_id(model),
         "data": {k: v.describe() for k, v in data.items()},
+        "data_split": read_json(out / "run.json")["split"],
         "diagnosis": {"concentration": cmap.concentration(unit=cfg.unit),
                       "top_units": cmap.top_units(_k0(cfg, model), unit=cfg.unit),
                       "top_heads": cmap.top_heads(_k0(cfg, model)) if cfg.unit == "head" else None,
@@ -477,7 +654,7 @@ def _self_references(cfg: RunConfig, model, data: dict, out: Path) -> None:
 def _diagnosis(cfg: RunConfig, model, data: dict, out: Path, progress: bool):
     """Stage 1, re-used from disk when its settings are unchanged."""
     from .conflict_map import ConflictMap
-    from .diagnose import DiagnosisConfig, diagnose
+    from .diagnose import diagnose
 
     diag_dir, diag_key = out / "diagnosis", cfg.key(*DIAG_FIELDS)
     if (diag_dir / "conflict_map.json").exists():
@@ -489,12 +666,8 @@ def _diagnosis(cfg: RunConfig, model, data: dict, out: Path, progress: bool):
         except Exception:  # unreadable or of another version: recompute
             pass
     _log("stage 1: diagnosis")
-    dcfg = DiagnosisConfig(n_calibration=cfg.n_calibration, n_sensitivity=cfg.n_sensitivity,
-                           batch_size=cfg.diag_batch_size, ablation=cfg.ablation,
-                           sensitivity_method=cfg.sensitivity_method, combine=cfg.combine,
-                           n_bootstrap=cfg.n_bootstrap, seed=cfg.seed,
-                           utility_reference=cfg.utility_reference)
-    cmap = diagnose(model, data["safe_cal"], data["util_cal"], dcfg, progress=progress)
+    cmap = diagnose(model, data["safe_cal"], data["util_cal"], cfg.diagnosis_config(),
+                    progress=progress)
     cmap.config["run_key"] = diag_key
     cmap.save(diag_dir)
     return cmap
@@ -556,7 +729,7 @@ def _skipped(ctx: _Context, piece: Piece) -> list:
 
     seed = piece.draw if piece.draw is not None else 0
     return select_arm_units(piece.method, ctx.cmap, piece.k, unit=ctx.cfg.unit, seed=seed,
-                            model=ctx.model)
+                            model=ctx.original)  # ctx.model may hold the last piece's weights
 
 
 def _piece_key(ctx: _Context, piece: Piece) -> str:
@@ -578,7 +751,7 @@ def _state_path(ctx: _Context, piece: Piece) -> Path:
 
 def _run_piece(ctx: _Context, piece: Piece, where: str, progress: bool) -> dict:
     """Train and evaluate one piece, or re-use it from disk (same key and same skipped units)."""
-    from .sparse_tuning import TuningConfig, safety_finetune
+    from .sparse_tuning import safety_finetune
 
     cfg, path = ctx.cfg, ctx.out / "arms" / f"{piece.name}.json"
     key, skip = _piece_key(ctx, piece), _skipped(ctx, piece)
@@ -592,9 +765,7 @@ def _run_piece(ctx: _Context, piece: Piece, where: str, progress: bool) -> dict:
         _log(f"piece {where} {piece.name}: on disk from other settings: redone")
     _log(f"piece {where} {piece.name}: tuning")
     ctx.model.load_state_dict(ctx.original_state)
-    tcfg = TuningConfig(seed=piece.train_seed, steps=cfg.steps, batch_size=cfg.batch_size,
-                        scope=cfg.scope, benign_mix=cfg.benign_mix,
-                        **({"lr": cfg.lr} if cfg.lr is not None else {}))
+    tcfg = cfg.tuning_config(piece.train_seed)
     skip_kw = {"skip_groups": skip} if cfg.unit == "group" else {"skip_heads": skip}
     tres = safety_finetune(ctx.model, ctx.data["safe_train"], config=tcfg,
                            benign_data=ctx.data["util_train"] if cfg.benign_mix > 0 else None,

@@ -54,6 +54,7 @@ from transformer_lens import HookedTransformer
 
 from . import stats
 from . import units as U
+from .checks import check_int, check_number, check_types
 from .data import ChatBatch, ChatDataset, make_batches
 from .heads import HeadIndexError, head_param_masks
 from .io import atomic_write_json, check_fields, read_json, to_jsonable
@@ -137,20 +138,15 @@ class TuningConfig:
         _check_choice("schedule", self.schedule, get_args(Schedule))
         _check_choice("scope", self.scope, get_args(Scope))
         _check_kv_policy(self.kv_policy)
-        if int(self.steps) < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}.")
-        if int(self.batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr}.")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}.")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
-        if self.max_grad_norm is not None and self.max_grad_norm < 0:
-            raise ValueError(f"max_grad_norm must be >= 0 or None (no clipping), got "
-                             f"{self.max_grad_norm}.")
-        if not 0.0 <= self.benign_mix < 1.0:
+        check_types(self)
+        check_int("steps", self.steps, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("warmup_steps", self.warmup_steps, 0)
+        check_number("lr", self.lr, lo=0, lo_open=True)
+        check_number("weight_decay", self.weight_decay, lo=0)
+        # A negative norm would flip the clipped gradient's sign (gradient ascent).
+        check_number("max_grad_norm", self.max_grad_norm, lo=0, none_ok=True)
+        if not (isinstance(self.benign_mix, (int, float)) and 0.0 <= self.benign_mix < 1.0):
             raise ValueError(f"benign_mix must be in [0, 1), got {self.benign_mix} (it is the "
                              "fraction of each batch taken from benign data).")
 
@@ -499,6 +495,19 @@ def _global_norm(params: list[Parameter]) -> tuple[Tensor, list[Tensor]]:
     return torch.linalg.vector_norm(norms), grads
 
 
+def _check_units_source(model: HookedTransformer, **units) -> None:
+    """`UnitError` when units selected from a conflict map (`ConflictMap.top_units` remembers its
+    model) are given to another model, even one of the same shape."""
+    from .conflict_map import model_difference
+
+    for name, sel in units.items():
+        diff = model_difference(getattr(sel, "model", None) or {}, model)
+        if diff:
+            desc = ", ".join(f"{k}: map {a!r} vs model {b!r}" for k, (a, b) in diff.items())
+            raise U.UnitError(f"{name} come from a conflict map of another model ({desc}): the "
+                              "ranking does not apply to this one. Re-run diagnose on this model.")
+
+
 def safety_finetune(
     model: HookedTransformer,
     safety_data: Union[ChatDataset, Sequence[ChatBatch]],
@@ -545,6 +554,7 @@ def safety_finetune(
                          f"training), got {eval_every!r}.")
     heads = U.validate_units(model, skip_heads, "head")
     groups = U.validate_units(model, skip_groups, "group") if list(skip_groups) else []
+    _check_units_source(model, skip_heads=skip_heads, skip_groups=skip_groups)
     t0 = time.perf_counter()
     source = _BatchSource(model, safety_data, benign_data, cfg)
     params, masks = trainable_parameters(model, heads, skip_groups=groups, scope=cfg.scope,

@@ -328,9 +328,13 @@ def test_interrupted_run_resumes_and_changed_settings_are_redone(tmp_path, monke
     more = replace(cfg, train_seeds=[0, 1, 2], n_draws=3)
     run_experiment(more, progress=False)
     assert len(counted) == len(plan_pieces(more, 8)) - n_pieces
-    # A changed training setting does not silently mix: every piece is redone.
+    # A changed training setting does not silently mix: refused, or every piece redone on
+    # overwrite.
     counted.clear()
-    doc = run_experiment(replace(more, steps=more.steps + 1), progress=False)
+    with pytest.raises(pipeline.RunMismatchError, match="steps"):
+        run_experiment(replace(more, steps=more.steps + 1), progress=False)
+    assert not counted
+    doc = run_experiment(replace(more, steps=more.steps + 1), progress=False, overwrite=True)
     assert len(counted) == len(plan_pieces(more, 8))
     assert all(len(p["tuning"]["losses"]) == more.steps + 1 for p in doc["arms"].values())
 
