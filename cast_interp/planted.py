@@ -29,7 +29,8 @@ from __future__ import annotations
 import random
 
 import torch
-from transformer_lens import HookedTransformer
+
+from .backend import Model
 
 from .data import ChatDataset, ChatExample
 from .model import tiny_model
