@@ -285,22 +285,17 @@ def cached_forward(model: Any, tokens: Tensor, cache: Any, *,
     if not is_bridge(model):
         stop = {"stop_at_layer": model.cfg.n_layers} if residual else {}
         return model(tokens, attention_mask=attention_mask, past_kv_cache=cache, **stop)
-    from transformer_lens.model_bridge.exceptions import StopAtLayerException
-
     full = torch.cat([cache.mask, attention_mask.to(cache.mask.dtype)], dim=1)
-    positions = (full.cumsum(-1) - 1).clamp(min=0)[:, -tokens.shape[1]:]
     before = cache.past.get_seq_length()
-    # The Hugging Face forward (the bridge's components sit inside it, so hooks fire), with its
-    # own cache; positions from the mask, as TransformerLens computes them under left padding.
-    try:
-        with model.hooks(fwd_hooks=_stop_before_ln_final() if residual else []):
-            out = model.original_model(input_ids=tokens, attention_mask=full,
-                                       position_ids=positions, past_key_values=cache.past,
-                                       use_cache=True).logits
-    except StopAtLayerException as stopped:
-        out = stopped.layer_output
+    # The bridge's forward hands Hugging Face its own cache and derives positions from the full
+    # mask (cached prefix + new tokens), as TransformerLens 3 does under left padding. (Calling
+    # the wrapped Hugging Face model directly would bypass that and mis-place left-padded rows.)
+    with model.hooks(fwd_hooks=_stop_before_ln_final() if residual else []):
+        out = model(tokens, attention_mask=full, past_key_values=cache.past)
     if cache.frozen:
-        cache.past.crop(before)
+        grown = cache.past.get_seq_length() - before
+        if grown:
+            cache.past.crop(-grown)  # transformers 5.2x: a negative length removes that many
     else:
         cache.mask = full
     return out
@@ -358,20 +353,43 @@ def bridge_from_hf(hf_model: Any, tokenizer: Any, *, name: str,
     finally:
         logging.getLogger().setLevel(level)
     bridge.cfg.model_name = name
+    _pass_cache_to_attention(bridge)
     bridge.eval()
     return bridge
+
+
+def _update_kv_cache_compat(self, k: Tensor, v: Tensor, **kwargs):
+    if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+        kwargs = {**kwargs, "past_key_values": kwargs["cache"]}
+    return type(self)._update_kv_cache(self, k, v, **kwargs)
+
+
+def _pass_cache_to_attention(bridge: Any) -> None:
+    """Work around TL 4.3 with transformers >= 5.2x: the bridge's attention reads the key/value
+    cache from the keyword `past_key_values` (or `layer_past`), but transformers now hands its
+    decoder layers the cache as `cache`, so a cached forward silently attends to the new tokens
+    only (measured: the second token of a cached generation ignored the prompt). Per instance
+    (`MethodType`, so `copy.deepcopy` rebinds it); a no-op where the keyword already arrives."""
+    import types
+
+    for block in getattr(bridge, "blocks", []):
+        attn = getattr(block, "attn", None)
+        if attn is not None and hasattr(type(attn), "_update_kv_cache"):
+            attn._update_kv_cache = types.MethodType(_update_kv_cache_compat, attn)
 
 
 def tiny_hf_llama(*, n_layers: int, n_heads: int, d_model: int, d_head: int, d_mlp: int,
                   n_key_value_heads: Optional[int], n_ctx: int, d_vocab: int,
                   eps: float = 1e-5) -> Any:
     """A Hugging Face `LlamaForCausalLM` with the shapes of `model.tiny_config` (random weights
-    from the current torch RNG)."""
+    from the current torch RNG, at TransformerLens's initialisation scale 0.8 / sqrt(d_model)
+    rather than Hugging Face's 0.02, so that heads matter as much as in TL 3's tiny models)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=d_vocab, hidden_size=d_model, intermediate_size=d_mlp,
                       num_hidden_layers=n_layers, num_attention_heads=n_heads, head_dim=d_head,
                       num_key_value_heads=n_key_value_heads or n_heads,
                       max_position_embeddings=n_ctx, rms_norm_eps=eps, tie_word_embeddings=False,
-                      attention_bias=False, hidden_act="silu")
+                      attention_bias=False, hidden_act="silu",
+                      initializer_range=0.8 / d_model ** 0.5)
     return LlamaForCausalLM(cfg).eval()
