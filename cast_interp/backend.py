@@ -25,6 +25,7 @@ Hook names are TransformerLens's own on both lines (`blocks.{l}.attn.hook_z`,
 from __future__ import annotations
 
 import importlib.metadata
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
@@ -204,15 +205,44 @@ def forward_from_layer(model: Any, resid: Tensor, layer: int, *,
     """The final residual (before `ln_final`) of a pass resumed at block `layer` from `resid`
     (`blocks.{layer}.hook_resid_pre`). Hooks of the enclosing `model.hooks(...)` fire.
 
-    Under TL 4 the bridge still runs blocks 0..layer-1 on the injected residual (and discards
-    their output); only the result, not the cost, matches TL 3's.
+    TL 4's `start_at_layer` still runs blocks 0..layer-1 on the injected residual and discards
+    their output (half the cost of an exact S sweep, on average); here those blocks are
+    swapped for a pass-through while the forward runs, so only blocks layer.. compute.
     """
     if not is_bridge(model):
         return model(resid, start_at_layer=layer, stop_at_layer=model.cfg.n_layers,
                      shortformer_pos_embed=shortformer_pos_embed, attention_mask=attention_mask)
     kw = {} if attention_mask is None else {"attention_mask": attention_mask}
-    with model.hooks(fwd_hooks=_stop_before_ln_final()):
+    with model.hooks(fwd_hooks=_stop_before_ln_final()), _skip_blocks_before(model, layer):
         return model(resid, start_at_layer=layer, **kw)
+
+
+class _PassThrough(torch.nn.Module):
+    """Stands in for a decoder layer whose output `start_at_layer` would discard anyway."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@contextmanager
+def _skip_blocks_before(model: Any, layer: int):
+    """Temporarily replace the Hugging Face decoder layers before `layer` by a pass-through (only
+    where the bridge's blocks are exactly the model's `model.layers`; otherwise nothing changes)."""
+    inner = getattr(model.original_model, "model", None)
+    layers = getattr(inner, "layers", None)
+    blocks = list(getattr(model, "blocks", []))
+    if (layer == 0 or not isinstance(layers, torch.nn.ModuleList) or len(layers) != len(blocks)
+            or any(a is not b for a, b in zip(layers, blocks))):
+        yield
+        return
+    saved = [layers[j] for j in range(layer)]
+    try:
+        for j in range(layer):
+            layers[j] = _PassThrough()
+        yield
+    finally:
+        for j, block in enumerate(saved):
+            layers[j] = block
 
 
 def final_residual(model: Any, tokens: Tensor, **forward_kwargs) -> Tensor:
