@@ -97,7 +97,18 @@ def _write_cache(cache: Path, source: str, hf: Any, tokenizer: Any) -> None:
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=cache.name + ".partial"))
     try:
-        hf.save_pretrained(str(tmp))
+        # Not hf.save_pretrained: transformers refuses to serialize a GGUF-loaded model. The
+        # de-quantized weights are plain float32 tensors: the config without its GGUF
+        # quantization record, and the weights with tied ones stored once (`save_model`).
+        import copy
+
+        from safetensors.torch import save_model
+
+        config = copy.deepcopy(hf.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(str(tmp))
+        save_model(hf, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(str(tmp))
         (tmp / "cast_interp.json").write_text(json.dumps({"format": _HF_CACHE_FORMAT,
                                                           "source": source}))
