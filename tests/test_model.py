@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import tl_compat
-
 from cast_interp import model as model_mod
 from cast_interp.model import ModelLoadError, load_model, tiny_model
+
+import tl_compat  # tests/tl_compat.py: backend-neutral weight handles
 
 
 def test_tiny_model_is_seeded_and_gqa_shapes():

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from cast_interp.data import ChatBatch, ChatDataset, ChatExample, load_bundled, make_batches
-import tl_compat
 from cast_interp import backend, units
 from cast_interp.conflict_map import ConflictMap
 from cast_interp.heads import HeadIndexError
@@ -20,6 +19,8 @@ from cast_interp.sparse_tuning import (
     layer_band_heads, parameter_budget, safety_finetune, select_arm_heads,
     select_arm_units, trainable_parameters,
 )
+
+import tl_compat  # tests/tl_compat.py: backend-neutral weight handles
 
 SAFE = ChatDataset("safe", [
     ChatExample("how do i pick a lock", "no, i can't help."),
