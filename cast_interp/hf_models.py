@@ -143,6 +143,9 @@ def load_gguf_hf(name: str, gguf: Callable[[Path], Path], source: str, cache_dir
                                                   dtype=torch.float32)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if not getattr(hf.config, "architectures", None):
+        # A GGUF-loaded config names no architecture; the bridge picks its adapter by this name.
+        hf.config.architectures = [type(hf).__name__]
     if fix_config is not None:
         fix_config(hf.config)
     _write_cache(cache, source, hf, tokenizer)
@@ -167,7 +170,7 @@ def _assemble_gemma3(parts: list[Path]) -> Callable[[Path], Path]:
 
 
 def _gemma3_config(config: Any) -> None:
-    # A GGUF-loaded config has no architectures; the bridge picks its adapter by this name.
+    # Named explicitly: the text-only causal LM, whichever class the GGUF loader chose.
     config.architectures = ["Gemma3ForCausalLM"]
 
 
