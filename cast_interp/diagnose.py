@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from transformer_lens import HookedTransformer
+from .backend import Model
 
 from .conflict import optimization_conflict
 from .conflict_map import COMBINE_KINDS, CombineKind, ConflictMap
@@ -141,7 +141,7 @@ def _sensitivity(model, batches, cfg: DiagnosisConfig, unit: str, O, progress: b
 
 
 def diagnose(
-    model: HookedTransformer,
+    model: Model,
     safety_data: ChatDataset,
     utility_data: ChatDataset,
     config: Optional[DiagnosisConfig] = None,
@@ -220,9 +220,8 @@ def diagnose(
 
 def _versions() -> dict:
     import torch
-    import transformer_lens
 
-    from . import conflict, conflict_map
+    from . import backend, conflict, conflict_map
 
     try:
         from importlib.metadata import version
@@ -232,4 +231,4 @@ def _versions() -> dict:
         pkg = None
     return {"cast_interp": pkg, "diagnose": DIAGNOSIS_VERSION, "conflict": conflict.METHOD_VERSION,
             "conflict_map": conflict_map.MAP_METHOD_VERSION, "torch": torch.__version__,
-            "transformer_lens": getattr(transformer_lens, "__version__", None)}
+            "transformer_lens": backend.TL_VERSION}

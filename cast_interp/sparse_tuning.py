@@ -50,7 +50,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from torch.nn import Parameter
-from transformer_lens import HookedTransformer
+
+from . import backend
+from .backend import Model
 
 from . import stats
 from . import units as U
@@ -71,9 +73,6 @@ Arm = ArmMethod  # v1 name of the Literal
 Unit = tuple[int, int]
 LEGACY_KV_POLICIES = ("any", "all", "none")
 
-# Attention parameters in the "attention" scope (b_O is shared by the layer and belongs to no unit).
-_ATTN_PARAM_NAMES = ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O",
-                     "_W_K", "_b_K", "_W_V", "_b_V")
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -219,14 +218,18 @@ class TuningResult:
 # --------------------------------------------------------------------------------------------------
 
 
-def _in_scope(name: str, scope: Scope) -> bool:
-    if scope == "all":
-        return True
-    return ".attn." in name and name.split(".")[-1] in _ATTN_PARAM_NAMES
+def _scope_names(model: Model, scope: Scope) -> Optional[set[str]]:
+    """Names of the parameters in scope (None: all). "attention": every attention parameter,
+    including what no unit owns (`b_O`, QK-norm weights), per `backend.attention_param_names`."""
+    return None if scope == "all" else backend.attention_param_names(model)
+
+
+def _in_scope(name: str, names: Optional[set[str]]) -> bool:
+    return names is None or name in names
 
 
 def frozen_masks(
-    model: HookedTransformer, skip_heads: Sequence[Sequence[int]] = (),
+    model: Model, skip_heads: Sequence[Sequence[int]] = (),
     skip_groups: Sequence[Sequence[int]] = (), *, kv_policy: Optional[str] = None,
 ) -> dict[str, Tensor]:
     """`{full parameter name: bool mask}` (True = frozen) for skipping these units.
@@ -248,7 +251,7 @@ def frozen_masks(
 
 
 def trainable_parameters(
-    model: HookedTransformer, skip_heads: Sequence[Sequence[int]] = (), *,
+    model: Model, skip_heads: Sequence[Sequence[int]] = (), *,
     skip_groups: Sequence[Sequence[int]] = (), scope: Scope = "attention",
     kv_policy: Optional[str] = None,
 ) -> tuple[list[Parameter], dict[str, Tensor]]:
@@ -264,9 +267,10 @@ def trainable_parameters(
     _check_kv_policy(kv_policy)
     all_masks = frozen_masks(model, skip_heads, skip_groups, kv_policy=kv_policy)
     absent = U.absent_param_names(model)
+    in_scope = _scope_names(model, scope)
     params, masks = [], {}
     for name, p in model.named_parameters():
-        if not _in_scope(name, scope) or name in absent:
+        if not _in_scope(name, in_scope) or name in absent:
             continue
         m = all_masks.get(name)
         if m is not None and bool(m.all()):
@@ -278,7 +282,7 @@ def trainable_parameters(
 
 
 def parameter_budget(
-    model: HookedTransformer, skip_heads: Sequence[Sequence[int]] = (),
+    model: Model, skip_heads: Sequence[Sequence[int]] = (),
     skip_groups: Sequence[Sequence[int]] = (), *, scope: Scope = "attention",
     kv_policy: Optional[str] = None,
 ) -> dict[str, int]:
@@ -288,12 +292,13 @@ def parameter_budget(
     trained); n_frozen: frozen by the skipped units; n_trainable = n_scope - n_absent - n_frozen.
     """
     absent = U.absent_param_names(model)
-    named = [(n, p) for n, p in model.named_parameters() if _in_scope(n, scope)]
+    in_scope = _scope_names(model, scope)
+    named = [(n, p) for n, p in model.named_parameters() if _in_scope(n, in_scope)]
     n_scope = sum(p.numel() for _, p in named)
     n_absent = sum(p.numel() for n, p in named if n in absent)
     n_frozen = sum(int(m.sum()) for n, m in frozen_masks(model, skip_heads, skip_groups,
                                                          kv_policy=kv_policy).items()
-                   if _in_scope(n, scope))
+                   if _in_scope(n, in_scope))
     return {"n_trainable": n_scope - n_absent - n_frozen, "n_frozen": n_frozen,
             "n_absent": n_absent, "n_scope": n_scope}
 
@@ -345,7 +350,7 @@ class _Stream:
         return out
 
 
-def _as_examples(model: HookedTransformer, data: Union[ChatDataset, Sequence[ChatBatch]],
+def _as_examples(model: Model, data: Union[ChatDataset, Sequence[ChatBatch]],
                  what: str) -> tuple[list[tuple[Tensor, Tensor, int]], dict]:
     if isinstance(data, ChatDataset):
         examples = _split_examples(make_batches(model, data, batch_size=32))
@@ -390,7 +395,7 @@ class ValidationMonitor:
         benign: benign prompts with answers (ours: the model's own, `data.self_reference`).
     """
 
-    def __init__(self, original: HookedTransformer, harmful: ChatDataset, benign: ChatDataset, *,
+    def __init__(self, original: Model, harmful: ChatDataset, benign: ChatDataset, *,
                  batch_size: int = 8):
         if len(harmful) == 0 or len(benign) == 0:
             raise ValueError("ValidationMonitor needs at least one harmful and one benign example.")
@@ -399,7 +404,7 @@ class ValidationMonitor:
         self.benign_batches = make_batches(original, benign, batch_size=batch_size)
         self.describe = {"harmful": harmful.describe(), "benign": benign.describe()}
 
-    def per_prompt(self, model: HookedTransformer) -> dict[str, Tensor]:
+    def per_prompt(self, model: Model) -> dict[str, Tensor]:
         from .safety import refusal_logprobs
         from .utility import utility_per_prompt
 
@@ -408,7 +413,7 @@ class ValidationMonitor:
         return {"refusal_score": refusal_logprobs(model, self.harmful, batch_size=self.batch_size),
                 "kl": kl}
 
-    def __call__(self, model: HookedTransformer) -> dict[str, float]:
+    def __call__(self, model: Model) -> dict[str, float]:
         return {k: float(v.nanmean()) for k, v in self.per_prompt(model).items()}
 
 
@@ -509,14 +514,14 @@ def _check_units_source(model: HookedTransformer, **units) -> None:
 
 
 def safety_finetune(
-    model: HookedTransformer,
+    model: Model,
     safety_data: Union[ChatDataset, Sequence[ChatBatch]],
     *,
     skip_heads: Sequence[Sequence[int]] = (),
     skip_groups: Sequence[Sequence[int]] = (),
     config: Optional[TuningConfig] = None,
     benign_data: Union[ChatDataset, Sequence[ChatBatch], None] = None,
-    monitor: Optional[Callable[[HookedTransformer], dict]] = None,
+    monitor: Optional[Callable[[Model], dict]] = None,
     eval_every: int = 0,
     curve_start: Optional[dict] = None,
     progress: bool = False,
@@ -706,7 +711,7 @@ def k_from_fraction(k: Union[int, float], n_total: int) -> int:
 
 
 def layer_band_heads(
-    model: Union[HookedTransformer, tuple[int, int]], k: Union[int, float], *,
+    model: Union[Model, tuple[int, int]], k: Union[int, float], *,
     start_layer: Optional[int] = None,
 ) -> list[Unit]:
     """All units of a band of consecutive whole layers, the layer baseline at budget k.
@@ -775,7 +780,7 @@ def select_arm_units(
     *,
     unit: UnitKind = "head",
     seed: int = 0,
-    model: Optional[HookedTransformer] = None,
+    model: Optional[Model] = None,
     start_layer: Optional[int] = None,
 ) -> list[Unit]:
     """The units an arm skips at budget k (a count, or a fraction of all units of the kind).
@@ -825,7 +830,7 @@ def select_arm_units(
 
 
 def select_arm_heads(arm: ArmMethod, conflict_map: Optional[_HasScores], k: Union[int, float], *,
-                     seed: int = 0, model: Optional[HookedTransformer] = None,
+                     seed: int = 0, model: Optional[Model] = None,
                      start_layer: Optional[int] = None) -> list[Unit]:
     """`select_arm_units(..., unit="head")`: the query heads an arm skips."""
     return select_arm_units(arm, conflict_map, k, unit="head", seed=seed, model=model,

