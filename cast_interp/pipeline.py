@@ -53,8 +53,7 @@ UnitKind = Literal["head", "group"]
 BASELINES = ("bottom", "top_o", "top_s", "layer_band")
 ATTRIBUTABLE = ("full", "cast", "random")  # arms whose first-seed tuned weights are kept
 
-# Sized with `estimate_seconds` (per-unit times measured on SmolLM2, 2 CPU cores; the v2 diagnosis
-# time in it is a guess until measured): cpu ~19 min, cpu-full ~110 min.
+# Sized with `estimate_seconds` (per-unit times measured on SmolLM2, 2 CPU cores).
 PRESETS: dict[str, dict[str, Any]] = {
     # Plumbing in seconds (the tiny model): the same design, minimal sizes.
     "smoke": {"n_calibration": 4, "n_sensitivity": 4, "n_bootstrap": 10, "steps": 2,
@@ -63,10 +62,11 @@ PRESETS: dict[str, dict[str, Any]] = {
               "n_draws": 2, "eval_every": 1, "n_val": 2, "generation_seeds": None,
               "attribution_examples": 4, "attribution_candidates": 4, "attribution_spread": 4,
               "attribution_max_new_tokens": 16, "n_boot": 200,
-              "self_reference_tokens": 16, "utility_reference": "dataset"},
+              "self_reference_tokens": 16, "utility_reference": "dataset", "attribute": True},
     # The default (RunConfig's defaults): a quick look in under 20 minutes on 2 CPU cores. Same
     # design (paired seeds, draws, curves, CIs) on full tuning, CAST and random only, 2 seeds,
-    # 4 draws, small test sets, no generation: the CIs are wide and the report says so.
+    # 4 draws, small test sets, no generation: the CIs are wide and the report says so. Stage 4
+    # is left to `cast-interp attribute` (it took 16.5 min per arm on SmolLM2 with 2 cores).
     "cpu": {},
     # Under 2 hours on 2 CPU cores: 8 training seeds shared by full tuning, CAST and random, 20
     # random draws, S on 16 examples (as `diagnose`), all test prompts (40 task items), generated
@@ -78,8 +78,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu": {"n_calibration": 128, "n_sensitivity": 64, "n_bootstrap": 500, "steps": 40,
             "batch_size": 16, "k_fractions": [0.05, 0.1, 0.2], "baselines": list(BASELINES),
             "train_seeds": list(range(10)), "n_draws": 40, "n_val": 16, "eval_every": 4,
-            "n_eval": None, "n_task": None, "generation_seeds": None,
-            "attribution_examples": 32},
+            "n_eval": None, "n_task": None, "generation_seeds": None, "attribute": True,
+            "attribution_examples": 32, "attribution_arms": ["full", "cast", "random"]},
 }
 
 
@@ -143,7 +143,7 @@ class RunConfig:
     ci: float = 0.95
     n_boot: int = 2000
     # Stage 4
-    attribute: bool = True
+    attribute: bool = False          # stage 4 in the run (or later: `cast-interp attribute`)
     # Arms attributed on the first training seed: "full", "cast" (first budget), "random" (draw 0).
     attribution_arms: list = field(default_factory=lambda: ["full"])
     attribution_examples: int = 16            # split into halves A (choose) and B (measure)
@@ -326,17 +326,18 @@ def plan_pieces(cfg: RunConfig, n_units_total: int) -> list[Piece]:
 # Cost estimate (sizes the presets)
 # --------------------------------------------------------------------------------------------------
 
-# Seconds on SmolLM2-135M-Instruct with 2 free CPU cores. Measured (2026-11-30) as single-thread CPU
-# time on the shared 2-core machine (one thread: no spin-wait inflation from other agents' load),
-# divided by 1.5 for two threads (ours, conservative). Check: an 8-step v1 arm with its 16-prompt
-# evaluation comes out at 76 s against the 66-82 s measured for the committed v1 run.
+# Seconds on SmolLM2-135M-Instruct with 2 free CPU cores, measured in the committed `cpu-full` run
+# (figures/run, 2026-11-30: 36 pieces, per-part times from its results.json); the diagnosis alone
+# with `cast-interp diagnose` on idle cores (S on 16 examples). That run took 85.5 min against the
+# 110 min the previous costs (measured under load) predicted.
 COST_S = {
-    "train_step": 6.4,           # one optimizer step, batch 8 (single thread: 9.6 s)
-    "refusal_score": 0.51,       # per prompt, harmful or over-refusal (8 prompts: 6.1 s)
-    "kl_nll": 0.43,              # per benign prompt, KL and NLL (8 prompts: 5.2 s)
-    "task_item": 0.35,           # per multiple-choice item, 4 choices (8 items: 4.2 s)
-    "generate_32": 0.87,         # per prompt, 32 greedy tokens (8 prompts: 10.5 s)
-    "diagnosis": 480.0,          # v2 library defaults (S on 16) measured 508 s on idle cores; S on 8 less
+    "train_step": 5.34,          # one optimizer step, batch 8 (42.7 s per 8-step piece)
+    "refusal_score": 0.23,       # per prompt, harmful or over-refusal (110 prompts: 25.2 s)
+    "kl_nll": 0.41,              # per benign prompt, KL and NLL (50 prompts: 20.3 s)
+    "task_item": 0.14,           # per multiple-choice item, 4 choices (40 items: 5.5 s)
+    "generate_32": 0.48,         # per prompt, 32 greedy tokens (110 prompts: 52.6 s)
+    "val_pair": 1.22,            # per harmful + benign validation pair and curve point (9.8 s per piece)
+    "diagnosis": 508.0,          # v2 library defaults (S on 16 examples); S on 8 costs less
 }
 BUNDLED_TEST_SIZES = {"harmful": 50, "benign": 50, "over_refusal": 60, "task": 95}
 
@@ -360,7 +361,7 @@ def estimate_seconds(cfg: RunConfig, *, cost: Optional[dict] = None) -> dict:
     gen = (n_h + n_o) * c["generate_32"] * cfg.eval_max_new_tokens / 32
     n_points = (cfg.steps // cfg.eval_every + (cfg.steps % cfg.eval_every > 0)
                 if cfg.eval_every else 1)
-    curve = n_points * cfg.n_val * (c["refusal_score"] + c["kl_nll"])
+    curve = n_points * cfg.n_val * c["val_pair"]
     train = cfg.steps * c["train_step"] * cfg.batch_size / 8
     pieces = plan_pieces(cfg, 270)
     piece_s = [train + curve + free + (gen if _generates(cfg, p.train_seed) else 0.0)
