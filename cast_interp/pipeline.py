@@ -34,7 +34,6 @@ run, and a changed setting redoes the pieces it affects instead of mixing them i
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -45,6 +44,7 @@ from typing import Any, Literal, Optional, get_args
 
 import torch
 
+from . import backend
 from .io import atomic_write_json, atomic_write_text, read_json, to_jsonable
 
 PIPELINE_VERSION = "pipeline-2"
@@ -491,7 +491,7 @@ def _diagnosis(cfg: RunConfig, model, data: dict, out: Path, progress: bool):
 def _context(cfg: RunConfig, model, data: dict, cmap, out: Path) -> _Context:
     from .sparse_tuning import ValidationMonitor
 
-    original = copy.deepcopy(model)
+    original = backend.copy_model(model)
     original.requires_grad_(False)
     monitor = ValidationMonitor(original, data["safe_val"], data["util_val"], batch_size=8)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -652,7 +652,7 @@ def _attribution(ctx: _Context, progress: bool):
     piece = _load_piece(path, key)
     if piece is not None:
         return piece
-    tuned = copy.deepcopy(original)
+    tuned = backend.copy_model(original)
     tuned.load_state_dict(load_file(str(_full_state_path(ctx))), strict=False)
     _log(f"stage 4: post-hoc attribution of the full-tuning arm ({cfg.attribution_examples} "
          "examples, halves A/B)")
