@@ -388,6 +388,23 @@ def bridge_from_hf(hf_model: Any, tokenizer: Any, *, name: str,
     return bridge
 
 
+def copy_model(model: Any) -> Any:
+    """An independent deep copy (the model before training, a tuned copy to attribute).
+
+    For a bridge, `copy.deepcopy` alone is not enough in TL 4.3: the copy's compatibility hooks
+    still hold weak references to the source's blocks, so a forward of the copy fails with
+    `ReferenceError` once the source is freed (measured: a copy of a copy in attribution). The
+    copy's hooks are set up again on its own blocks.
+    """
+    import copy
+
+    new = copy.deepcopy(model)
+    if is_bridge(new):
+        new.enable_compatibility_mode(no_processing=True, disable_warnings=True)
+        _pass_cache_to_attention(new)
+    return new
+
+
 def _update_kv_cache_compat(self, k: Tensor, v: Tensor, **kwargs):
     if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
         kwargs = {**kwargs, "past_key_values": kwargs["cache"]}

