@@ -88,7 +88,7 @@ def test_presets_have_the_promised_design_and_fit_their_time_budgets():
 
 def test_time_estimate_is_the_sum_of_its_parts():
     cost = {"train_step": 1.0, "refusal_score": 10.0, "kl_nll": 100.0, "task_item": 1000.0,
-            "generate_32": 10000.0, "diagnosis": 7.0}
+            "generate_32": 10000.0, "diagnosis": 7.0, "val_pair": 110.0}
     cfg = RunConfig(train_seeds=[0], n_draws=1, baselines=[], steps=4, eval_every=2, n_val=2,
                     n_eval=3, n_task=2, generation_seeds=None, benign_mix=0.0,
                     self_reference_tokens=32)
