@@ -1,9 +1,10 @@
 """cast_interp: CAST (head-level diagnosis of safety-utility conflicts, surgical safety fine-tuning)
-on TransformerLens's `HookedTransformer`.
+on TransformerLens: its 3.x `HookedTransformer` or its 4.x `TransformerBridge`, the same code.
 
 The layout follows the method, stage by stage:
 
     data.py, model.py          D_safe / D_util and the hooked model
+    backend.py, hf_models.py   what differs between TransformerLens 3 and 4; bridge models (TL 4)
     units.py                   what a query head and a key/value group own (every stage's units)
     conflict.py                stage 1: Optimization Conflict O(u) = 1 - cos(g_safe, g_util)
     sensitivity.py             stage 1: Functional Sensitivity S(u) (unit ablation, screened)

@@ -54,14 +54,16 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
+
+from . import backend
+from .backend import Model
 
 from . import stats
 from .data import (ChatBatch, ChatDataset, DataError, encode_example, example_lengths,
                    make_batches, self_reference, with_refusals)
 from .model import model_id
 from .objectives import NonFiniteLossError, response_nll_from_resid
-from .units import (Unit, UnitError, UnitKind, all_units, component_param_names, n_units,
+from .units import (Unit, UnitError, UnitKind, all_units, component_params, n_units,
                     owned_param_names, unit_components, unit_slices, uses_gqa, validate_units)
 from .units import label as unit_label
 
@@ -81,7 +83,7 @@ MIN_DRAWS = 20
 # --------------------------------------------------------------------------------------------------
 
 
-def check_pair(tuned: HookedTransformer, original: HookedTransformer) -> None:
+def check_pair(tuned: Model, original: Model) -> None:
     """Clear ValueError unless the two are distinct models of one architecture and parameter shapes."""
     if tuned is original:
         raise ValueError("tuned and original are the same object: pass the model before training "
@@ -114,9 +116,9 @@ def _slice_pairs(tuned, original, heads, groups) -> list[tuple[Tensor, Tensor]]:
 
 
 @contextlib.contextmanager
-def revert_units(tuned: HookedTransformer, original: HookedTransformer, *,
+def revert_units(tuned: Model, original: Model, *,
                  heads: Sequence[Sequence[int]] = (),
-                 groups: Sequence[Sequence[int]] = ()) -> Iterator[HookedTransformer]:
+                 groups: Sequence[Sequence[int]] = ()) -> Iterator[Model]:
     """Context manager: `tuned` with these units' own slices set to `original`'s values.
 
     A head reverts only what it owns (`units.unit_slices`: Q and O under GQA), a group its K and V.
@@ -138,7 +140,7 @@ def revert_units(tuned: HookedTransformer, original: HookedTransformer, *,
                 dst.copy_(old)
 
 
-def changed_units(tuned: HookedTransformer, original: HookedTransformer,
+def changed_units(tuned: Model, original: Model,
                   kind: UnitKind = "head") -> torch.BoolTensor:
     """`[n_layers, n_units]` True where some slice the unit owns differs between the models."""
     out = torch.zeros(tuned.cfg.n_layers, n_units(tuned, kind), dtype=torch.bool)
@@ -150,7 +152,7 @@ def changed_units(tuned: HookedTransformer, original: HookedTransformer,
     return out
 
 
-def changed_outside_units(tuned: HookedTransformer, original: HookedTransformer) -> list[str]:
+def changed_outside_units(tuned: Model, original: Model) -> list[str]:
     """Names of changed parameters that no unit owns (`b_O`, absent biases, MLP, embeddings...):
     the part of the drop no unit revert can recover."""
     owned, po = owned_param_names(tuned), dict(original.named_parameters())
@@ -164,12 +166,12 @@ def changed_outside_units(tuned: HookedTransformer, original: HookedTransformer)
 # --------------------------------------------------------------------------------------------------
 
 
-def per_example_nll(model: HookedTransformer, batches: Sequence[ChatBatch]) -> Float[Tensor, "example"]:
+def per_example_nll(model: Model, batches: Sequence[ChatBatch]) -> Float[Tensor, "example"]:
     """Each example's summed loss-token NLL by a full forward, `[n_examples]` float64 (CPU)."""
-    L = model.cfg.n_layers
     with torch.no_grad():
-        return torch.cat([response_nll_from_resid(model, model(b.tokens.to(model.cfg.device),
-                                                     stop_at_layer=L), b).cpu() for b in batches])
+        return torch.cat([response_nll_from_resid(
+            model, backend.final_residual(model, b.tokens.to(model.cfg.device)), b).cpu()
+            for b in batches])
 
 
 class FromLayer:
@@ -180,7 +182,7 @@ class FromLayer:
     touch layers < l, which `nll` trusts (`attribute` starts a joint revert at its lowest layer).
     """
 
-    def __init__(self, model: HookedTransformer, batches: Sequence[ChatBatch]):
+    def __init__(self, model: Model, batches: Sequence[ChatBatch]):
         self.model = model
         L = model.cfg.n_layers
         names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
@@ -189,18 +191,17 @@ class FromLayer:
             for batch in batches:
                 b = batch.to(model.cfg.device)
                 # What forward() derives from the tokens (attention mask, shortformer positions).
-                _, _, shortformer, attn_mask = model.input_to_embed(b.tokens)
-                _, cache = model.run_with_cache(b.tokens, names_filter=names, stop_at_layer=L)
-                self.items.append((b, shortformer, attn_mask, [cache[n] for n in names]))
+                inputs = backend.forward_inputs(model, b.tokens)
+                _, cache = model.run_with_cache(b.tokens, names_filter=names)
+                self.items.append((b, inputs, [cache[n] for n in names]))
 
     def nll(self, layer: int) -> Float[Tensor, "example"]:
         """Summed NLL per example with the model's current weights, run from `layer` on."""
-        m, L = self.model, self.model.cfg.n_layers
+        m = self.model
         with torch.no_grad():
-            return torch.cat([response_nll_from_resid(m, m(resid[layer], start_at_layer=layer,
-                                                 stop_at_layer=L, shortformer_pos_embed=sf,
-                                                 attention_mask=mask), b).cpu()
-                              for b, sf, mask, resid in self.items])
+            return torch.cat([response_nll_from_resid(
+                m, backend.forward_from_layer(m, resid[layer], layer, **inputs), b).cpu()
+                for b, inputs, resid in self.items])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,7 +210,7 @@ class FromLayer:
 
 
 @contextlib.contextmanager
-def _grad_only(model: HookedTransformer, names: set[str]) -> Iterator[None]:
+def _grad_only(model: Model, names: set[str]) -> Iterator[None]:
     """Gradients for the named parameters only (no weight gradients elsewhere); flags restored."""
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
@@ -229,15 +230,16 @@ def _single_examples(batch: ChatBatch) -> Iterator[ChatBatch]:
                         [batch.prompt_lengths[r]], batch.content_mask[r: r + 1, :n])
 
 
-def _per_unit(model: HookedTransformer, rowdot: dict[str, Tensor], kind: str) -> Tensor:
-    """`[L, n]`: per unit, the sum of `rowdot[name][i]` over the parameters the unit owns (every
-    owned parameter is indexed by its unit along dim 0, as `units.unit_slices` reads it)."""
-    names = [n for c in unit_components(model, kind) for n in component_param_names(model, c)]
-    return torch.stack([sum(rowdot[f"blocks.{l}.attn.{n}"] for n in names)
+def _per_unit(model: Model, prod: dict[str, Tensor], kind: str) -> Tensor:
+    """`[L, n]`: per unit, the sum of the elementwise `prod[name]` over the entries the unit owns
+    (`units.component_params` says which, on either backend)."""
+    return torch.stack([sum(p.per_unit(prod[p.name]).sum(1).double().cpu()
+                            for c in unit_components(model, kind)
+                            for p in component_params(model, l, c))
                         for l in range(model.cfg.n_layers)])
 
 
-def first_order(tuned: HookedTransformer, original: HookedTransformer,
+def first_order(tuned: Model, original: Model,
                 batches: Sequence[ChatBatch], kinds: Sequence[str]) -> dict[str, Tensor]:
     """First-order recovered loss of reverting each unit, per example: `{kind: [n_examples, L, n]}`
     float64, -(theta_orig - theta_tuned)_u . grad NLL_e(tuned) (one backward per example)."""
@@ -246,17 +248,16 @@ def first_order(tuned: HookedTransformer, original: HookedTransformer,
     order = sorted(names)
     delta = {n: po[n].detach().to(pt[n].device, pt[n].dtype) - pt[n].detach() for n in order}
     out: dict[str, list[Tensor]] = {k: [] for k in kinds}
-    L = tuned.cfg.n_layers
     with _grad_only(tuned, names):
         for batch in batches:
             for ex in _single_examples(batch.to(tuned.cfg.device)):
-                loss = response_nll_from_resid(tuned, tuned(ex.tokens, stop_at_layer=L), ex).sum()
+                loss = response_nll_from_resid(tuned, backend.final_residual(tuned, ex.tokens),
+                                               ex).sum()
                 grads = torch.autograd.grad(loss, [pt[n] for n in order], allow_unused=True)
-                rowdot = {n: torch.zeros(pt[n].shape[0], dtype=torch.float64) if g is None else
-                          -(delta[n] * g).flatten(1).sum(1).double().cpu()
-                          for n, g in zip(order, grads)}
+                prod = {n: torch.zeros_like(delta[n]) if g is None else -(delta[n] * g)
+                        for n, g in zip(order, grads)}
                 for k in kinds:
-                    out[k].append(_per_unit(tuned, rowdot, k))
+                    out[k].append(_per_unit(tuned, prod, k))
     return {k: torch.stack(v) for k, v in out.items()}
 
 
@@ -814,8 +815,8 @@ def _check_options(tuned, *, unit, exact, k, n_candidates, n_spread, n_draws, n_
 
 
 def attribute(
-    tuned: HookedTransformer,
-    original: HookedTransformer,
+    tuned: Model,
+    original: Model,
     *,
     utility_data: ChatDataset,
     conflict_map: Any = None,
@@ -871,8 +872,8 @@ def attribute(
     kinds, ks, n_cand = _check_options(tuned, unit=unit, exact=exact, k=k, n_candidates=n_candidates,
                                        n_spread=n_spread, n_draws=n_draws, n_bootstrap=n_bootstrap,
                                        n_examples=n_examples)
-    if conflict_map is not None:
-        conflict_map.check_model(tuned)
+    if conflict_map is not None:  # the map describes the model before tuning
+        conflict_map.check_model(original)
     t = time.perf_counter()
     data = _prepare_data(tuned, original, utility_data, safety_data, n_examples=n_examples,
                          utility_reference=utility_reference, max_new_tokens=max_new_tokens,
@@ -941,8 +942,6 @@ def attribute(
 
 def _config(tuned, original, data, *, sets, draws, joint_sets, conflict_map, **options) -> dict:
     """Everything needed to redo the attribution (options, data, split, unit sets, versions)."""
-    import transformer_lens
-
     util, seed = data["util"], options["seed"]
     as_lists = lambda us: [list(u) for u in us]  # noqa: E731
     return {
@@ -969,5 +968,5 @@ def _config(tuned, original, data, *, sets, draws, joint_sets, conflict_map, **o
             "combine": conflict_map.config.get("combine"), "model": conflict_map.config.get("model")},
         "device": str(tuned.cfg.device), "dtype": str(tuned.cfg.dtype),
         "versions": {"attribution": ATTRIBUTION_VERSION, "torch": torch.__version__,
-                     "transformer_lens": getattr(transformer_lens, "__version__", None)},
+                     "transformer_lens": backend.TL_VERSION},
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -24,19 +25,20 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_eval(args) -> int:
+    from .checks import check_int
     from .data import load_dataset
     from .evaluate import EvalConfig, evaluate, format_table
-    from .io import atomic_write_json
+    from .io import atomic_write_json, check_out_file
     from .model import load_model
 
+    check_int("--n", args.n, 1, what=" (examples per dataset)")
+    cfg = EvalConfig(max_new_tokens=args.max_new_tokens)  # checks the numbers
+    if args.out:
+        check_out_file(args.out)
+    sets = {k: load_dataset(getattr(args, k)).take(args.n)
+            for k in ("harmful", "benign", "over_refusal")}
     model = load_model(args.model, device=args.device)
-    cfg = EvalConfig(max_new_tokens=args.max_new_tokens)
-    n = args.n
-    res = evaluate(
-        model, original=model, config=cfg,
-        harmful=load_dataset(args.harmful).take(n), benign=load_dataset(args.benign).take(n),
-        over_refusal=load_dataset(args.over_refusal).take(n), progress=True,
-    )
+    res = evaluate(model, original=model, config=cfg, **sets, progress=True)
     print(format_table({args.model: res}))
     if args.out:
         atomic_write_json(res.to_dict(), args.out)
@@ -44,28 +46,12 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def _check_out_dir(out: Path, marker: str, overwrite: bool) -> None:
-    """Fail before any work if `out` cannot take the result (a file, a finished result, read-only)."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file: pass a directory path.")
-    if (out / marker).exists() and not overwrite:
-        raise ValueError(f"--out {out} already holds a result ({marker}); pass --overwrite to "
-                         "replace it, or another --out.")
-    out.mkdir(parents=True, exist_ok=True)
-    probe = out / ".write-test"
-    try:
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ValueError(f"--out {out} is not writable ({exc.strerror}).") from exc
-
-
 def _cmd_diagnose(args) -> int:
     from .conflict_map import META_FILE, map_report
     from .data import load_dataset
     from .diagnose import DiagnosisConfig, diagnose
     from .figures import diagnosis_figures
-    from .io import atomic_write_text
+    from .io import atomic_write_text, check_out_dir, remove_partials
     from .model import load_model
 
     # Only options given on the command line override DiagnosisConfig's defaults (one source).
@@ -74,7 +60,8 @@ def _cmd_diagnose(args) -> int:
     cfg = DiagnosisConfig(**{n: getattr(args, n) for n in names if getattr(args, n) is not None},
                           include_end_of_turn=args.include_end_of_turn)
     out = Path(args.out)
-    _check_out_dir(out, META_FILE, args.overwrite)
+    check_out_dir(out, META_FILE, args.overwrite)
+    remove_partials(out)  # of a killed earlier diagnosis
     safety, utility = load_dataset(args.safety_data), load_dataset(args.utility_data)
     model = load_model(args.model, device=args.device)
     t = time.time()
@@ -93,13 +80,23 @@ def _cmd_run(args) -> int:
 
     cfg = RunConfig.from_preset(
         args.preset, out_dir=args.out, model=args.model, device=args.device, steps=args.steps,
-        seed=args.seed, safety_data=args.safety_data, utility_data=args.utility_data,
-        over_refusal_data=args.over_refusal_data,
+        seed=args.seed, safety_data=_spec(args.safety_data), utility_data=_spec(args.utility_data),
+        over_refusal_data=args.over_refusal_data, split_seed=args.split_seed,
         **({"attribute": False} if args.no_attribute else {}),
     )
-    run_experiment(cfg)
+    run_experiment(cfg, overwrite=args.overwrite)
     print((Path(args.out) / "report.md").read_text())
     return 0
+
+
+def _spec(values: Optional[list]):
+    """One data spec (split by the run) or three [calibration, train, test]; None: the preset's."""
+    if values is None or len(values) == 1:
+        return values[0] if values else None
+    if len(values) != 3:
+        raise ValueError(f"Give one data spec (split into calibration/train/test) or three "
+                         f"(calibration, train, test), got {len(values)}: {values}.")
+    return list(values)
 
 
 def _cmd_attribute(args) -> int:
@@ -110,13 +107,11 @@ def _cmd_attribute(args) -> int:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: pass the output directory of a "
                                 "`cast-interp run` (it holds config.json).")
-    cfg = RunConfig.from_dict(read_json(path))
-    cfg.attribute = True
-    cfg.out_dir = str(args.run)  # the directory may have been moved or copied since the run
-    for name in ("examples", "candidates", "spread", "draws", "arms"):
-        if getattr(args, name) is not None:
-            setattr(cfg, f"attribution_{name}", getattr(args, name))
-    cfg.__post_init__()  # the options above are checked like a config's
+    # The directory may have been moved or copied since the run; `replace` re-checks the options.
+    names = ("examples", "candidates", "spread", "draws", "arms")
+    options = {f"attribution_{n}": getattr(args, n) for n in names if getattr(args, n) is not None}
+    cfg = replace(RunConfig.from_dict(read_json(path)), attribute=True, out_dir=str(args.run),
+                  **options)
     run_experiment(cfg)  # finished stages are re-used; only attribution is computed
     print((Path(args.run) / "report.md").read_text())
     return 0
@@ -168,13 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     from .pipeline import PRESETS
 
     r.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    r.add_argument("--safety-data", default=None)
-    r.add_argument("--utility-data", default=None)
+    data_help = ("one spec, split into calibration/train/test by --split-seed ('bundled:KIND' "
+                 "uses the shipped splits), or three specs: calibration train test")
+    r.add_argument("--safety-data", nargs="+", default=None, help=data_help)
+    r.add_argument("--utility-data", nargs="+", default=None, help=data_help)
+    r.add_argument("--split-seed", type=int, default=None, help="seed of that split (default 0)")
     r.add_argument("--over-refusal-data", default=None)
     r.add_argument("--steps", type=int, default=None)
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--no-attribute", action="store_true", help="skip stage 4")
     r.add_argument("--out", default="runs/default")
+    r.add_argument("--overwrite", action="store_true",
+                   help="delete a run of other settings, data or model found in --out first")
     r.set_defaults(fn=_cmd_run)
 
     a = sub.add_parser("attribute", help="which heads caused the utility drop (stage 4)")
@@ -196,11 +196,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .heads import HeadIndexError
     from .model import ModelLoadError
     from .objectives import NonFiniteLossError
+    from .units import UnitError
 
     try:
         return args.fn(args)
-    except (DataError, ModelLoadError, HeadIndexError, NonFiniteLossError, FileNotFoundError,
-            ValueError) as exc:
+    except (DataError, ModelLoadError, HeadIndexError, UnitError, NonFiniteLossError,
+            FileNotFoundError, ValueError) as exc:
         # Bad input: one clear line, no traceback from deep inside torch.
         print(f"cast-interp: error: {exc}", file=sys.stderr)
         return 2

@@ -219,6 +219,29 @@ def summarize(scores: dict[str, Tensor], *, how: str, alpha: float, seed: int) -
 # --------------------------------------------------------------------------------------------------
 
 
+def model_difference(recorded: dict, model) -> dict:
+    """{field: (recorded, model's)} where a recorded model identity (`model_id` plus the
+    `weights` fingerprint, as a map stores it) disagrees with `model`; fields not recorded (older
+    maps have no fingerprint) or unknown are not compared."""
+    from .model import model_id, weight_fingerprint
+
+    theirs = model_id(model)
+    if recorded.get("weights") is not None:
+        theirs["weights"] = weight_fingerprint(model)
+    return {k: (recorded[k], theirs[k]) for k in theirs
+            if recorded.get(k) is not None and theirs[k] is not None and recorded[k] != theirs[k]}
+
+
+class UnitList(list):
+    """A list of (layer, index) units that remembers the model identity of the map it came from
+    (`model`, as `ConflictMap.config["model"]`), so `safety_finetune` can refuse another model's
+    selection. It compares, prints and serialises as a plain list."""
+
+    def __init__(self, units=(), model: Optional[dict] = None):
+        super().__init__(units)
+        self.model = model or {}
+
+
 @dataclass
 class ConflictMap:
     """Per-unit conflict map, indexed [layer, unit].
@@ -351,11 +374,8 @@ class ConflictMap:
             raise MapMismatchError(
                 f"This conflict map is {self.shape[0]} layers x {self.shape[1]} heads but the model "
                 f"has {L} x {H}: it was made for another model. Re-run diagnose on this model.")
-        from .model import model_id
-
-        mine, theirs = self.config.get("model") or {}, model_id(model)
-        diff = {k: (mine[k], theirs[k]) for k in theirs
-                if mine.get(k) is not None and theirs[k] is not None and mine[k] != theirs[k]}
+        mine = self.config.get("model") or {}
+        diff = model_difference(mine, model)
         n_kv = model.cfg.n_key_value_heads or H
         if bool(self.group) != (n_kv != H) or (self.group and self.group["O"].shape[1] != n_kv):
             diff["key/value groups"] = (self.group["O"].shape[1] if self.group else H, n_kv)
@@ -409,7 +429,8 @@ class ConflictMap:
         if count > n_finite:
             raise HeadIndexError(f"k = {count} {unit}s requested but only {n_finite} of {n} have a "
                                  f"defined {by} ({n - n_finite} are NaN and never selected).")
-        return self.ranking(by=by, largest=largest, unit=unit)[:count]
+        return UnitList(self.ranking(by=by, largest=largest, unit=unit)[:count],
+                        model=self.config.get("model"))
 
     def top_heads(self, k: Union[int, float], *, by: RankBy = "C",
                   largest: bool = True) -> list[Head]:

@@ -196,10 +196,17 @@ def _read_rows(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
+            # strict: an unclosed quote is an error, not every later row merged into one cell.
             with open(path, newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f))
+                return _check_csv_rows(list(csv.DictReader(f, strict=True)), path)
         if suffix == ".jsonl":
-            return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+            rows = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+            bad = [i + 1 for i, r in enumerate(rows) if not isinstance(r, dict)]
+            if bad:
+                raise DataError(f"{path}: row {bad[0]} is not a JSON object ({len(bad)} such rows); "
+                                "each line must be an object with named fields, e.g. "
+                                '{"prompt": "..."}.')
+            return rows
         if suffix == ".json":
             data = json.loads(path.read_text("utf-8"))
             if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
@@ -213,6 +220,15 @@ def _read_rows(path: Path) -> list[dict]:
     except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path} could not be parsed as {suffix[1:].upper()}: {exc}") from exc
     raise DataError(f"{path}: unsupported file type {suffix!r} (use .csv, .json or .jsonl).")
+
+
+def _check_csv_rows(rows: list[dict], path: Path) -> list[dict]:
+    """A row whose number of cells differs from the header's (a stray comma or quote): an error."""
+    for i, r in enumerate(rows):
+        if None in r or any(v is None for v in r.values()):
+            raise DataError(f"{path}: row {i + 2} has a different number of cells than the header; "
+                            "check its commas and quotes (a cell with a comma must be quoted).")
+    return rows
 
 
 def _column(rows: list[dict], wanted: Optional[str], candidates: Sequence[str], path: Path,
@@ -257,8 +273,8 @@ def load_table(
     cc = _column(rows, category_column, ("category", "Category", "type"), p, "category",
                  required=False)
     examples = []
-    for r in rows:
-        prompt = str(r[pc]).strip()
+    for i, r in enumerate(rows):
+        prompt = _prompt_of(r, pc, p, i)
         if input_column and str(r.get(input_column) or "").strip():
             prompt = f"{prompt}\n\n{str(r[input_column]).strip()}"
         resp = r.get(rc) if rc else None
@@ -266,6 +282,20 @@ def load_table(
         examples.append(ChatExample(prompt, str(resp).strip() if resp else None,
                                     str(cat) if cat not in (None, "") else None))
     return _nonempty(ChatDataset(name or p.stem, examples, source=str(p)))
+
+
+def _prompt_of(row: dict, column: str, path: Path, i: int) -> str:
+    """The row's prompt, stripped; a missing, null, non-text or empty prompt is an error naming the
+    row (a JSON null would otherwise become the prompt "None", and an empty one be scored)."""
+    v = row.get(column)
+    if v is None or isinstance(v, (dict, list, bool)):
+        what = "no" if column not in row else f"a {'null' if v is None else type(v).__name__}"
+        raise DataError(f"{path}: row {i + 1} has {what} {column!r} value; every row needs a "
+                        "prompt (fix or drop the row).")
+    prompt = str(v).strip()
+    if not prompt:
+        raise DataError(f"{path}: row {i + 1} has an empty {column!r}; drop the row or fill it in.")
+    return prompt
 
 
 def load_advbench(path: Union[str, Path]) -> ChatDataset:
@@ -323,7 +353,8 @@ def load_hf(name: str, *, split: str = "train", prompt_column: Optional[str] = N
     rows = [dict(r) for r in hf]
     pc = _column(rows, prompt_column, PROMPT_COLUMNS, Path(name), "prompt")
     rc = _column(rows, response_column, RESPONSE_COLUMNS, Path(name), "response", required=False)
-    ex = [ChatExample(str(r[pc]), str(r[rc]) if rc and r.get(rc) else None) for r in rows]
+    ex = [ChatExample(_prompt_of(r, pc, Path(name), i), str(r[rc]) if rc and r.get(rc) else None)
+          for i, r in enumerate(rows)]
     return _nonempty(ChatDataset(f"hf:{name}:{split}", ex, source=f"hf:{name}"))
 
 
@@ -359,6 +390,47 @@ def load_dataset(spec: Union[str, ChatDataset]) -> ChatDataset:
         if key in stem:
             return loader(path)
     return load_table(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Splits of one set into calibration / train / test
+# --------------------------------------------------------------------------------------------------
+
+SPLITS: tuple[Split, ...] = ("calibration", "train", "test")
+SPLIT_FRACTIONS = (0.25, 0.5, 0.25)
+"""Shares of a single data file given to calibration, train and test (ours: the bundled sets'
+50/100/50), so no example is both trained on or diagnosed with and then evaluated."""
+
+
+def split_dataset(ds: ChatDataset, *, seed: int = 0,
+                  fractions: Sequence[float] = SPLIT_FRACTIONS) -> dict[str, ChatDataset]:
+    """{"calibration", "train", "test"}: disjoint parts of `ds` from a seeded permutation (the
+    same seed gives the same split; names record the seed)."""
+    n = len(ds)
+    n_cal, n_train = round(fractions[0] * n), round(fractions[1] * n)
+    sizes = (n_cal, n_train, n - n_cal - n_train)
+    if min(sizes) < 2:
+        raise DataError(f"{ds.name!r} has {n} examples: too few to split into calibration, train "
+                        f"and test ({sizes}); give at least 8, or three specs (one per split).")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    out, start = {}, 0
+    for name, size in zip(SPLITS, sizes):
+        idx = sorted(order[start:start + size])  # file order within a split
+        out[name] = ChatDataset(f"{ds.name}:{name}(split seed {seed})",
+                                [ds.examples[i] for i in idx], ds.source)
+        start += size
+    return out
+
+
+def check_held_out(splits: dict[str, ChatDataset]) -> None:
+    """DataError if the test split shares a prompt with calibration or train (not held out)."""
+    seen = {e.prompt for name in ("calibration", "train") for e in splits[name]}
+    shared = [e.prompt for e in splits["test"] if e.prompt in seen]
+    if shared:
+        raise DataError(f"The test set {splits['test'].name!r} shares {len(shared)} prompt(s) with "
+                        f"calibration or train (first: {shared[0][:60]!r}): it is not held out. "
+                        "Pass disjoint files, or one file to be split.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -498,11 +570,8 @@ def make_batches(
     for i, ex in enumerate(dataset):
         ids, n_prompt = encode_example(tokenizer, ex, system_prompt=system_prompt)
         if max_length is not None and len(ids) > max_length:
-            limit = "the model's context" if max_length == n_ctx else "max_length"
-            raise DataError(
-                f"Example #{i} of {dataset.name!r} is {len(ids)} tokens, longer than {limit} "
-                f"({max_length}). Shorten or drop it (prompt starts: {ex.prompt[:60]!r})."
-            )
+            _too_long(dataset, i, len(ids), max_length, "the model's context"
+                      if max_length == n_ctx else "max_length")
         content_end = len(ids) - int(_ends_turn(ex))
         encoded.append((ids, n_prompt, content_end))
     batches = []
@@ -521,6 +590,27 @@ def make_batches(
                             "be undefined. Check that responses are non-empty.")
         batches.append(ChatBatch(tokens, loss, [n for _, n, _ in chunk], content))
     return batches
+
+
+def _too_long(ds: ChatDataset, i: int, n: int, limit: int, what: str, extra: str = "") -> None:
+    raise DataError(
+        f"Example #{i} of {ds.name!r} is {n} tokens{extra}, longer than {what} ({limit}) (prompt "
+        f"starts: {ds.examples[i].prompt[:60]!r}). Drop or shorten such examples, or use a model "
+        "with a longer context.")
+
+
+def check_fits(model: Any, dataset: ChatDataset, *, new_tokens: int = 0,
+               with_response: bool = True) -> None:
+    """DataError, before any work, for the first example that does not fit the model's context:
+    prompt (+ response and end-of-turn if `with_response`) + `new_tokens` to generate."""
+    n_ctx = model.cfg.n_ctx
+    for i, ex in enumerate(dataset):
+        if not with_response:
+            ex = ChatExample(ex.prompt)
+        n = len(encode_example(model.tokenizer, ex)[0])
+        if n + new_tokens > n_ctx:
+            extra = f" + {new_tokens} to generate" if new_tokens else ""
+            _too_long(dataset, i, n, n_ctx, "the model's context", extra)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -552,10 +642,10 @@ def self_reference(
     key = _self_reference_key(model, dataset, max_new_tokens, batch_size)
     cached = _read_self_reference(Path(cache_path), key, len(dataset)) if cache_path else None
     if cached is not None:
-        return _with_answers(dataset, *cached)
+        return _with_answers(dataset, *_fit_answers(model, dataset, *cached))
     answers, finished = generate(model, dataset.prompts, max_new_tokens=max_new_tokens,
                                  batch_size=batch_size, context_limit="cap", return_finished=True)
-    truncated = [not f for f in finished]
+    answers, truncated = _fit_answers(model, dataset, answers, [not f for f in finished])
     if cache_path is not None:
         from .io import atomic_write_text
 
@@ -565,6 +655,23 @@ def self_reference(
                                       for a, t in zip(answers, truncated)]
         atomic_write_text("\n".join(lines) + "\n", Path(cache_path))
     return _with_answers(dataset, answers, truncated)
+
+
+def _fit_answers(model: Any, dataset: ChatDataset, answers: list[str],
+                 truncated: list[bool]) -> tuple[list[str], list[bool]]:
+    """Answers cut (and marked truncated) until prompt + answer tokenize within the context: decoded
+    text can re-tokenize longer than the generated ids (an invalid UTF-8 byte becomes a 3-byte
+    replacement character), which would make the example too long for the model that wrote it."""
+    n_ctx, tok = model.cfg.n_ctx, model.tokenizer
+    answers, truncated = list(answers), list(truncated)
+    for i, e in enumerate(dataset.examples):
+        while True:
+            ex = ChatExample(e.prompt, answers[i], meta={"truncated": truncated[i]})
+            excess = len(encode_example(tok, ex)[0]) - n_ctx
+            if excess <= 0 or not answers[i]:
+                break
+            answers[i], truncated[i] = answers[i][:max(0, len(answers[i]) - excess)], True
+    return answers, truncated
 
 
 def _self_reference_key(model: Any, dataset: ChatDataset, max_new_tokens: int,

@@ -26,12 +26,13 @@ import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from transformer_lens import HookedTransformer
+from .backend import Model
 
 from .conflict import optimization_conflict
 from .conflict_map import COMBINE_KINDS, CombineKind, ConflictMap
 from .data import ChatDataset, DataError, make_batches, self_reference
-from .model import model_id
+from .model import model_id, weight_fingerprint
+from .checks import check_types
 from .io import check_fields
 from .stats import count_from_fraction
 from .units import uses_gqa
@@ -90,6 +91,7 @@ class DiagnosisConfig:
     heads_per_pass: Optional[int] = None
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name, lo in (("n_calibration", 1), ("batch_size", 1), ("max_new_tokens", 1),
                          ("n_bootstrap", 0)):
             v = getattr(self, name)
@@ -139,7 +141,7 @@ def _sensitivity(model, batches, cfg: DiagnosisConfig, unit: str, O, progress: b
 
 
 def diagnose(
-    model: HookedTransformer,
+    model: Model,
     safety_data: ChatDataset,
     utility_data: ChatDataset,
     config: Optional[DiagnosisConfig] = None,
@@ -202,7 +204,7 @@ def diagnose(
 
     meta = {
         "diagnosis": cfg.to_dict(),
-        "model": model_id(model),
+        "model": {**model_id(model), "weights": weight_fingerprint(model)},
         "device": str(model.cfg.device),
         "data": {"safety": safe.describe(), "utility": util.describe(),
                  "sensitivity": util_sens.describe()},
@@ -218,9 +220,8 @@ def diagnose(
 
 def _versions() -> dict:
     import torch
-    import transformer_lens
 
-    from . import conflict, conflict_map
+    from . import backend, conflict, conflict_map
 
     try:
         from importlib.metadata import version
@@ -230,4 +231,4 @@ def _versions() -> dict:
         pkg = None
     return {"cast_interp": pkg, "diagnose": DIAGNOSIS_VERSION, "conflict": conflict.METHOD_VERSION,
             "conflict_map": conflict_map.MAP_METHOD_VERSION, "torch": torch.__version__,
-            "transformer_lens": getattr(transformer_lens, "__version__", None)}
+            "transformer_lens": backend.TL_VERSION}

@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence, Union
 
 import torch
-from transformer_lens import HookedTransformer
+
+from .backend import Model
 
 from .data import ChatDataset
+from .checks import check_int, check_types
 from .io import atomic_write_json, check_fields, read_json
 from .safety import (  # noqa: F401  (re-exported)
     PUBLIC_REFUSAL_PREFIXES,
@@ -99,10 +101,14 @@ class EvalConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name in ("n_harmful", "n_benign", "n_over_refusal", "n_task"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be None (all) or a positive int, got {v!r}.")
+            check_int(name, getattr(self, name), 1, none_ok=True, what=" (None: all)")
+        for name in ("batch_size", "generation_batch_size"):
+            check_int(name, getattr(self, name), 1)
+        check_int("n_examples", self.n_examples, 0)
+        # 0 new tokens judges empty answers: every refusal rate would read 0.
+        check_int("max_new_tokens", self.max_new_tokens, 1 if self.generation else 0)
         choices = {"task_normalize": ("sum", "mean"), "refusal_scope": ("opening", "anywhere"),
                    "tokens": ("content", "response")}
         for name, allowed in choices.items():
@@ -208,9 +214,9 @@ def _judge_summary(scope: str) -> dict:
 
 
 def evaluate(
-    model: HookedTransformer,
+    model: Model,
     *,
-    original: Optional[HookedTransformer] = None,
+    original: Optional[Model] = None,
     config: Optional[EvalConfig] = None,
     harmful: Optional[DataLike] = None,
     benign: Optional[DataLike] = None,
@@ -302,7 +308,7 @@ def evaluate(
     )
 
 
-def _generated_refusals(model: HookedTransformer, sets: dict[str, ChatDataset],
+def _generated_refusals(model: Model, sets: dict[str, ChatDataset],
                         config: EvalConfig, progress: bool) -> dict[str, dict]:
     """Greedy answers to the harmful and over-refusal prompts, judged, per set."""
     # Both sets are generated in one call: on CPU each decoding step has a fixed cost, so one batch

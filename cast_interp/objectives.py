@@ -18,8 +18,9 @@ from typing import Literal, Optional, Sequence
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
-from transformer_lens.utilities.activation_functions import apply_softcap
+
+from . import backend
+from .backend import Model
 
 from .data import ChatBatch
 
@@ -39,7 +40,7 @@ def token_nll(
 
 
 def response_nll(
-    model: HookedTransformer, batch: ChatBatch, *,
+    model: Model, batch: ChatBatch, *,
     reduction: Literal["mean", "sum", "per_example"] = "mean", **forward_kwargs,
 ) -> Tensor:
     """NLL of the response tokens of one batch.
@@ -65,7 +66,7 @@ def response_nll(
 LOGIT_ROWS = 1024
 
 
-def response_nll_from_resid(model: HookedTransformer, resid: Float[Tensor, "batch pos d_model"],
+def response_nll_from_resid(model: Model, resid: Float[Tensor, "batch pos d_model"],
                             batch: ChatBatch) -> Float[Tensor, "batch"]:
     """Each example's summed NLL over its `loss_mask` tokens from the final residual (before
     `ln_final`): `[batch]` float64, differentiable.
@@ -80,11 +81,7 @@ def response_nll_from_resid(model: HookedTransformer, resid: Float[Tensor, "batc
     x = resid[:, :-1][mask]  # [n_loss_tokens, d_model]
     parts = []
     for s in range(0, x.shape[0], LOGIT_ROWS):
-        chunk = x[s: s + LOGIT_ROWS][None]
-        if model.cfg.normalization_type is not None:
-            chunk = model.ln_final(chunk)
-        logits = apply_softcap(chunk[0] @ model.unembed.W_U + model.unembed.b_U,
-                               model.cfg.output_logits_soft_cap)
+        logits = backend.logits_from_residual(model, x[s: s + LOGIT_ROWS])
         lp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
         parts.append(-lp.gather(-1, target[s: s + LOGIT_ROWS, None])[:, 0])
     nll = torch.cat(parts) if parts else x.new_zeros(0)
@@ -93,7 +90,7 @@ def response_nll_from_resid(model: HookedTransformer, resid: Float[Tensor, "batc
         0, owner, nll.double())
 
 
-def dataset_nll(model: HookedTransformer, batches: Sequence[ChatBatch]) -> float:
+def dataset_nll(model: Model, batches: Sequence[ChatBatch]) -> float:
     """Token-mean response NLL over a list of batches (no gradient)."""
     total, n = 0.0, 0
     with torch.no_grad():

@@ -34,17 +34,18 @@ run, and a changed setting redoes the pieces it affects instead of mixing them i
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Literal, Optional, Union, get_args
 
 import torch
 
+from .checks import check_int, check_number, check_types
+from . import backend
 from .io import atomic_write_json, atomic_write_text, read_json, to_jsonable
 
 PIPELINE_VERSION = "pipeline-2"
@@ -52,8 +53,7 @@ UnitKind = Literal["head", "group"]
 BASELINES = ("bottom", "top_o", "top_s", "layer_band")
 ATTRIBUTABLE = ("full", "cast", "random")  # arms whose first-seed tuned weights are kept
 
-# Sized with `estimate_seconds` (per-unit times measured on SmolLM2, 2 CPU cores; the v2 diagnosis
-# time in it is a guess until measured): cpu ~19 min, cpu-full ~110 min.
+# Sized with `estimate_seconds` (per-unit times measured on SmolLM2, 2 CPU cores).
 PRESETS: dict[str, dict[str, Any]] = {
     # Plumbing in seconds (the tiny model): the same design, minimal sizes.
     "smoke": {"n_calibration": 4, "n_sensitivity": 4, "n_bootstrap": 10, "steps": 2,
@@ -62,10 +62,11 @@ PRESETS: dict[str, dict[str, Any]] = {
               "n_draws": 2, "eval_every": 1, "n_val": 2, "generation_seeds": None,
               "attribution_examples": 4, "attribution_candidates": 4, "attribution_spread": 4,
               "attribution_max_new_tokens": 16, "n_boot": 200,
-              "self_reference_tokens": 16, "utility_reference": "dataset"},
+              "self_reference_tokens": 16, "utility_reference": "dataset", "attribute": True},
     # The default (RunConfig's defaults): a quick look in under 20 minutes on 2 CPU cores. Same
     # design (paired seeds, draws, curves, CIs) on full tuning, CAST and random only, 2 seeds,
-    # 4 draws, small test sets, no generation: the CIs are wide and the report says so.
+    # 4 draws, small test sets, no generation: the CIs are wide and the report says so. Stage 4
+    # is left to `cast-interp attribute` (it took 16.5 min per arm on SmolLM2 with 2 cores).
     "cpu": {},
     # Under 2 hours on 2 CPU cores: 8 training seeds shared by full tuning, CAST and random, 20
     # random draws, S on 16 examples (as `diagnose`), all test prompts (40 task items), generated
@@ -77,8 +78,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu": {"n_calibration": 128, "n_sensitivity": 64, "n_bootstrap": 500, "steps": 40,
             "batch_size": 16, "k_fractions": [0.05, 0.1, 0.2], "baselines": list(BASELINES),
             "train_seeds": list(range(10)), "n_draws": 40, "n_val": 16, "eval_every": 4,
-            "n_eval": None, "n_task": None, "generation_seeds": None,
-            "attribution_examples": 32},
+            "n_eval": None, "n_task": None, "generation_seeds": None, "attribute": True,
+            "attribution_examples": 32, "attribution_arms": ["full", "cast", "random"]},
 }
 
 
@@ -99,8 +100,10 @@ class RunConfig:
 
     out_dir: str = "runs/default"
     model: str = "smollm2-135m-instruct"
-    safety_data: str = "bundled:harmful"
-    utility_data: str = "bundled:benign"
+    # A spec (one set, split into calibration/train/test by `split_seed`, or "bundled:KIND",
+    # split as shipped) or a list of three specs [calibration, train, test].
+    safety_data: Union[str, list] = "bundled:harmful"
+    utility_data: Union[str, list] = "bundled:benign"
     over_refusal_data: str = "bundled:over_refusal"
     # Stage 1
     n_calibration: int = 32
@@ -112,6 +115,7 @@ class RunConfig:
     n_bootstrap: int = 200
     utility_reference: str = "self"
     seed: int = 0                    # diagnosis: bootstraps, tie-breaks; evaluation
+    split_seed: int = 0              # the split of a single data file into calibration/train/test
     # Stage 2
     unit: str = "head"
     k_fractions: list = field(default_factory=lambda: [0.1])
@@ -139,7 +143,7 @@ class RunConfig:
     ci: float = 0.95
     n_boot: int = 2000
     # Stage 4
-    attribute: bool = True
+    attribute: bool = False          # stage 4 in the run (or later: `cast-interp attribute`)
     # Arms attributed on the first training seed: "full", "cast" (first budget), "random" (draw 0).
     attribution_arms: list = field(default_factory=lambda: ["full"])
     attribution_examples: int = 16            # split into halves A (choose) and B (measure)
@@ -154,19 +158,20 @@ class RunConfig:
     device: Optional[str] = None
 
     def __post_init__(self) -> None:
+        check_types(self)
         seeds = self.train_seeds
-        if (not isinstance(seeds, (list, tuple)) or not seeds
-                or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-                or len(set(seeds)) != len(seeds)):
+        if not seeds or len(set(seeds)) != len(seeds) or not all(
+                isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise ValueError(f"train_seeds must be a non-empty list of distinct ints, got "
                              f"{seeds!r}.")
         self.train_seeds = list(seeds)
-        if not isinstance(self.n_draws, int) or self.n_draws < 0 or 0 < self.n_draws < len(seeds):
+        check_int("n_draws", self.n_draws, 0)
+        if 0 < self.n_draws < len(seeds):
             raise ValueError(f"n_draws must be 0 (no random arm) or at least len(train_seeds) = "
                              f"{len(seeds)} (every training seed needs a random draw to pair "
                              f"with), got {self.n_draws!r}.")
-        if self.unit not in get_args(UnitKind):
-            raise ValueError(f"unit must be 'head' or 'group', got {self.unit!r}.")
+        for name in ("safety_data", "utility_data"):
+            _check_spec(name, getattr(self, name))
         bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
             raise ValueError(f"Unknown baselines {bad}; choose from {list(BASELINES)}.")
@@ -177,19 +182,16 @@ class RunConfig:
         if not self.k_fractions:
             raise ValueError("k_fractions is empty: give at least one budget (e.g. [0.1]).")
         for name, lo in (("steps", 1), ("batch_size", 1), ("eval_every", 0), ("n_val", 2),
-                         ("eval_max_new_tokens", 1), ("n_boot", 100), ("self_reference_tokens", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}.")
+                         ("eval_max_new_tokens", 1), ("n_boot", 100), ("self_reference_tokens", 1),
+                         ("attribution_examples", 4), ("attribution_spread", 1),
+                         ("attribution_draws", 20), ("attribution_max_new_tokens", 1)):
+            check_int(name, getattr(self, name), lo)
+        check_int("attribution_candidates", self.attribution_candidates, 1, none_ok=True)
         for name in ("n_eval", "n_task"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 2):
-                raise ValueError(f"{name} must be None (all test examples) or >= 2, got {v!r}.")
-        g = self.generation_seeds
-        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 0):
-            raise ValueError(f"generation_seeds must be None (all) or a count >= 0, got {g!r}.")
-        if not 0 < self.ci < 1:
-            raise ValueError(f"ci is a coverage in (0, 1), got {self.ci!r}.")
+            check_int(name, getattr(self, name), 2, none_ok=True, what=" (None: all test examples)")
+        check_int("generation_seeds", self.generation_seeds, 0, none_ok=True, what=" (None: all)")
+        check_number("ci", self.ci, lo=0, hi=1, lo_open=True, hi_open=True)
+        _check_choices(self)
         arms = self.attribution_arms
         if (not isinstance(arms, (list, tuple)) or not arms
                 or any(a not in ATTRIBUTABLE for a in arms) or len(set(arms)) != len(arms)):
@@ -199,6 +201,27 @@ class RunConfig:
             raise ValueError("attribution_arms has 'random' but n_draws is 0: there is no random "
                              "arm to attribute.")
         self.attribution_arms = list(arms)
+        # The stage configs check their own fields: one source of the rules.
+        self.diagnosis_config()
+        self.tuning_config(seeds[0])
+
+    def diagnosis_config(self):
+        """Stage 1's `DiagnosisConfig` from this run's fields."""
+        from .diagnose import DiagnosisConfig
+
+        return DiagnosisConfig(n_calibration=self.n_calibration, n_sensitivity=self.n_sensitivity,
+                               batch_size=self.diag_batch_size, ablation=self.ablation,
+                               sensitivity_method=self.sensitivity_method, combine=self.combine,
+                               n_bootstrap=self.n_bootstrap, seed=self.seed,
+                               utility_reference=self.utility_reference)
+
+    def tuning_config(self, train_seed: int):
+        """Stage 2's `TuningConfig` of a piece on `train_seed`."""
+        from .sparse_tuning import TuningConfig
+
+        return TuningConfig(seed=train_seed, steps=self.steps, batch_size=self.batch_size,
+                            scope=self.scope, benign_mix=self.benign_mix,
+                            **({"lr": self.lr} if self.lr is not None else {}))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -226,6 +249,27 @@ class RunConfig:
         what = {"version": PIPELINE_VERSION, **{n: d[n] for n in names}, "extra": extra}
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()
                               ).hexdigest()[:12]
+
+
+def _check_spec(name: str, spec: Any) -> None:
+    if isinstance(spec, str) and spec:
+        return
+    if isinstance(spec, (list, tuple)) and len(spec) == 3 and all(
+            isinstance(x, str) and x for x in spec):
+        return
+    raise ValueError(f"{name} must be one dataset spec (split by split_seed) or a list of three "
+                     f"[calibration, train, test], got {spec!r}.")
+
+
+def _check_choices(cfg: RunConfig) -> None:
+    choices = {"unit": get_args(UnitKind), "benign_reference": ("self", "dataset"),
+               "attribution_reference": ("self", "dataset"), "preset": tuple(sorted(PRESETS))}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(cfg, name)!r}.")
+    from .model import check_device
+
+    check_device(cfg.device, available=False)  # availability: when the run loads the model
 
 
 DIAG_FIELDS = ("model", "safety_data", "utility_data", "n_calibration", "n_sensitivity",
@@ -282,17 +326,18 @@ def plan_pieces(cfg: RunConfig, n_units_total: int) -> list[Piece]:
 # Cost estimate (sizes the presets)
 # --------------------------------------------------------------------------------------------------
 
-# Seconds on SmolLM2-135M-Instruct with 2 free CPU cores. Measured (2026-11-30) as single-thread CPU
-# time on the shared 2-core machine (one thread: no spin-wait inflation from other agents' load),
-# divided by 1.5 for two threads (ours, conservative). Check: an 8-step v1 arm with its 16-prompt
-# evaluation comes out at 76 s against the 66-82 s measured for the committed v1 run.
+# Seconds on SmolLM2-135M-Instruct with 2 free CPU cores, measured in the committed `cpu-full` run
+# (figures/run, 2026-11-30: 36 pieces, per-part times from its results.json); the diagnosis alone
+# with `cast-interp diagnose` on idle cores (S on 16 examples). That run took 85.5 min against the
+# 110 min the previous costs (measured under load) predicted.
 COST_S = {
-    "train_step": 6.4,           # one optimizer step, batch 8 (single thread: 9.6 s)
-    "refusal_score": 0.51,       # per prompt, harmful or over-refusal (8 prompts: 6.1 s)
-    "kl_nll": 0.43,              # per benign prompt, KL and NLL (8 prompts: 5.2 s)
-    "task_item": 0.35,           # per multiple-choice item, 4 choices (8 items: 4.2 s)
-    "generate_32": 0.87,         # per prompt, 32 greedy tokens (8 prompts: 10.5 s)
-    "diagnosis": 480.0,          # v2 library defaults (S on 16) measured 508 s on idle cores; S on 8 less
+    "train_step": 5.34,          # one optimizer step, batch 8 (42.7 s per 8-step piece)
+    "refusal_score": 0.23,       # per prompt, harmful or over-refusal (110 prompts: 25.2 s)
+    "kl_nll": 0.41,              # per benign prompt, KL and NLL (50 prompts: 20.3 s)
+    "task_item": 0.14,           # per multiple-choice item, 4 choices (40 items: 5.5 s)
+    "generate_32": 0.48,         # per prompt, 32 greedy tokens (110 prompts: 52.6 s)
+    "val_pair": 1.22,            # per harmful + benign validation pair and curve point (9.8 s per piece)
+    "diagnosis": 508.0,          # v2 library defaults (S on 16 examples); S on 8 costs less
 }
 BUNDLED_TEST_SIZES = {"harmful": 50, "benign": 50, "over_refusal": 60, "task": 95}
 
@@ -316,7 +361,7 @@ def estimate_seconds(cfg: RunConfig, *, cost: Optional[dict] = None) -> dict:
     gen = (n_h + n_o) * c["generate_32"] * cfg.eval_max_new_tokens / 32
     n_points = (cfg.steps // cfg.eval_every + (cfg.steps % cfg.eval_every > 0)
                 if cfg.eval_every else 1)
-    curve = n_points * cfg.n_val * (c["refusal_score"] + c["kl_nll"])
+    curve = n_points * cfg.n_val * c["val_pair"]
     train = cfg.steps * c["train_step"] * cfg.batch_size / 8
     pieces = plan_pieces(cfg, 270)
     piece_s = [train + curve + free + (gen if _generates(cfg, p.train_seed) else 0.0)
@@ -338,27 +383,39 @@ def _log(msg: str) -> None:
     print(f"[cast {time.time() - _T0:7.1f}s] {msg}", flush=True)
 
 
+def _splits(spec, split_seed: int) -> dict:
+    """{"calibration", "train", "test"} of a data setting: "bundled:KIND" as shipped, three specs as
+    given (the test one checked for overlap), any other single spec split by `split_seed`."""
+    from .data import SPLITS, check_held_out, load_dataset, split_dataset
+
+    if isinstance(spec, (list, tuple)):
+        parts = dict(zip(SPLITS, (load_dataset(s) for s in spec)))
+    elif spec in ("bundled:harmful", "bundled:benign"):
+        parts = {s: load_dataset(f"{spec}:{s}") for s in SPLITS}
+    else:
+        parts = split_dataset(load_dataset(spec), seed=split_seed)
+    check_held_out(parts)
+    return parts
+
+
 def _datasets(cfg: RunConfig) -> dict:
     """The splits: calibration (stage 1), train minus validation (stage 2), validation (curves),
     test (stage 3). Validation = the last `n_val` examples of each train split (ours)."""
     from .data import DataError, load_dataset
 
-    def split(spec: str, name: str):
-        return load_dataset(spec if spec.count(":") >= 2 or not spec.startswith("bundled:")
-                            else f"{spec}:{name}")
-
-    out = {"safe_cal": split(cfg.safety_data, "calibration"),
-           "util_cal": split(cfg.utility_data, "calibration")}
+    out = {}
     for kind, spec in (("safe", cfg.safety_data), ("util", cfg.utility_data)):
-        train = split(spec, "train")
+        parts = _splits(spec, cfg.split_seed)
+        train = parts["train"]
         if len(train) < cfg.n_val + 2:
             raise DataError(f"The train split of {spec!r} has {len(train)} examples: too few to "
                             f"hold out n_val={cfg.n_val} for validation and train on the rest.")
+        out[f"{kind}_cal"] = parts["calibration"]
         out[f"{kind}_train"] = train.take(len(train) - cfg.n_val)
         out[f"{kind}_val"] = type(train)(f"{train.name}:val", train.examples[-cfg.n_val:],
                                          train.source)
-    out["harmful_test"] = split(cfg.safety_data, "test").take(cfg.n_eval)
-    out["benign_test"] = split(cfg.utility_data, "test").take(cfg.n_eval)
+        out[f"{kind}_test"] = parts["test"].take(cfg.n_eval)
+    out["harmful_test"], out["benign_test"] = out.pop("safe_test"), out.pop("util_test")
     out["over_refusal"] = load_dataset(cfg.over_refusal_data).take(cfg.n_eval)
     return out
 
@@ -383,17 +440,137 @@ class _Context:
     out: Path
 
 
-def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict:
-    """Run (or resume) the whole experiment; returns the content of `results.json`."""
-    from .model import load_model, model_id
+# Settings that only add pieces (seeds, draws, budgets, baselines) or recompute the report and
+# stage 4: a run directory takes new values of these. Any other change makes another run.
+ADDITIVE_FIELDS = ("out_dir", "device", "preset", "train_seeds", "n_draws", "k_sweep", "baselines",
+                   "attribute", "attribution_arms", "ci", "n_boot", *ATTR_FIELDS)
+# Everything a run writes into its directory (what `overwrite=True` deletes; nothing else is).
+RUN_FILES = ("config.json", "run.json", "results.json", "report.md", "arms", "diagnosis",
+             "attribution", "figures", "self_reference_val.jsonl", "self_reference_train.jsonl")
+
+
+class RunMismatchError(ValueError):
+    """The run directory holds pieces of another run (other settings, data or model)."""
+
+
+def run_manifest(cfg: RunConfig, model, data: dict) -> dict:
+    """What produced a run's pieces: the settings they depend on, a fingerprint of each data split
+    (before self-reference answers) and the model's identity with a weight fingerprint."""
+    from .data import SPLIT_FRACTIONS
+    from .model import model_id, weight_fingerprint
+
+    d = cfg.to_dict()
+    return {"version": PIPELINE_VERSION,
+            "settings": {k: v for k, v in d.items() if k not in ADDITIVE_FIELDS},
+            "data": {k: v.fingerprint() for k, v in data.items()},
+            "split": {"seed": cfg.split_seed, "fractions": list(SPLIT_FRACTIONS)},
+            "model": {**model_id(model), "weights": weight_fingerprint(model)}}
+
+
+def _recorded_manifest(out: Path) -> Optional[dict]:
+    """The manifest of the run in `out` (from config.json alone for runs older than run.json), or
+    None for a directory without a run."""
+    if (out / "run.json").exists():
+        return read_json(out / "run.json")
+    if not (out / "config.json").exists():
+        return None
+    old = to_jsonable(RunConfig.from_dict(read_json(out / "config.json")).to_dict())
+    return {"settings": {k: v for k, v in old.items() if k not in ADDITIVE_FIELDS}}
+
+
+def _manifest_difference(old: dict, new: dict) -> list[str]:
+    new = to_jsonable(new)
+    diff = [f"{k} ({old['settings'].get(k)!r} -> {v!r})" for k, v in new["settings"].items()
+            if k in old.get("settings", {}) and old["settings"][k] != v]
+    diff += [f"{part} fingerprint" for part in ("data", "model")
+             if part in old and old[part] != new[part]]
+    return diff
+
+
+def claim_run_dir(out: Path, manifest: dict, *, overwrite: bool = False) -> None:
+    """Make `out` this run's directory, before anything is written: a file or unwritable path, or
+    a directory holding another run (`RunMismatchError`) fail here; `overwrite` deletes the old
+    run's files (only `RUN_FILES`) first. Leftover `.partial` files of a killed run are removed."""
+    from .io import check_out_dir, remove_partials
+
+    check_out_dir(out)
+    try:
+        old = _recorded_manifest(out)
+    except ValueError as exc:  # unreadable or from another version
+        if not overwrite:
+            raise RunMismatchError(f"{out} holds a run this version cannot read ({exc}); pass "
+                                   "--overwrite to delete it and start over, or use another --out.")
+        old = None
+    if overwrite:
+        _clear_run(out)
+    elif old is not None:
+        diff = _manifest_difference(old, manifest)
+        if diff:
+            raise RunMismatchError(
+                f"{out} holds a run made with other settings, data or model ({'; '.join(diff)}): "
+                "its pieces cannot be mixed with this run's. Pass --overwrite (overwrite=True) to "
+                "delete that run and start over, or use another --out.")
+    remove_partials(out)
+
+
+def _clear_run(out: Path) -> None:
+    import shutil
+
+    for name in RUN_FILES:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+def _prepare(cfg: RunConfig, overwrite: bool):
+    """Everything that can fail on bad input, before any work or write: data, model, lengths, the
+    run directory; then config.json and run.json are written. Returns (model, data)."""
+    from .io import check_out_dir
+    from .model import load_model
+
+    check_out_dir(cfg.out_dir)  # a file or read-only path: before loading anything
+    data = _datasets(cfg)
+    torch.manual_seed(cfg.seed)  # before loading, as runs always did (a model's init draws)
+    model = load_model(cfg.model, device=cfg.device)
+    _check_lengths(cfg, model, data)
+    manifest = run_manifest(cfg, model, data)
+    out = Path(cfg.out_dir)
+    claim_run_dir(out, manifest, overwrite=overwrite)
+    atomic_write_json(cfg.to_dict(), out / "config.json")
+    atomic_write_json(manifest, out / "run.json")
+    return model, data
+
+
+def _check_lengths(cfg: RunConfig, model, data: dict) -> None:
+    """Every example fits the model's context as the stages will use it (a DataError naming the
+    first that does not, before the diagnosis rather than after it)."""
+    from .data import check_fits
+
+    answers = {"safe_cal": True, "safe_train": True, "safe_val": True,
+               "util_cal": cfg.utility_reference == "dataset",
+               "util_train": cfg.benign_reference == "dataset", "util_val": False,
+               "benign_test": True, "harmful_test": False, "over_refusal": False}
+    for name, with_response in answers.items():
+        check_fits(model, data[name], with_response=with_response,
+                   new_tokens=0 if with_response else 1)  # room for at least one answer token
+    if cfg.generation_seeds != 0:  # some evaluation generates refusals
+        for name in ("harmful_test", "over_refusal"):
+            check_fits(model, data[name], with_response=False, new_tokens=cfg.eval_max_new_tokens)
+
+
+def run_experiment(cfg: RunConfig, *, progress: bool = True, overwrite: bool = False) -> dict:
+    """Run (or resume) the whole experiment; returns the content of `results.json`.
+
+    A directory holding a run with other settings (beyond more seeds, draws, budgets, baselines
+    or stage-4 options), data or model is refused (`RunMismatchError`) unless `overwrite`, which
+    deletes that run's files first."""
+    from .model import model_id
 
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(cfg.to_dict(), out / "config.json")
     t_start = time.time()
-    torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, device=cfg.device)
-    data = _datasets(cfg)
+    model, data = _prepare(cfg, overwrite)
     timings: dict[str, float] = {}
     t = time.time()
     _self_references(cfg, model, data, out)
@@ -420,6 +597,7 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict:
         "config": cfg.to_dict(),
         "model": model_id(model),
         "data": {k: v.describe() for k, v in data.items()},
+        "data_split": read_json(out / "run.json")["split"],
         "diagnosis": {"concentration": cmap.concentration(unit=cfg.unit),
                       "top_units": cmap.top_units(_k0(cfg, model), unit=cfg.unit),
                       "top_heads": cmap.top_heads(_k0(cfg, model)) if cfg.unit == "head" else None,
@@ -496,7 +674,7 @@ def _invocations(out: Path, doc: dict, cfg: RunConfig) -> list[dict]:
 def _diagnosis(cfg: RunConfig, model, data: dict, out: Path, progress: bool):
     """Stage 1, re-used from disk when its settings are unchanged."""
     from .conflict_map import ConflictMap
-    from .diagnose import DiagnosisConfig, diagnose
+    from .diagnose import diagnose
 
     diag_dir, diag_key = out / "diagnosis", cfg.key(*DIAG_FIELDS)
     if (diag_dir / "conflict_map.json").exists():
@@ -508,12 +686,8 @@ def _diagnosis(cfg: RunConfig, model, data: dict, out: Path, progress: bool):
         except Exception:  # unreadable or of another version: recompute
             pass
     _log("stage 1: diagnosis")
-    dcfg = DiagnosisConfig(n_calibration=cfg.n_calibration, n_sensitivity=cfg.n_sensitivity,
-                           batch_size=cfg.diag_batch_size, ablation=cfg.ablation,
-                           sensitivity_method=cfg.sensitivity_method, combine=cfg.combine,
-                           n_bootstrap=cfg.n_bootstrap, seed=cfg.seed,
-                           utility_reference=cfg.utility_reference)
-    cmap = diagnose(model, data["safe_cal"], data["util_cal"], dcfg, progress=progress)
+    cmap = diagnose(model, data["safe_cal"], data["util_cal"], cfg.diagnosis_config(),
+                    progress=progress)
     cmap.config["run_key"] = diag_key
     cmap.save(diag_dir)
     return cmap
@@ -522,7 +696,7 @@ def _diagnosis(cfg: RunConfig, model, data: dict, out: Path, progress: bool):
 def _context(cfg: RunConfig, model, data: dict, cmap, out: Path) -> _Context:
     from .sparse_tuning import ValidationMonitor
 
-    original = copy.deepcopy(model)
+    original = backend.copy_model(model)
     original.requires_grad_(False)
     monitor = ValidationMonitor(original, data["safe_val"], data["util_val"], batch_size=8)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -575,7 +749,7 @@ def _skipped(ctx: _Context, piece: Piece) -> list:
 
     seed = piece.draw if piece.draw is not None else 0
     return select_arm_units(piece.method, ctx.cmap, piece.k, unit=ctx.cfg.unit, seed=seed,
-                            model=ctx.model)
+                            model=ctx.original)  # ctx.model may hold the last piece's weights
 
 
 def _piece_key(ctx: _Context, piece: Piece) -> str:
@@ -597,7 +771,7 @@ def _state_path(ctx: _Context, piece: Piece) -> Path:
 
 def _run_piece(ctx: _Context, piece: Piece, where: str, progress: bool) -> dict:
     """Train and evaluate one piece, or re-use it from disk (same key and same skipped units)."""
-    from .sparse_tuning import TuningConfig, safety_finetune
+    from .sparse_tuning import safety_finetune
 
     cfg, path = ctx.cfg, ctx.out / "arms" / f"{piece.name}.json"
     key, skip = _piece_key(ctx, piece), _skipped(ctx, piece)
@@ -611,9 +785,7 @@ def _run_piece(ctx: _Context, piece: Piece, where: str, progress: bool) -> dict:
         _log(f"piece {where} {piece.name}: on disk from other settings: redone")
     _log(f"piece {where} {piece.name}: tuning")
     ctx.model.load_state_dict(ctx.original_state)
-    tcfg = TuningConfig(seed=piece.train_seed, steps=cfg.steps, batch_size=cfg.batch_size,
-                        scope=cfg.scope, benign_mix=cfg.benign_mix,
-                        **({"lr": cfg.lr} if cfg.lr is not None else {}))
+    tcfg = cfg.tuning_config(piece.train_seed)
     skip_kw = {"skip_groups": skip} if cfg.unit == "group" else {"skip_heads": skip}
     tres = safety_finetune(ctx.model, ctx.data["safe_train"], config=tcfg,
                            benign_data=ctx.data["util_train"] if cfg.benign_mix > 0 else None,
@@ -693,7 +865,7 @@ def _attribute_arm(ctx: _Context, arm: str, progress: bool) -> dict:
     done = _load_piece(arm_dir / "attribution.json", key)
     if done is not None:
         return done
-    tuned = copy.deepcopy(original)
+    tuned = backend.copy_model(original)
     tuned.load_state_dict(load_file(str(state_path)), strict=False)
     _log(f"stage 4: post-hoc attribution of {piece.name} ({cfg.attribution_examples} examples, "
          "halves A/B)")

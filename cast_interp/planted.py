@@ -29,7 +29,9 @@ from __future__ import annotations
 import random
 
 import torch
-from transformer_lens import HookedTransformer
+
+from . import backend
+from .backend import Model
 
 from .data import ChatDataset, ChatExample
 from .model import tiny_model
@@ -43,7 +45,7 @@ H_TRIGGER = H_UNUSED  # its role with trigger=True
 TRIGGER = "x"  # the trigger token of harmful prompts (trigger=True); not in the prompt alphabet
 
 
-def planted_model(*, trigger: bool = False, gqa: bool = False) -> HookedTransformer:
+def planted_model(*, trigger: bool = False, gqa: bool = False) -> Model:
     """A one-layer model whose heads have hand-set roles (MLP off, features on reserved dims).
 
     Tokens: `<|assistant|>` carries feature dim 0, the response tokens "a" and "b" (identical
@@ -80,7 +82,8 @@ def planted_model(*, trigger: bool = False, gqa: bool = False) -> HookedTransfor
     with torch.no_grad():
         blk = m.blocks[0]
         blk.mlp.W_out.zero_()
-        blk.mlp.b_out.zero_()
+        if blk.mlp.b_out is not None:  # the bridge's Llama MLP has no bias
+            blk.mlp.b_out.zero_()
         E = torch.zeros_like(m.embed.W_E)
         E[:, 8:] = 0.3 * torch.randn(E.shape[0], 24, generator=g)
         E[:, 5] = 1.0
@@ -96,13 +99,18 @@ def planted_model(*, trigger: bool = False, gqa: bool = False) -> HookedTransfor
         U[2, ida], U[2, idb] = 0.5, -0.5
         U[1, end] = U[3, end] = 1.0
         m.unembed.W_U.copy_(U)
-        m.unembed.b_U.zero_()
+        if m.unembed.b_U is not None:
+            m.unembed.b_U.zero_()
         a = blk.attn
-        # Under GQA TransformerLens keeps K/V per group (`_W_K`, ...); head h reads group h // 2.
-        WK, WV, bK, bV = ((a._W_K, a._W_V, a._b_K, a._b_V) if gqa else (a.W_K, a.W_V, a.b_K, a.b_V))
+        # K/V per group: TL 3 keeps them as `_W_K`, ... under GQA; the bridge's `W_K` is per group
+        # (a view of k_proj, so writes reach the trained weights). Head h reads group h // 2.
+        per_group = gqa and not backend.USES_BRIDGE
+        WK, WV, bK, bV = ((a._W_K, a._W_V, a._b_K, a._b_V) if per_group
+                          else (a.W_K, a.W_V, a.b_K, a.b_V))
         kv = (lambda h: h // 2) if gqa else (lambda h: h)
         for p in (a.W_Q, WK, WV, a.W_O, a.b_Q, bK, bV, a.b_O):
-            p.zero_()
+            if p is not None:  # the bridge's Llama has no attention biases
+                p.zero_()
         for h, feature, out_dim, scale in ((H_STAR, 0, 2, 0.3), (H_WEAK, 0, 2, 0.05),
                                            (H_ALIGN, 1, 3, 0.4)):
             a.W_Q[h, feature, 0] = WK[kv(h), feature, 0] = 1.5  # self-attention on the feature

@@ -473,7 +473,10 @@ def _attribution_lines(doc: dict) -> list[str]:
     exact."""
     atts = attributions(doc)
     if not atts:
-        return []
+        return ["## Which units caused the utility drop", "",
+                "Stage 4 was not run: `cast-interp attribute --run <this directory> --arms full cast "
+                "random` adds it from the kept first-seed weights (on SmolLM2 with 2 CPU cores, about "
+                "17 min per arm).", ""]
     arms = list(atts)
     f = lambda v: "n/a" if not isinstance(v, (int, float)) else f"{v:.3g}"  # noqa: E731
 

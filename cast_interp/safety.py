@@ -33,9 +33,9 @@ from typing import Literal, Optional, Sequence, Union
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+from . import backend
+from .backend import Model
 
 from .data import ChatDataset, ChatExample, DataError, format_prompt, load_dataset
 from .generation import generate
@@ -63,33 +63,33 @@ def as_dataset(data: DataLike, name: str = "prompts") -> ChatDataset:
     return ds
 
 
-def encode_prompt(model: HookedTransformer, prompt: str) -> list[int]:
+def encode_prompt(model: Model, prompt: str) -> list[int]:
     """Token ids of a chat-formatted user turn, ending where the answer begins."""
     tok = model.tokenizer
     return list(tok(format_prompt(tok, prompt), add_special_tokens=False)["input_ids"])
 
 
-def encode_text(model: HookedTransformer, text: str) -> list[int]:
+def encode_text(model: Model, text: str) -> list[int]:
     """Token ids of a response text, tokenized on its own exactly as `make_batches` does."""
     return list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def pad_id(model: HookedTransformer) -> int:
+def pad_id(model: Model) -> int:
     tok = model.tokenizer
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
 def logits_at(
-    model: HookedTransformer, tokens: Tensor, rows: Tensor, positions: Tensor, **forward_kwargs
+    model: Model, tokens: Tensor, rows: Tensor, positions: Tensor, **forward_kwargs
 ) -> Float[Tensor, "n vocab"]:
     """Logits at the given (row, position) pairs only: the unembedding of a 49k vocabulary is a
     fifth of a SmolLM2 forward, and only a few positions are needed."""
-    if getattr(model.cfg, "output_logits_soft_cap", -1.0) > 0:
-        return model(tokens, **forward_kwargs)[rows, positions]
-    resid = model(tokens, stop_at_layer=model.cfg.n_layers, **forward_kwargs)[rows, positions][None]
-    if model.cfg.normalization_type is not None:
-        resid = model.ln_final(resid)
-    return model.unembed(resid)[0]
+    cache = forward_kwargs.pop("past_kv_cache", None)
+    if cache is not None:  # key/value caches are the backend's (TL's own, or Hugging Face's)
+        resid = backend.cached_forward(model, tokens, cache, residual=True, **forward_kwargs)
+    else:
+        resid = backend.final_residual(model, tokens, **forward_kwargs)
+    return backend.logits_from_residual(model, resid[rows, positions])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -357,7 +357,7 @@ def _check_openings(openings: Sequence[str], open_ids: list[list[int]]) -> None:
 
 @torch.no_grad()
 def prefix_logprobs(
-    model: HookedTransformer, prefixes: Sequence[Sequence[int]],
+    model: Model, prefixes: Sequence[Sequence[int]],
     continuations: Sequence[Sequence[Sequence[int]]], *, batch_size: int = 16,
 ) -> list[Float[Tensor, "n_continuations"]]:
     """For each prefix i and each of its continuations c: sum_t log P(c_t | prefix_i, c_<t).
@@ -387,7 +387,7 @@ def prefix_logprobs(
         for r, i in enumerate(chunk):
             tokens[r, width - len(prefixes[i]):] = torch.tensor(list(prefixes[i]), device=device)
             attn[r, width - len(prefixes[i]):] = 1
-        cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, b)
+        cache = backend.new_kv_cache(model, b)
         first = logits_at(model, tokens, torch.arange(b, device=device),
                           torch.full((b,), width - 1, device=device), attention_mask=attn,
                           past_kv_cache=cache).float().log_softmax(-1)  # [b, vocab]
@@ -407,7 +407,7 @@ def prefix_logprobs(
                 sel_p += list(range(n))
                 owner += [j] * n
                 target += c[1:]
-            expanded = _expand_cache(cache, torch.tensor([r for r, _ in rows], device=device))
+            expanded = backend.cache_rows(cache, torch.tensor([r for r, _ in rows], device=device))
             logits = logits_at(model, cont, torch.tensor(sel_r, device=device),
                                torch.tensor(sel_p, device=device),
                                attention_mask=torch.ones_like(cont), past_kv_cache=expanded)
@@ -443,18 +443,8 @@ def _shared_inputs(conts: list[tuple[int, list[int]]]
     return rows, row_of
 
 
-def _expand_cache(cache: TransformerLensKeyValueCache, rows: Tensor
-                  ) -> TransformerLensKeyValueCache:
-    """A frozen copy of `cache` whose batch row j is row `rows[j]` of the original."""
-    entries = [TransformerLensKeyValueCacheEntry(e.past_keys[rows.to(e.past_keys.device)],
-                                                 e.past_values[rows.to(e.past_values.device)],
-                                                 frozen=True) for e in cache.entries]
-    mask = cache.previous_attention_mask
-    return TransformerLensKeyValueCache(entries, mask[rows.to(mask.device)], frozen=True)
-
-
 def refusal_logprobs(
-    model: HookedTransformer, dataset: DataLike, *, openings: Sequence[str] = REFUSAL_OPENINGS,
+    model: Model, dataset: DataLike, *, openings: Sequence[str] = REFUSAL_OPENINGS,
     batch_size: int = 16,
 ) -> Float[Tensor, "n_prompts"]:
     """Per prompt, log sum_o P(o | chat prompt) over the refusal openings o.
@@ -476,7 +466,7 @@ def refusal_logprobs(
 
 
 def refusal_score(
-    model: HookedTransformer, dataset: DataLike, *, openings: Sequence[str] = REFUSAL_OPENINGS,
+    model: Model, dataset: DataLike, *, openings: Sequence[str] = REFUSAL_OPENINGS,
     batch_size: int = 16,
 ) -> MetricValue:
     """Generation-free safety score: mean over prompts of log sum_o P(opening o | chat prompt).
@@ -504,7 +494,7 @@ def judge_answers(answers: Sequence[str], *, scope: Literal["opening", "anywhere
 
 
 def refusal_rate(
-    model: HookedTransformer, dataset: DataLike, *, max_new_tokens: int = 32, batch_size: int = 32,
+    model: Model, dataset: DataLike, *, max_new_tokens: int = 32, batch_size: int = 32,
     scope: Literal["opening", "anywhere"] = "opening", progress: bool = False,
 ) -> dict:
     """Share of prompts whose greedy answer `is_refusal`.

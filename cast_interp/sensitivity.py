@@ -48,7 +48,9 @@ from typing import Literal, Optional, Sequence, Union
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
+
+from . import backend
+from .backend import Model
 
 from .data import ChatBatch, DataError, example_lengths  # noqa: F401  (re-exported)
 from .heads import Head, rank_heads, validate_heads
@@ -191,7 +193,7 @@ class _Ablation:
     ablate identically. `values(bi, layer, batch)` broadcasts against z `[batch, pos, head, d_head]`.
     """
 
-    def __init__(self, model: HookedTransformer, kind: str, means: Optional[Tensor],
+    def __init__(self, model: Model, kind: str, means: Optional[Tensor],
                  store: Optional[list[Tensor]], donors: Optional[list[int]],
                  offsets: list[int]):
         self.model, self.kind, self.means = model, kind, means
@@ -215,7 +217,7 @@ class _Ablation:
         return torch.stack(rows)
 
 
-def _clean_pass(model: HookedTransformer, batches: Sequence[ChatBatch], *, kind: str,
+def _clean_pass(model: Model, batches: Sequence[ChatBatch], *, kind: str,
                 seed: int) -> tuple[float, _Ablation, Optional[Tensor], Tensor, Tensor]:
     """One clean forward per batch: L_util(base), what the ablation needs (means, donor z), and
     each example's summed base NLL and response-token count (`[n_examples]` each)."""
@@ -266,7 +268,7 @@ def _clean_pass(model: HookedTransformer, batches: Sequence[ChatBatch], *, kind:
             torch.cat(base_sums), torch.cat(tokens))
 
 
-def head_means(model: HookedTransformer, batches: list[ChatBatch]) -> Float[Tensor, "layer head d_head"]:
+def head_means(model: Model, batches: list[ChatBatch]) -> Float[Tensor, "layer head d_head"]:
     """Mean of `blocks.{l}.attn.hook_z` per head over D_util tokens, from a cached clean run.
 
     Which tokens (ours): every real token of every example (prompt, response and end-of-turn; not
@@ -280,7 +282,7 @@ def head_means(model: HookedTransformer, batches: list[ChatBatch]) -> Float[Tens
 # --------------------------------------------------------------------------------------------------
 
 
-def _heads_by_layer(model: HookedTransformer, heads) -> dict[int, list[int]]:
+def _heads_by_layer(model: Model, heads) -> dict[int, list[int]]:
     if heads is not None and len(heads) == 0:
         raise ValueError("heads is an empty list: pass None for all heads, or some (layer, head).")
     heads = validate_heads(model, [(l, h) for l in range(model.cfg.n_layers)
@@ -291,7 +293,7 @@ def _heads_by_layer(model: HookedTransformer, heads) -> dict[int, list[int]]:
     return by_layer
 
 
-def _default_heads_per_pass(model: HookedTransformer, batch_size: int, width: int) -> int:
+def _default_heads_per_pass(model: Model, batch_size: int, width: int) -> int:
     """Heads ablated per stacked pass: as many copies as fit `_PASS_MEMORY_BYTES` of activations,
     and on CPU at most ~`_CPU_PASS_TOKENS` stacked tokens (CPU passes are compute-bound, so
     stacking saves little, and activations that overflow the caches slow them down)."""
@@ -304,7 +306,7 @@ def _default_heads_per_pass(model: HookedTransformer, batch_size: int, width: in
     return max(1, min(cfg.n_heads, k))
 
 
-def _copies_nll_from_layer(model: HookedTransformer, layer: int, hook_name: str, hook,
+def _copies_nll_from_layer(model: Model, layer: int, hook_name: str, hook,
                            resid: Tensor, shortformer: Optional[Tensor],
                            attn_mask: Optional[Tensor], batch: ChatBatch, n_copies: int) -> Tensor:
     """Each example's summed response NLL in each of `n_copies` stacked copies of `batch`,
@@ -313,14 +315,15 @@ def _copies_nll_from_layer(model: HookedTransformer, layer: int, hook_name: str,
     not recomputed: they cannot change."""
     rep = lambda t: None if t is None else t.repeat(n_copies, *([1] * (t.dim() - 1)))  # noqa: E731
     with model.hooks(fwd_hooks=[(hook_name, hook)]):
-        final = model(rep(resid), start_at_layer=layer, stop_at_layer=model.cfg.n_layers,
-                      shortformer_pos_embed=rep(shortformer), attention_mask=rep(attn_mask))
+        final = backend.forward_from_layer(model, rep(resid), layer,
+                                           shortformer_pos_embed=rep(shortformer),
+                                           attention_mask=rep(attn_mask))
     copies = ChatBatch(tokens=rep(batch.tokens), loss_mask=rep(batch.loss_mask),
                        prompt_lengths=batch.prompt_lengths * n_copies)
     return response_nll_from_resid(model, final, copies).view(n_copies, len(batch))
 
 
-def _ablation_sets(model: HookedTransformer, units, kind: str) -> dict[int, list[tuple[int, list[int]]]]:
+def _ablation_sets(model: Model, units, kind: str) -> dict[int, list[tuple[int, list[int]]]]:
     """`{layer: [(unit index, query heads whose z it ablates), ...]}` for the units asked for (all
     units of `kind` if None): a head ablates itself, a K/V group all the heads that read it."""
     check_kind(model, kind)
@@ -333,7 +336,7 @@ def _ablation_sets(model: HookedTransformer, units, kind: str) -> dict[int, list
     return by_layer
 
 
-def _exact(model: HookedTransformer, batches: Sequence[ChatBatch], ablation: _Ablation,
+def _exact(model: Model, batches: Sequence[ChatBatch], ablation: _Ablation,
            sets: dict[int, list[tuple[int, list[int]]]], n_units_: int,
            heads_per_pass: Optional[int], progress: bool) -> Tensor:
     """Summed ablated response NLL of each example `[n_examples, n_layers, n_units]` (NaN where not
@@ -353,7 +356,8 @@ def _exact(model: HookedTransformer, batches: Sequence[ChatBatch], ablation: _Ab
             b = batch.to(cfg.device)
             # What forward() derives from the tokens (attention mask under left padding, shortformer
             # positions), so the partial runs see exactly what a full run does.
-            _, _, shortformer, attn_mask = model.input_to_embed(b.tokens)
+            inputs = backend.forward_inputs(model, b.tokens)
+            shortformer, attn_mask = inputs["shortformer_pos_embed"], inputs["attention_mask"]
             _, cache = model.run_with_cache(
                 b.tokens, names_filter=[_resid_pre_name(l) for l in layers],
                 stop_at_layer=layers[-1] + 1)
@@ -390,7 +394,7 @@ def _exact(model: HookedTransformer, batches: Sequence[ChatBatch], ablation: _Ab
 # --------------------------------------------------------------------------------------------------
 
 
-def _attribution(model: HookedTransformer, batches: Sequence[ChatBatch], ablation: _Ablation,
+def _attribution(model: Model, batches: Sequence[ChatBatch], ablation: _Ablation,
                  progress: bool) -> Tensor:
     """First-order estimate of each example's summed NLL change when one head is ablated,
     `[n_examples, n_layers, n_heads]` float64 (a group's is the sum over its heads: first order
@@ -433,7 +437,7 @@ def _attribution(model: HookedTransformer, batches: Sequence[ChatBatch], ablatio
     return torch.cat(per)
 
 
-def _to_groups(model: HookedTransformer, per_head: Tensor) -> Tensor:
+def _to_groups(model: Model, per_head: Tensor) -> Tensor:
     """Sum per-head first-order terms over the heads of each group: `[..., L, H] -> [..., L, G]`."""
     return torch.stack([per_head[..., group_heads(model, g)].sum(-1)
                         for g in range(n_kv_heads(model))], dim=-1)
@@ -471,7 +475,7 @@ def _bootstrap_S(delta: Tensor, tokens: Tensor, n_bootstrap: int, ci: float, see
 
 
 def functional_sensitivity(
-    model: HookedTransformer,
+    model: Model,
     batches: list[ChatBatch],
     *,
     unit: UnitKind = "head",
@@ -549,7 +553,7 @@ def functional_sensitivity(
 
 
 def sensitivity_naive(
-    model: HookedTransformer,
+    model: Model,
     batches: list[ChatBatch],
     *,
     ablation: AblationKind = "mean",
@@ -622,7 +626,7 @@ def compare_sensitivity(approx: Tensor, exact: Tensor, *, k: int = 10) -> dict:
 
 
 def screened_sensitivity(
-    model: HookedTransformer,
+    model: Model,
     batches: list[ChatBatch],
     *,
     unit: UnitKind = "head",

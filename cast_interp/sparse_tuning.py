@@ -50,10 +50,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from torch.nn import Parameter
-from transformer_lens import HookedTransformer
+
+from . import backend
+from .backend import Model
 
 from . import stats
 from . import units as U
+from .checks import check_int, check_number, check_types
 from .data import ChatBatch, ChatDataset, make_batches
 from .heads import HeadIndexError, head_param_masks
 from .io import atomic_write_json, check_fields, read_json, to_jsonable
@@ -70,9 +73,6 @@ Arm = ArmMethod  # v1 name of the Literal
 Unit = tuple[int, int]
 LEGACY_KV_POLICIES = ("any", "all", "none")
 
-# Attention parameters in the "attention" scope (b_O is shared by the layer and belongs to no unit).
-_ATTN_PARAM_NAMES = ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O",
-                     "_W_K", "_b_K", "_W_V", "_b_V")
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -137,20 +137,15 @@ class TuningConfig:
         _check_choice("schedule", self.schedule, get_args(Schedule))
         _check_choice("scope", self.scope, get_args(Scope))
         _check_kv_policy(self.kv_policy)
-        if int(self.steps) < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}.")
-        if int(self.batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr}.")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}.")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
-        if self.max_grad_norm is not None and self.max_grad_norm < 0:
-            raise ValueError(f"max_grad_norm must be >= 0 or None (no clipping), got "
-                             f"{self.max_grad_norm}.")
-        if not 0.0 <= self.benign_mix < 1.0:
+        check_types(self)
+        check_int("steps", self.steps, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("warmup_steps", self.warmup_steps, 0)
+        check_number("lr", self.lr, lo=0, lo_open=True)
+        check_number("weight_decay", self.weight_decay, lo=0)
+        # A negative norm would flip the clipped gradient's sign (gradient ascent).
+        check_number("max_grad_norm", self.max_grad_norm, lo=0, none_ok=True)
+        if not (isinstance(self.benign_mix, (int, float)) and 0.0 <= self.benign_mix < 1.0):
             raise ValueError(f"benign_mix must be in [0, 1), got {self.benign_mix} (it is the "
                              "fraction of each batch taken from benign data).")
 
@@ -223,14 +218,18 @@ class TuningResult:
 # --------------------------------------------------------------------------------------------------
 
 
-def _in_scope(name: str, scope: Scope) -> bool:
-    if scope == "all":
-        return True
-    return ".attn." in name and name.split(".")[-1] in _ATTN_PARAM_NAMES
+def _scope_names(model: Model, scope: Scope) -> Optional[set[str]]:
+    """Names of the parameters in scope (None: all). "attention": every attention parameter,
+    including what no unit owns (`b_O`, QK-norm weights), per `backend.attention_param_names`."""
+    return None if scope == "all" else backend.attention_param_names(model)
+
+
+def _in_scope(name: str, names: Optional[set[str]]) -> bool:
+    return names is None or name in names
 
 
 def frozen_masks(
-    model: HookedTransformer, skip_heads: Sequence[Sequence[int]] = (),
+    model: Model, skip_heads: Sequence[Sequence[int]] = (),
     skip_groups: Sequence[Sequence[int]] = (), *, kv_policy: Optional[str] = None,
 ) -> dict[str, Tensor]:
     """`{full parameter name: bool mask}` (True = frozen) for skipping these units.
@@ -252,7 +251,7 @@ def frozen_masks(
 
 
 def trainable_parameters(
-    model: HookedTransformer, skip_heads: Sequence[Sequence[int]] = (), *,
+    model: Model, skip_heads: Sequence[Sequence[int]] = (), *,
     skip_groups: Sequence[Sequence[int]] = (), scope: Scope = "attention",
     kv_policy: Optional[str] = None,
 ) -> tuple[list[Parameter], dict[str, Tensor]]:
@@ -268,9 +267,10 @@ def trainable_parameters(
     _check_kv_policy(kv_policy)
     all_masks = frozen_masks(model, skip_heads, skip_groups, kv_policy=kv_policy)
     absent = U.absent_param_names(model)
+    in_scope = _scope_names(model, scope)
     params, masks = [], {}
     for name, p in model.named_parameters():
-        if not _in_scope(name, scope) or name in absent:
+        if not _in_scope(name, in_scope) or name in absent:
             continue
         m = all_masks.get(name)
         if m is not None and bool(m.all()):
@@ -282,7 +282,7 @@ def trainable_parameters(
 
 
 def parameter_budget(
-    model: HookedTransformer, skip_heads: Sequence[Sequence[int]] = (),
+    model: Model, skip_heads: Sequence[Sequence[int]] = (),
     skip_groups: Sequence[Sequence[int]] = (), *, scope: Scope = "attention",
     kv_policy: Optional[str] = None,
 ) -> dict[str, int]:
@@ -292,12 +292,13 @@ def parameter_budget(
     trained); n_frozen: frozen by the skipped units; n_trainable = n_scope - n_absent - n_frozen.
     """
     absent = U.absent_param_names(model)
-    named = [(n, p) for n, p in model.named_parameters() if _in_scope(n, scope)]
+    in_scope = _scope_names(model, scope)
+    named = [(n, p) for n, p in model.named_parameters() if _in_scope(n, in_scope)]
     n_scope = sum(p.numel() for _, p in named)
     n_absent = sum(p.numel() for n, p in named if n in absent)
     n_frozen = sum(int(m.sum()) for n, m in frozen_masks(model, skip_heads, skip_groups,
                                                          kv_policy=kv_policy).items()
-                   if _in_scope(n, scope))
+                   if _in_scope(n, in_scope))
     return {"n_trainable": n_scope - n_absent - n_frozen, "n_frozen": n_frozen,
             "n_absent": n_absent, "n_scope": n_scope}
 
@@ -349,7 +350,7 @@ class _Stream:
         return out
 
 
-def _as_examples(model: HookedTransformer, data: Union[ChatDataset, Sequence[ChatBatch]],
+def _as_examples(model: Model, data: Union[ChatDataset, Sequence[ChatBatch]],
                  what: str) -> tuple[list[tuple[Tensor, Tensor, int]], dict]:
     if isinstance(data, ChatDataset):
         examples = _split_examples(make_batches(model, data, batch_size=32))
@@ -394,7 +395,7 @@ class ValidationMonitor:
         benign: benign prompts with answers (ours: the model's own, `data.self_reference`).
     """
 
-    def __init__(self, original: HookedTransformer, harmful: ChatDataset, benign: ChatDataset, *,
+    def __init__(self, original: Model, harmful: ChatDataset, benign: ChatDataset, *,
                  batch_size: int = 8):
         if len(harmful) == 0 or len(benign) == 0:
             raise ValueError("ValidationMonitor needs at least one harmful and one benign example.")
@@ -403,7 +404,7 @@ class ValidationMonitor:
         self.benign_batches = make_batches(original, benign, batch_size=batch_size)
         self.describe = {"harmful": harmful.describe(), "benign": benign.describe()}
 
-    def per_prompt(self, model: HookedTransformer) -> dict[str, Tensor]:
+    def per_prompt(self, model: Model) -> dict[str, Tensor]:
         from .safety import refusal_logprobs
         from .utility import utility_per_prompt
 
@@ -412,7 +413,7 @@ class ValidationMonitor:
         return {"refusal_score": refusal_logprobs(model, self.harmful, batch_size=self.batch_size),
                 "kl": kl}
 
-    def __call__(self, model: HookedTransformer) -> dict[str, float]:
+    def __call__(self, model: Model) -> dict[str, float]:
         return {k: float(v.nanmean()) for k, v in self.per_prompt(model).items()}
 
 
@@ -499,15 +500,28 @@ def _global_norm(params: list[Parameter]) -> tuple[Tensor, list[Tensor]]:
     return torch.linalg.vector_norm(norms), grads
 
 
+def _check_units_source(model: HookedTransformer, **units) -> None:
+    """`UnitError` when units selected from a conflict map (`ConflictMap.top_units` remembers its
+    model) are given to another model, even one of the same shape."""
+    from .conflict_map import model_difference
+
+    for name, sel in units.items():
+        diff = model_difference(getattr(sel, "model", None) or {}, model)
+        if diff:
+            desc = ", ".join(f"{k}: map {a!r} vs model {b!r}" for k, (a, b) in diff.items())
+            raise U.UnitError(f"{name} come from a conflict map of another model ({desc}): the "
+                              "ranking does not apply to this one. Re-run diagnose on this model.")
+
+
 def safety_finetune(
-    model: HookedTransformer,
+    model: Model,
     safety_data: Union[ChatDataset, Sequence[ChatBatch]],
     *,
     skip_heads: Sequence[Sequence[int]] = (),
     skip_groups: Sequence[Sequence[int]] = (),
     config: Optional[TuningConfig] = None,
     benign_data: Union[ChatDataset, Sequence[ChatBatch], None] = None,
-    monitor: Optional[Callable[[HookedTransformer], dict]] = None,
+    monitor: Optional[Callable[[Model], dict]] = None,
     eval_every: int = 0,
     curve_start: Optional[dict] = None,
     progress: bool = False,
@@ -545,6 +559,7 @@ def safety_finetune(
                          f"training), got {eval_every!r}.")
     heads = U.validate_units(model, skip_heads, "head")
     groups = U.validate_units(model, skip_groups, "group") if list(skip_groups) else []
+    _check_units_source(model, skip_heads=skip_heads, skip_groups=skip_groups)
     t0 = time.perf_counter()
     source = _BatchSource(model, safety_data, benign_data, cfg)
     params, masks = trainable_parameters(model, heads, skip_groups=groups, scope=cfg.scope,
@@ -696,7 +711,7 @@ def k_from_fraction(k: Union[int, float], n_total: int) -> int:
 
 
 def layer_band_heads(
-    model: Union[HookedTransformer, tuple[int, int]], k: Union[int, float], *,
+    model: Union[Model, tuple[int, int]], k: Union[int, float], *,
     start_layer: Optional[int] = None,
 ) -> list[Unit]:
     """All units of a band of consecutive whole layers, the layer baseline at budget k.
@@ -765,7 +780,7 @@ def select_arm_units(
     *,
     unit: UnitKind = "head",
     seed: int = 0,
-    model: Optional[HookedTransformer] = None,
+    model: Optional[Model] = None,
     start_layer: Optional[int] = None,
 ) -> list[Unit]:
     """The units an arm skips at budget k (a count, or a fraction of all units of the kind).
@@ -815,7 +830,7 @@ def select_arm_units(
 
 
 def select_arm_heads(arm: ArmMethod, conflict_map: Optional[_HasScores], k: Union[int, float], *,
-                     seed: int = 0, model: Optional[HookedTransformer] = None,
+                     seed: int = 0, model: Optional[Model] = None,
                      start_layer: Optional[int] = None) -> list[Unit]:
     """`select_arm_units(..., unit="head")`: the query heads an arm skips."""
     return select_arm_units(arm, conflict_map, k, unit="head", seed=seed, model=model,

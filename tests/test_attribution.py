@@ -21,7 +21,10 @@ from cast_interp.data import ChatDataset, ChatExample, DataError, make_batches
 from cast_interp.figures import plot_attribution_vs_map
 from cast_interp.model import tiny_model
 from cast_interp.objectives import token_nll
+from cast_interp import backend, units
 from cast_interp.units import UnitError, owned_param_names
+
+import tl_compat  # tests/tl_compat.py: backend-neutral weight handles
 
 matplotlib.use("Agg")
 
@@ -50,8 +53,8 @@ def _ascend(original, scale, *, only=None, names=None, seed=1, noise=0.0):
     """A 'tuned' copy that is worse on UTIL: `scale` x the normalised gradient of its summed
     content-token NLL added to the parameters `names` (default: every unit-owned weight), restricted
     to `only` = {param name: index} if given, plus `noise` x N(0, 1) on the same entries."""
-    tuned = copy.deepcopy(original)
-    names = names or {n for n in owned_param_names(original) if n.split(".")[-1].lstrip("_")[0] == "W"}
+    tuned = backend.copy_model(original)  # a bridge needs its hooks re-made on the copy
+    names = names or {n for n in owned_param_names(original) if tl_compat.is_weight(n)}
     params = dict(tuned.named_parameters())
     tuned.zero_grad()
     loss = sum(token_nll(tuned(b.tokens), b).sum() for b in _batches(tuned))
@@ -63,8 +66,8 @@ def _ascend(original, scale, *, only=None, names=None, seed=1, noise=0.0):
             step = scale * p.grad / p.grad.norm() + noise * torch.randn(p.shape, generator=g)
             if only is not None:
                 keep = torch.zeros_like(step)
-                if n in only:
-                    keep[only[n]] = 1.0
+                if n in only:  # unit only[n] of this parameter, wherever the backend keeps it
+                    tl_compat.unit_param(original, n).unit(only[n], keep).fill_(1.0)
                 step = step * keep
             p += step
     tuned.zero_grad(set_to_none=True)
@@ -98,13 +101,15 @@ def test_revert_units_swaps_only_owned_slices_and_restores_bit_exact(original):
         assert torch.equal(t.W_Q[2], o.W_Q[2]) and torch.equal(t.W_O[2], o.W_O[2])
         assert not torch.equal(t.W_Q[1], o.W_Q[1])  # other heads stay tuned
         # Under GQA the head owns no K/V; without GQA it owns its own.
-        kv = t._W_K[1] if gqa else t.W_K[2]
-        kv_o = o._W_K[1] if gqa else o.W_K[2]
+        kv = tl_compat.kv(t, "K", gqa)[1 if gqa else 2]
+        kv_o = tl_compat.kv(o, "K", gqa)[1 if gqa else 2]
         assert torch.equal(kv, kv_o) != gqa
     if gqa:
         with revert_units(tuned, original, groups=[(1, 1)]):
-            assert torch.equal(t._W_K[1], o._W_K[1]) and torch.equal(t._W_V[1], o._W_V[1])
-            assert not torch.equal(t._W_K[0], o._W_K[0])
+            tk, ok = tl_compat.kv(t, "K", gqa), tl_compat.kv(o, "K", gqa)
+            tv, ov = tl_compat.kv(t, "V", gqa), tl_compat.kv(o, "V", gqa)
+            assert torch.equal(tk[1], ok[1]) and torch.equal(tv[1], ov[1])
+            assert not torch.equal(tk[0], ok[0])
             assert not torch.equal(t.W_Q[2], o.W_Q[2])  # a group owns no query slice
     else:
         with pytest.raises(UnitError, match="grouped-query"):
@@ -168,10 +173,11 @@ def test_shares_add_up_on_a_gqa_model():
     assert torch.allclose(res.head["share"] * total, res.head["recovered"])
     # A parameter no unit owns (b_O) changed: it is named, and the drop left after every unit is it.
     t2 = copy.deepcopy(tuned)
+    shared, p = tl_compat.shared_attention_param(t2, 0)  # b_O (TL 3), a norm weight (bridge)
     with torch.no_grad():
-        t2.blocks[0].attn.b_O += 0.5
+        p += 0.5
     res2 = attribute(t2, original, utility_data=UTIL, **FAST)
-    assert res2.config["changed_outside_units"] == ["blocks.0.attn.b_O"]
+    assert res2.config["changed_outside_units"] == [shared]
     assert abs(res2.analysis["additivity"]["drop_left_after_all_units"]) > 1e-4
 
 
@@ -238,7 +244,7 @@ def test_first_order_matches_exact_reverts_on_a_small_update():
 def test_attribute_leaves_both_models_bit_identical():
     original = tiny_model(seed=0, n_key_value_heads=2)
     tuned = _ascend(original, 0.5, noise=0.02)
-    tuned.blocks[0].attn.W_Q.requires_grad_(False)  # flags are restored too
+    units.component_params(tuned, 0, "q")[0].param.requires_grad_(False)  # flags restored too
     original.requires_grad_(False)
     before = {n: (p.clone(), p.requires_grad) for n, p in tuned.named_parameters()}
     orig_before = {n: p.clone() for n, p in original.named_parameters()}
@@ -256,7 +262,8 @@ def test_a_planted_damaging_head_is_found_out_of_sample_and_beats_random_draws()
     least damaging head does not."""
     original = tiny_model(seed=0, n_layers=4, n_key_value_heads=2)
     planted = (2, 1)
-    tuned = _ascend(original, 1.5, names={"blocks.2.attn.W_O"}, only={"blocks.2.attn.W_O": 1})
+    w_o = tl_compat.weight_name(original, 2, "o")
+    tuned = _ascend(original, 1.5, names={w_o}, only={w_o: 1})
     tuned = _ascend(tuned, 0.0, noise=0.003, seed=5)  # small noise on every unit
     assert changed_units(tuned, original, "head").all()
     C = torch.rand(4, 4, generator=torch.Generator().manual_seed(0))

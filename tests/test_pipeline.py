@@ -88,7 +88,7 @@ def test_presets_have_the_promised_design_and_fit_their_time_budgets():
 
 def test_time_estimate_is_the_sum_of_its_parts():
     cost = {"train_step": 1.0, "refusal_score": 10.0, "kl_nll": 100.0, "task_item": 1000.0,
-            "generate_32": 10000.0, "diagnosis": 7.0}
+            "generate_32": 10000.0, "diagnosis": 7.0, "val_pair": 110.0}
     cfg = RunConfig(train_seeds=[0], n_draws=1, baselines=[], steps=4, eval_every=2, n_val=2,
                     n_eval=3, n_task=2, generation_seeds=None, benign_mix=0.0,
                     self_reference_tokens=32)
@@ -328,9 +328,13 @@ def test_interrupted_run_resumes_and_changed_settings_are_redone(tmp_path, monke
     more = replace(cfg, train_seeds=[0, 1, 2], n_draws=3)
     run_experiment(more, progress=False)
     assert len(counted) == len(plan_pieces(more, 8)) - n_pieces
-    # A changed training setting does not silently mix: every piece is redone.
+    # A changed training setting does not silently mix: refused, or every piece redone on
+    # overwrite.
     counted.clear()
-    doc = run_experiment(replace(more, steps=more.steps + 1), progress=False)
+    with pytest.raises(pipeline.RunMismatchError, match="steps"):
+        run_experiment(replace(more, steps=more.steps + 1), progress=False)
+    assert not counted
+    doc = run_experiment(replace(more, steps=more.steps + 1), progress=False, overwrite=True)
     assert len(counted) == len(plan_pieces(more, 8))
     assert all(len(p["tuning"]["losses"]) == more.steps + 1 for p in doc["arms"].values())
 

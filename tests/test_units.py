@@ -3,11 +3,12 @@
 import pytest
 import torch
 
+from cast_interp import backend
 from cast_interp.heads import HeadIndexError, rank_heads, validate_heads
 from cast_interp.model import tiny_model
-from cast_interp.units import (UnitError, absent_param_names, all_units, group_heads, label,
-                               owned_param_names, unit_components, unit_masks, unit_param_count,
-                               unit_slices, validate_units)
+from cast_interp.units import (UnitError, absent_param_names, all_units, component_params,
+                               group_heads, label, owned_param_names, unit_components, unit_masks,
+                               unit_param_count, unit_slices, validate_units)
 
 
 def test_gqa_head_owns_q_and_o_and_group_owns_k_and_v():
@@ -21,8 +22,10 @@ def test_gqa_head_owns_q_and_o_and_group_owns_k_and_v():
     same_group, two_groups = [(0, 0), (0, 1)], [(0, 0), (1, 3)]
     assert unit_param_count(m, heads=same_group) == unit_param_count(m, heads=two_groups)
     masks = unit_masks(m, heads=[(0, 1)])
-    assert masks["blocks.0.attn.W_Q"][1].all() and not masks["blocks.0.attn.W_Q"][0].any()
-    assert not masks["blocks.0.attn._W_K"].any()  # the group's K is not the head's
+    (q,), (k,) = component_params(m, 0, "q"), component_params(m, 0, "k")
+    assert q.unit(1, masks[q.name]).all() and not q.unit(0, masks[q.name]).any()
+    assert int(masks[q.name].sum()) == d * dh  # exactly head 1's slice, on either backend
+    assert not masks[k.name].any()  # the group's K is not the head's
 
 
 def test_without_gqa_a_head_owns_all_four_and_there_are_no_groups():
@@ -34,10 +37,14 @@ def test_without_gqa_a_head_owns_all_four_and_there_are_no_groups():
 
 
 def test_absent_biases_belong_to_no_unit():
-    m = tiny_model(n_key_value_heads=2)  # Llama-style: TL keeps zero b_Q/b_K/b_V
+    m = tiny_model(n_key_value_heads=2)  # Llama-style: TL 3 keeps zero b_Q/b_K/b_V
     owned, absent = owned_param_names(m), absent_param_names(m)
-    assert "blocks.0.attn.b_Q" in absent and "blocks.0.attn._b_K" in absent
-    assert not owned & absent and "blocks.0.attn.b_O" not in owned
+    if backend.USES_BRIDGE:  # the Hugging Face module has no bias parameters at all
+        assert absent == set() and not any(n.endswith("bias") for n in owned)
+    else:
+        assert "blocks.0.attn.b_Q" in absent and "blocks.0.attn._b_K" in absent
+        assert "blocks.0.attn.b_O" not in owned
+    assert not owned & absent
     total = sum(p.numel() for n, p in m.named_parameters() if n in owned)
     assert total == unit_param_count(m, heads=all_units(m, "head"), groups=all_units(m, "group"))
 
@@ -45,10 +52,13 @@ def test_absent_biases_belong_to_no_unit():
 def test_unit_slices_are_views_and_labels():
     m = tiny_model(n_key_value_heads=2)
     s = unit_slices(m, 1, 0, "group")
-    assert set(s) == {"blocks.1.attn._W_K", "blocks.1.attn._W_V"}
+    (k,), (v,) = component_params(m, 1, "k"), component_params(m, 1, "v")
+    assert set(s) == {k.name, v.name}
     with torch.no_grad():
-        s["blocks.1.attn._W_K"].fill_(7.0)
-    assert (m.blocks[1].attn._W_K[0] == 7.0).all()
+        s[k.name].fill_(7.0)
+    # TransformerLens's own per-group view sees it: group 0's keys, and only them.
+    w_k = m.blocks[1].attn.W_K if backend.USES_BRIDGE else m.blocks[1].attn._W_K
+    assert (w_k[0] == 7.0).all() and not (w_k[1] == 7.0).any()
     assert label((3, 2)) == "L3H2" and label((3, 1), "group") == "L3G1"
 
 
