@@ -591,8 +591,10 @@ def weight_fingerprint(model: HookedTransformer) -> str:
     default scope) leaves these weights unchanged, so a tuned model keeps its original's print."""
     h = hashlib.sha256()
     sd = model.state_dict()
-    for name in ("embed.W_E", "unembed.W_U", "blocks.0.mlp.W_in"):
-        if name in sd:
-            h.update(name.encode())
-            h.update(sd[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    named = {n: sd[n] for n in ("embed.W_E", "unembed.W_U", "blocks.0.mlp.W_in") if n in sd}
+    if not named:  # a TL 4 bridge names its weights as Hugging Face does: its unembedding stands in
+        named = {"W_U": backend.unembed_weights(model)[0]}
+    for name, w in named.items():
+        h.update(name.encode())
+        h.update(w.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
