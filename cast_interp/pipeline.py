@@ -757,11 +757,10 @@ def _piece_key(ctx: _Context, piece: Piece) -> str:
         **asdict(piece), "generation": _generates(ctx.cfg, piece.train_seed)})
 
 
-def _keeps_state(cfg: RunConfig, piece: Piece) -> bool:
-    """Whether a piece's tuned weights are kept for stage 4: on the first training seed, full
-    tuning, CAST and the random arm's first draw (attention weights only, ~0.1 GB each)."""
-    return piece.train_seed == cfg.train_seeds[0] and (
-        piece.method in ("full", "cast") or (piece.method == "random" and piece.draw == 0))
+def _keeps_state(ctx: _Context, piece: Piece) -> bool:
+    """Whether a piece's tuned weights are kept: exactly the pieces stage 4 attributes
+    (`_attributed_piece`; attention weights only, ~0.1 GB each)."""
+    return piece.method in ATTRIBUTABLE and piece == _attributed_piece(ctx, piece.method)
 
 
 def _state_path(ctx: _Context, piece: Piece) -> Path:
@@ -776,7 +775,7 @@ def _run_piece(ctx: _Context, piece: Piece, where: str, progress: bool) -> dict:
     cfg, path = ctx.cfg, ctx.out / "arms" / f"{piece.name}.json"
     key, skip = _piece_key(ctx, piece), _skipped(ctx, piece)
     done = _load_piece(path, key)
-    keeps_state = _keeps_state(cfg, piece)
+    keeps_state = _keeps_state(ctx, piece)
     if done is not None and [tuple(u) for u in done["skip"]] == skip and (
             not keeps_state or _state_key(_state_path(ctx, piece)) == key):
         _log(f"piece {where} {piece.name}: done before, re-used")
