@@ -66,20 +66,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The default (RunConfig's defaults): a quick look in under 20 minutes on 2 CPU cores. Same
     # design (paired seeds, draws, curves, CIs) on full tuning, CAST and random only, 2 seeds,
     # 4 draws, small test sets, no generation: the CIs are wide and the report says so. Stage 4
-    # is left to `cast-interp attribute` (it took 16.5 min per arm on SmolLM2 with 2 cores).
+    # is left to `cast-interp attribute`, sized to about 5 minutes per arm: 8 examples (halves of
+    # 4) with answers cut at 64 tokens (16 and 128 took 16.5 min per arm on SmolLM2, 2 cores).
     "cpu": {},
     # Under 2 hours on 2 CPU cores: 8 training seeds shared by full tuning, CAST and random, 20
     # random draws, S on 16 examples (as `diagnose`), all test prompts (40 task items), generated
     # refusals on the first seed; tuned weights of the first seed kept for `cast-interp attribute`.
     "cpu-full": {"train_seeds": list(range(8)), "n_draws": 20, "n_eval": None, "n_task": 40,
-                 "n_sensitivity": 16, "generation_seeds": 1, "attribute": False},
+                 "n_sensitivity": 16, "generation_seeds": 1, "attribute": False,
+                 "attribution_examples": 16, "attribution_max_new_tokens": 128},
     # A GPU (the `device` machine): every baseline, more calibration data, steps, seeds and draws
     # (not timed yet).
     "gpu": {"n_calibration": 128, "n_sensitivity": 64, "n_bootstrap": 500, "steps": 40,
             "batch_size": 16, "k_fractions": [0.05, 0.1, 0.2], "baselines": list(BASELINES),
             "train_seeds": list(range(10)), "n_draws": 40, "n_val": 16, "eval_every": 4,
             "n_eval": None, "n_task": None, "generation_seeds": None, "attribute": True,
-            "attribution_examples": 32, "attribution_arms": ["full", "cast", "random"]},
+            "attribution_examples": 32, "attribution_max_new_tokens": 128,
+            "attribution_arms": ["full", "cast", "random"]},
 }
 
 
@@ -146,11 +149,11 @@ class RunConfig:
     attribute: bool = False          # stage 4 in the run (or later: `cast-interp attribute`)
     # Arms attributed on the first training seed: "full", "cast" (first budget), "random" (draw 0).
     attribution_arms: list = field(default_factory=lambda: ["full"])
-    attribution_examples: int = 16            # split into halves A (choose) and B (measure)
+    attribution_examples: int = 8             # split into halves A (choose) and B (measure)
     attribution_candidates: Optional[int] = None  # exact reverts of the top first-order units (2k)
     attribution_spread: int = 30              # exact reverts spread over the first-order range
     attribution_draws: int = 20               # random revert sets
-    attribution_max_new_tokens: int = 128     # cap on the original's own answers
+    attribution_max_new_tokens: int = 64      # cap on the original's own answers
     # Utility answers for stage 4: the original model's own greedy answers ("self", default, ours)
     # or the dataset's ("dataset").
     attribution_reference: str = "self"
@@ -338,7 +341,15 @@ COST_S = {
     "generate_32": 0.48,         # per prompt, 32 greedy tokens (110 prompts: 52.6 s)
     "val_pair": 1.22,            # per harmful + benign validation pair and curve point (9.8 s per piece)
     "diagnosis": 508.0,          # v2 library defaults (S on 16 examples); S on 8 costs less
+    # Stage 4 on `full` (figures/run, 16 examples, answers capped at 128 tokens: 993 s): per exact
+    # revert (utility and safety examples, from the revert's lowest layer; 885 s / 132), the
+    # first-order pass (25 s) and the original's own answers (77 s, once per run directory).
+    "attribution_eval": 6.7,
+    "attribution_first_order": 25.0,
+    "attribution_reference": 77.0,
 }
+# Stage 4's cost scales with the examples and their length (prompt ~40 tokens + the answer cap).
+ATTRIBUTION_COST_AT = {"examples": 16, "max_new_tokens": 128, "prompt_tokens": 40}
 BUNDLED_TEST_SIZES = {"harmful": 50, "benign": 50, "over_refusal": 60, "task": 95}
 
 
@@ -346,13 +357,36 @@ def _n(limit: Optional[int], size: int) -> int:
     return size if limit is None else min(limit, size)
 
 
+def attribution_seconds(cfg: RunConfig, *, cost: Optional[dict] = None, n_units: int = 270,
+                        n_groups: int = 90) -> dict:
+    """Estimated stage-4 time (SmolLM2, 2 free CPU cores), whether or not `cfg.attribute` is on
+    (`cast-interp attribute` on the run costs the same): {"total", "per_arm", "n_evaluations",
+    "reference"}. Exact reverts are counted without the overlap of candidates and spread sample,
+    so this is an upper bound on their number (132 of at most 139 in the committed run)."""
+    from .sparse_tuning import k_from_fraction
+
+    c, at = {**COST_S, **(cost or {})}, ATTRIBUTION_COST_AT
+    scale = (cfg.attribution_examples / at["examples"]
+             * (at["prompt_tokens"] + cfg.attribution_max_new_tokens)
+             / (at["prompt_tokens"] + at["max_new_tokens"]))
+    k = k_from_fraction(float(cfg.k_fractions[0]), n_units)
+    n_joint = 5  # selected on A, top-k by C, every unit, all heads, all groups (attribution._joint_sets)
+    n_evals = ((cfg.attribution_candidates or 2 * k) + 2 * cfg.attribution_spread + n_joint
+               + cfg.attribution_draws)
+    per_arm = (n_evals * c["attribution_eval"] + c["attribution_first_order"]) * scale
+    reference = c["attribution_reference"] * scale
+    return {"total": reference + per_arm * len(cfg.attribution_arms), "per_arm": per_arm,
+            "n_evaluations": n_evals, "reference": reference}
+
+
 def estimate_seconds(cfg: RunConfig, *, cost: Optional[dict] = None) -> dict:
     """Estimated wall time of a run on the bundled data (SmolLM2, 2 free CPU cores), by stage.
 
     A linear model: pieces x (steps x a step + curve points x validation examples + evaluation
     of the test prompts), plus diagnosis, self-reference answers and the original's evaluation,
-    with the per-unit seconds of `COST_S` (pass `cost` to use other measurements). Returns
-    {"total", "diagnosis", "self_reference", "per_piece", "n_pieces", "pieces", "original"}.
+    with the per-unit seconds of `COST_S` (pass `cost` to use other measurements), and stage 4
+    when `cfg.attribute` (`attribution_seconds`). Returns {"total", "diagnosis", "self_reference",
+    "attribution" (None when off), "per_piece", "n_pieces", "pieces", "original"}.
     """
     c = {**COST_S, **(cost or {})}
     n_h, n_b = (_n(cfg.n_eval, BUNDLED_TEST_SIZES[s]) for s in ("harmful", "benign"))
@@ -369,8 +403,11 @@ def estimate_seconds(cfg: RunConfig, *, cost: Optional[dict] = None) -> dict:
     n_mix = math.ceil(cfg.steps * cfg.batch_size * cfg.benign_mix) if cfg.benign_mix else 0
     self_ref = (cfg.n_val + n_mix) * c["generate_32"] * cfg.self_reference_tokens / 32
     original = free + (gen if _generates(cfg, None) else 0.0) + curve / n_points
-    total = c["diagnosis"] + self_ref + original + sum(piece_s)
+    attribution = attribution_seconds(cfg, cost=c)
+    total = (c["diagnosis"] + self_ref + original + sum(piece_s)
+             + (attribution["total"] if cfg.attribute else 0.0))
     return {"total": total, "diagnosis": c["diagnosis"], "self_reference": self_ref,
+            "attribution": attribution if cfg.attribute else None,
             "original": original, "n_pieces": len(pieces), "pieces": sum(piece_s),
             "per_piece": {"train": train, "curve": curve, "eval_generation_free": free,
                           "eval_generation": gen}}

@@ -99,6 +99,25 @@ def test_time_estimate_is_the_sum_of_its_parts():
     assert est["total"] == pytest.approx(7 + 2 * 10000 + (free + 6 * 10000 + 2 * 110) + 3 * piece)
 
 
+def test_stage_4_estimate_scales_with_its_sizes_and_counts_only_when_on():
+    cost = {"attribution_eval": 2.0, "attribution_first_order": 30.0, "attribution_reference": 50.0}
+    at = pipeline.ATTRIBUTION_COST_AT
+    cfg = RunConfig(attribute=True, attribution_arms=["full", "cast"], attribution_candidates=10,
+                    attribution_spread=30, attribution_draws=20,
+                    attribution_examples=at["examples"], attribution_max_new_tokens=at["max_new_tokens"])
+    est = pipeline.attribution_seconds(cfg, cost=cost)
+    assert est["n_evaluations"] == 10 + 2 * 30 + 5 + 20  # candidates, spread per kind, joint, draws
+    assert est["total"] == pytest.approx(50 + 2 * ((10 + 60 + 5 + 20) * 2 + 30))
+    # Half the examples, the same answer cap: half the cost.
+    half = pipeline.attribution_seconds(
+        RunConfig(**{**cfg.to_dict(), "attribution_examples": at["examples"] // 2}), cost=cost)
+    assert half["total"] == pytest.approx(est["total"] / 2)
+    on = pipeline.estimate_seconds(cfg, cost=cost)
+    off = pipeline.estimate_seconds(RunConfig(**{**cfg.to_dict(), "attribute": False}), cost=cost)
+    assert on["total"] - off["total"] == pytest.approx(est["total"])
+    assert off["attribution"] is None
+
+
 def test_arms_on_one_training_seed_see_the_same_batches(finished):
     _, doc = finished
     by_seed = {}
