@@ -385,8 +385,8 @@ def estimate_seconds(cfg: RunConfig, *, cost: Optional[dict] = None) -> dict:
     A linear model: pieces x (steps x a step + curve points x validation examples + evaluation
     of the test prompts), plus diagnosis, self-reference answers and the original's evaluation,
     with the per-unit seconds of `COST_S` (pass `cost` to use other measurements), and stage 4
-    when `cfg.attribute` (`attribution_seconds`). Returns {"total", "diagnosis", "self_reference",
-    "attribution" (None when off), "per_piece", "n_pieces", "pieces", "original"}.
+    when `cfg.attribute` (`attribution_seconds`, returned either way). Returns {"total",
+    "diagnosis", "self_reference", "attribution", "per_piece", "n_pieces", "pieces", "original"}.
     """
     c = {**COST_S, **(cost or {})}
     n_h, n_b = (_n(cfg.n_eval, BUNDLED_TEST_SIZES[s]) for s in ("harmful", "benign"))
@@ -407,7 +407,7 @@ def estimate_seconds(cfg: RunConfig, *, cost: Optional[dict] = None) -> dict:
     total = (c["diagnosis"] + self_ref + original + sum(piece_s)
              + (attribution["total"] if cfg.attribute else 0.0))
     return {"total": total, "diagnosis": c["diagnosis"], "self_reference": self_ref,
-            "attribution": attribution if cfg.attribute else None,
+            "attribution": attribution,
             "original": original, "n_pieces": len(pieces), "pieces": sum(piece_s),
             "per_piece": {"train": train, "curve": curve, "eval_generation_free": free,
                           "eval_generation": gen}}

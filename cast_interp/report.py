@@ -473,10 +473,13 @@ def _attribution_lines(doc: dict) -> list[str]:
     exact."""
     atts = attributions(doc)
     if not atts:
+        est = (doc.get("estimate_s") or {}).get("attribution")
+        cost = (f"about {est['per_arm'] / 60:.0f} min per arm on SmolLM2 with 2 CPU cores at this "
+                f"run's sizes, by `pipeline.attribution_seconds`" if est else "see "
+                "`pipeline.attribution_seconds` for its cost")
         return ["## Which units caused the utility drop", "",
                 "Stage 4 was not run: `cast-interp attribute --run <this directory> --arms full cast "
-                "random` adds it from the kept first-seed weights (on SmolLM2 with 2 CPU cores, about "
-                "17 min per arm).", ""]
+                f"random` adds it from the kept first-seed weights ({cost}).", ""]
     arms = list(atts)
     f = lambda v: "n/a" if not isinstance(v, (int, float)) else f"{v:.3g}"  # noqa: E731
 
