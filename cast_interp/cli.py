@@ -3,6 +3,7 @@
     cast-interp eval      --model M [--harmful SPEC --benign SPEC --over-refusal SPEC] --out F.json
     cast-interp diagnose  --model M --safety-data SPEC --utility-data SPEC --out DIR
     cast-interp run       [--preset cpu|gpu|smoke] --out DIR          (the whole experiment)
+    torchrun --nproc-per-node N -m cast_interp.cli run ...            (pieces shared over N ranks)
     cast-interp attribute --run DIR                                   (stage 4 on a finished run)
 
 Dataset specs: "bundled:harmful:test", "advbench:/path/advbench.csv", "/path/file.jsonl", "hf:name".
@@ -22,6 +23,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct",
                    help="smollm2-135m-instruct (default, offline), tiny, a local HF dir, or a TL name")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+def _add_dist_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dist-backend", choices=["auto", "nccl", "gloo"], default="auto",
+                   help="under torchrun: NCCL on GPUs, gloo on CPU (auto picks by device)")
 
 
 def _cmd_eval(args) -> int:
@@ -76,16 +82,20 @@ def _cmd_diagnose(args) -> int:
 
 
 def _cmd_run(args) -> int:
+    from . import distributed
     from .pipeline import RunConfig, run_experiment
 
     cfg = RunConfig.from_preset(
         args.preset, out_dir=args.out, model=args.model, device=args.device, steps=args.steps,
         seed=args.seed, safety_data=_spec(args.safety_data), utility_data=_spec(args.utility_data),
         over_refusal_data=args.over_refusal_data, split_seed=args.split_seed,
+        n_devices=args.n_devices, diag_dtype=args.diag_dtype,
         **({"attribute": False} if args.no_attribute else {}),
     )
+    distributed.setup(cfg.device, backend=args.dist_backend)  # under torchrun; else nothing
     run_experiment(cfg, overwrite=args.overwrite)
-    print((Path(args.out) / "report.md").read_text())
+    if distributed.is_main():
+        print((Path(args.out) / "report.md").read_text())
     return 0
 
 
@@ -100,6 +110,7 @@ def _spec(values: Optional[list]):
 
 
 def _cmd_attribute(args) -> int:
+    from . import distributed
     from .pipeline import RunConfig, run_experiment
     from .io import read_json
 
@@ -112,8 +123,10 @@ def _cmd_attribute(args) -> int:
     options = {f"attribution_{n}": getattr(args, n) for n in names if getattr(args, n) is not None}
     cfg = replace(RunConfig.from_dict(read_json(path)), attribute=True, out_dir=str(args.run),
                   **options)
+    distributed.setup(cfg.device, backend=args.dist_backend)  # under torchrun; else nothing
     run_experiment(cfg)  # finished stages are re-used; only attribution is computed
-    print((Path(args.run) / "report.md").read_text())
+    if distributed.is_main():
+        print((Path(args.run) / "report.md").read_text())
     return 0
 
 
@@ -172,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, default=None)
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--no-attribute", action="store_true", help="skip stage 4")
+    r.add_argument("--n-devices", type=int, default=None,
+                   help="split a model too large for one GPU over this many GPUs (TL 3)")
+    r.add_argument("--diag-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weights of the diagnosis (default float32; bf16 sums in float32)")
+    _add_dist_args(r)
     r.add_argument("--out", default="runs/default")
     r.add_argument("--overwrite", action="store_true",
                    help="delete a run of other settings, data or model found in --out first")
@@ -186,12 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--draws", type=int, default=None, help="random revert sets (default 20)")
     a.add_argument("--arms", nargs="+", choices=["full", "cast", "random"], default=None,
                    help="arms to attribute on the first training seed (default: full)")
+    _add_dist_args(a)
     a.set_defaults(fn=_cmd_attribute)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from . import distributed
     from .data import DataError
     from .heads import HeadIndexError
     from .model import ModelLoadError
@@ -201,10 +221,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.fn(args)
     except (DataError, ModelLoadError, HeadIndexError, UnitError, NonFiniteLossError,
-            FileNotFoundError, ValueError) as exc:
+            FileNotFoundError, ValueError, distributed.DistributedError) as exc:
         # Bad input: one clear line, no traceback from deep inside torch.
         print(f"cast-interp: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        distributed.teardown()
 
 
 if __name__ == "__main__":

@@ -127,6 +127,11 @@ def setup(device: Optional[str] = None, *, backend: BackendChoice = "auto",
         return device
     import torch.distributed as dist
 
+    if _WORLD is not None and _active():  # joined before (the CLI, then run_experiment)
+        if device in (None, "cuda") and _WORLD.backend == "nccl":
+            return f"cuda:{_WORLD.local_rank}"
+        return device
+
     if backend not in ("auto", "nccl", "gloo"):
         raise DistributedError(f"backend must be 'auto', 'nccl' or 'gloo', got {backend!r}.")
     cuda = torch.cuda.is_available()

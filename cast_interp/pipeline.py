@@ -541,7 +541,8 @@ def _prepare(cfg: RunConfig, overwrite: bool):
 
     # Under torchrun: join the group; this rank's device (cuda:LOCAL_RANK on GPUs).
     device = distributed.setup(cfg.device)
-    check_out_dir(cfg.out_dir)  # a file or read-only path: before loading anything
+    # A file or read-only path: before loading anything (rank 0 alone probes it: no race).
+    distributed.main_only(lambda: check_out_dir(cfg.out_dir))
     data = _datasets(cfg)
     torch.manual_seed(cfg.seed)  # before loading, as runs always did (a model's init draws)
     model = load_model(cfg.model, device=device, n_devices=cfg.n_devices)
@@ -588,6 +589,7 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True, overwrite: bool = F
     out = Path(cfg.out_dir)
     t_start = time.time()
     model, data = _prepare(cfg, overwrite)
+    progress = progress and distributed.is_main()  # one set of progress bars; every rank logs
     timings: dict[str, float] = {}
     t = time.time()
     _self_references(cfg, model, data, out)
