@@ -53,6 +53,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_diagnose(args) -> int:
+    from . import distributed
     from .conflict_map import META_FILE, map_report
     from .data import load_dataset
     from .diagnose import DiagnosisConfig, diagnose
@@ -62,22 +63,33 @@ def _cmd_diagnose(args) -> int:
 
     # Only options given on the command line override DiagnosisConfig's defaults (one source).
     names = ("n_calibration", "n_sensitivity", "batch_size", "ablation", "sensitivity_method",
-             "n_exact", "combine", "n_bootstrap", "seed", "utility_reference", "max_new_tokens")
+             "n_exact", "combine", "n_bootstrap", "seed", "utility_reference", "max_new_tokens",
+             "dtype")
     cfg = DiagnosisConfig(**{n: getattr(args, n) for n in names if getattr(args, n) is not None},
                           include_end_of_turn=args.include_end_of_turn)
     out = Path(args.out)
-    check_out_dir(out, META_FILE, args.overwrite)
-    remove_partials(out)  # of a killed earlier diagnosis
+    # Under torchrun every rank diagnoses (the exact S passes are shared out); rank 0 writes.
+    device = distributed.setup(args.device, backend=args.dist_backend)
+
+    def claim() -> None:
+        check_out_dir(out, META_FILE, args.overwrite)
+        remove_partials(out)  # of a killed earlier diagnosis
+
+    distributed.main_only(claim)
     safety, utility = load_dataset(args.safety_data), load_dataset(args.utility_data)
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=device, n_devices=args.n_devices)
     t = time.time()
-    cmap = diagnose(model, safety, utility, cfg, progress=True)
-    cmap.save(out)
-    diagnosis_figures(cmap, out / "figures", k=0.1)
-    report = map_report(cmap, k=0.1)
-    atomic_write_text(report, out / "report.md")
-    print(report)
-    print(f"diagnosis done in {time.time() - t:.0f} s; wrote {out}")
+    cmap = diagnose(model, safety, utility, cfg, progress=distributed.is_main())
+
+    def write() -> None:
+        cmap.save(out)
+        diagnosis_figures(cmap, out / "figures", k=0.1)
+        report = map_report(cmap, k=0.1)
+        atomic_write_text(report, out / "report.md")
+        print(report)
+        print(f"diagnosis done in {time.time() - t:.0f} s; wrote {out}")
+
+    distributed.main_only(write)
     return 0
 
 
@@ -167,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--include-end-of-turn", action="store_true",
                    help="put the end-of-turn token in the diagnosis losses (v1 behaviour)")
     d.add_argument("--seed", type=int, default=None)
+    d.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weights of the gradient and ablation passes (default float32; bf16 "
+                        "sums over examples in float32)")
+    d.add_argument("--n-devices", type=int, default=1,
+                   help="split a model too large for one GPU over this many GPUs (TL 3)")
+    _add_dist_args(d)
     d.add_argument("--out", default="runs/diagnosis")
     d.add_argument("--overwrite", action="store_true", help="replace a map already in --out")
     d.set_defaults(fn=_cmd_diagnose)
