@@ -117,7 +117,7 @@ def estimate(gpu_tflops: float, gpu_counts: list[int]) -> None:
     print(f"CPU sustained {CPU_TFLOPS * 1000:.0f} GFLOP/s; assumed GPU {gpu_tflops} TFLOP/s; "
           f"Llama-3-8B/SmolLM2 FLOPs {PARAMS['llama3_8b'] / PARAMS['smollm2']:.1f}x; "
           f"one Llama piece on one GPU ~ {piece:.0f} s\n")
-    print("| GPUs (ranks) | pieces per rank | grid | diagnosis | stage 4 (3 arms) | total |")
+    print("| GPUs = ranks (ESTIMATE) | pieces per rank | grid | diagnosis | stage 4 (3 arms) | total |")
     print("|---|---|---|---|---|---|")
     for g in gpu_counts:
         per = math.ceil(n / g)

@@ -30,6 +30,10 @@ Every finished piece is written atomically to `out_dir/arms/<piece>.json` with a
 configuration fields it depends on (and its skipped units); a piece is re-used only when both
 match, so an interrupted run resumes where it stopped, more seeds or draws add pieces to a finished
 run, and a changed setting redoes the pieces it affects instead of mixing them in.
+
+Under `torchrun` (`distributed.py`) the missing pieces are shared out round-robin over the ranks,
+each rank on its own device; rank 0 alone writes the shared files and, after every piece is on
+disk, the results. A piece's numbers do not depend on the rank that ran it.
 """
 
 from __future__ import annotations
@@ -541,6 +545,12 @@ def _prepare(cfg: RunConfig, overwrite: bool):
 
     # Under torchrun: join the group; this rank's device (cuda:LOCAL_RANK on GPUs).
     device = distributed.setup(cfg.device)
+    if cfg.n_devices > 1 and distributed.world().local_world_size > 1:
+        # TransformerLens puts a split model's blocks on the GPUs with the most free memory,
+        # which ranks of one node would then share.
+        raise distributed.DistributedError(
+            f"n_devices={cfg.n_devices} splits each rank's model over several GPUs: launch one "
+            "rank per node (torchrun --nproc-per-node 1, or srun --ntasks-per-node 1).")
     # A file or read-only path: before loading anything (rank 0 alone probes it: no race).
     distributed.main_only(lambda: check_out_dir(cfg.out_dir))
     data = _datasets(cfg)
