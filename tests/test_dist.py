@@ -349,3 +349,35 @@ def test_model_parallelism_is_refused_clearly_where_it_cannot_run():
         load_model("tiny", n_devices=max(2, n_gpu + 1))
     with pytest.raises(ValueError, match="n_devices must be"):
         backend.check_n_devices(0)
+
+
+def test_diagnose_on_two_ranks_writes_one_map_equal_to_one_process(tmp_path, one_thread):
+    """`cast-interp diagnose` under torchrun: the exact S sweep of every unit shared out over 2
+    ranks, rank 0 alone writing; the map equals one process's bit for bit."""
+    from safetensors.torch import load_file
+
+    from cast_interp.conflict_map import ConflictMap
+    from cast_interp.data import load_bundled
+    from cast_interp.diagnose import DiagnosisConfig, diagnose
+    from cast_interp.model import load_model
+
+    out = tmp_path / "map"
+    opts = dict(n_calibration=4, n_sensitivity=4, n_bootstrap=10, utility_reference="dataset",
+                sensitivity_method="exact")
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+                        "-m", "cast_interp.cli", "diagnose", "--model", "tiny", "--device", "cpu",
+                        *args, "--out", str(out)], cwd=REPO, env=_env(), text=True,
+                       capture_output=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert p.stdout.count("diagnosis done") == 1  # rank 0 wrote and reported
+    ref = diagnose(load_model("tiny", device="cpu"), load_bundled("harmful", "calibration"),
+                   load_bundled("benign", "calibration"), DiagnosisConfig(**opts))
+    got = ConflictMap.load(out)
+    assert got.config["distributed"]["world_size"] == 2
+    for kind in ("head",):
+        for name in ("O", "S", "C", "S_low", "S_high"):
+            a, b = ref.units(kind)[name], got.units(kind)[name]
+            assert torch.equal(a.nan_to_num(-7.0), b.nan_to_num(-7.0)), name
+    assert sorted(load_file(str(out / "conflict_map.safetensors")))  # a complete file
