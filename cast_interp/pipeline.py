@@ -454,8 +454,8 @@ class _Context:
 
 # Settings that only add pieces (seeds, draws, budgets, baselines) or recompute the report and
 # stage 4: a run directory takes new values of these. Any other change makes another run.
-ADDITIVE_FIELDS = ("out_dir", "device", "n_devices", "preset", "train_seeds", "n_draws", "k_sweep", "baselines",
-                   "attribute", "attribution_arms", "ci", "n_boot", *ATTR_FIELDS)
+ADDITIVE_FIELDS = ("out_dir", "device", "n_devices", "preset", "train_seeds", "n_draws", "k_sweep",
+                   "baselines", "attribute", "attribution_arms", "ci", "n_boot", *ATTR_FIELDS)
 # Everything a run writes into its directory (what `overwrite=True` deletes; nothing else is).
 RUN_FILES = ("config.json", "run.json", "results.json", "report.md", "arms", "diagnosis",
              "attribution", "figures", "self_reference_val.jsonl", "self_reference_train.jsonl")
