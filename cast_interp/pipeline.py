@@ -30,6 +30,10 @@ Every finished piece is written atomically to `out_dir/arms/<piece>.json` with a
 configuration fields it depends on (and its skipped units); a piece is re-used only when both
 match, so an interrupted run resumes where it stopped, more seeds or draws add pieces to a finished
 run, and a changed setting redoes the pieces it affects instead of mixing them in.
+
+Under `torchrun` (`distributed.py`) the missing pieces are shared out round-robin over the ranks,
+each rank on its own device; rank 0 alone writes the shared files and, after every piece is on
+disk, the results. A piece's numbers do not depend on the rank that ran it.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from typing import Any, Literal, Optional, Union, get_args
 import torch
 
 from .checks import check_int, check_number, check_types
-from . import backend
+from . import backend, distributed
 from .io import atomic_write_json, atomic_write_text, read_json, to_jsonable
 
 PIPELINE_VERSION = "pipeline-2"
@@ -159,6 +163,11 @@ class RunConfig:
     attribution_reference: str = "self"
     preset: str = "cpu"
     device: Optional[str] = None
+    # A model too large for one GPU: its blocks split over this many GPUs (TransformerLens 3).
+    n_devices: int = 1
+    # Weights of the diagnosis: "float32", or "bfloat16" (a bf16 copy of the model; losses and
+    # the accumulation of gradients over examples stay float32). Training and evaluation: float32.
+    diag_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -216,7 +225,7 @@ class RunConfig:
                                batch_size=self.diag_batch_size, ablation=self.ablation,
                                sensitivity_method=self.sensitivity_method, combine=self.combine,
                                n_bootstrap=self.n_bootstrap, seed=self.seed,
-                               utility_reference=self.utility_reference)
+                               utility_reference=self.utility_reference, dtype=self.diag_dtype)
 
     def tuning_config(self, train_seed: int):
         """Stage 2's `TuningConfig` of a piece on `train_seed`."""
@@ -273,6 +282,7 @@ def _check_choices(cfg: RunConfig) -> None:
     from .model import check_device
 
     check_device(cfg.device, available=False)  # availability: when the run loads the model
+    check_int("n_devices", cfg.n_devices, 1)
 
 
 DIAG_FIELDS = ("model", "safety_data", "utility_data", "n_calibration", "n_sensitivity",
@@ -417,7 +427,9 @@ _T0 = time.time()
 
 
 def _log(msg: str) -> None:
-    print(f"[cast {time.time() - _T0:7.1f}s] {msg}", flush=True)
+    w = distributed.world()
+    who = f" r{w.rank}/{w.world_size}" if w.world_size > 1 else ""
+    print(f"[cast{who} {time.time() - _T0:7.1f}s] {msg}", flush=True)
 
 
 def _splits(spec, split_seed: int) -> dict:
@@ -479,8 +491,8 @@ class _Context:
 
 # Settings that only add pieces (seeds, draws, budgets, baselines) or recompute the report and
 # stage 4: a run directory takes new values of these. Any other change makes another run.
-ADDITIVE_FIELDS = ("out_dir", "device", "preset", "train_seeds", "n_draws", "k_sweep", "baselines",
-                   "attribute", "attribution_arms", "ci", "n_boot", *ATTR_FIELDS)
+ADDITIVE_FIELDS = ("out_dir", "device", "n_devices", "preset", "train_seeds", "n_draws", "k_sweep",
+                   "baselines", "attribute", "attribution_arms", "ci", "n_boot", *ATTR_FIELDS)
 # Everything a run writes into its directory (what `overwrite=True` deletes; nothing else is).
 RUN_FILES = ("config.json", "run.json", "results.json", "report.md", "arms", "diagnosis",
              "attribution", "figures", "self_reference_val.jsonl", "self_reference_train.jsonl")
@@ -563,20 +575,34 @@ def _clear_run(out: Path) -> None:
 
 def _prepare(cfg: RunConfig, overwrite: bool):
     """Everything that can fail on bad input, before any work or write: data, model, lengths, the
-    run directory; then config.json and run.json are written. Returns (model, data)."""
+    run directory; then config.json and run.json are written (by rank 0 alone, the others wait).
+    Returns (model, data)."""
     from .io import check_out_dir
     from .model import load_model
 
-    check_out_dir(cfg.out_dir)  # a file or read-only path: before loading anything
+    # Under torchrun: join the group; this rank's device (cuda:LOCAL_RANK on GPUs).
+    device = distributed.setup(cfg.device)
+    if cfg.n_devices > 1 and distributed.world().local_world_size > 1:
+        # TransformerLens puts a split model's blocks on the GPUs with the most free memory,
+        # which ranks of one node would then share.
+        raise distributed.DistributedError(
+            f"n_devices={cfg.n_devices} splits each rank's model over several GPUs: launch one "
+            "rank per node (torchrun --nproc-per-node 1, or srun --ntasks-per-node 1).")
+    # A file or read-only path: before loading anything (rank 0 alone probes it: no race).
+    distributed.main_only(lambda: check_out_dir(cfg.out_dir))
     data = _datasets(cfg)
     torch.manual_seed(cfg.seed)  # before loading, as runs always did (a model's init draws)
-    model = load_model(cfg.model, device=cfg.device)
+    model = load_model(cfg.model, device=device, n_devices=cfg.n_devices)
     _check_lengths(cfg, model, data)
     manifest = run_manifest(cfg, model, data)
     out = Path(cfg.out_dir)
-    claim_run_dir(out, manifest, overwrite=overwrite)
-    atomic_write_json(cfg.to_dict(), out / "config.json")
-    atomic_write_json(manifest, out / "run.json")
+
+    def claim() -> None:
+        claim_run_dir(out, manifest, overwrite=overwrite)
+        atomic_write_json(cfg.to_dict(), out / "config.json")
+        atomic_write_json(manifest, out / "run.json")
+
+    distributed.main_only(claim)
     return model, data
 
 
@@ -602,12 +628,15 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True, overwrite: bool = F
 
     A directory holding a run with other settings (beyond more seeds, draws, budgets, baselines
     or stage-4 options), data or model is refused (`RunMismatchError`) unless `overwrite`, which
-    deletes that run's files first."""
-    from .model import model_id
+    deletes that run's files first.
 
+    Under `torchrun` (or srun) every rank calls this with the same `cfg`: the pieces, the exact S
+    sweep and attribution's exact reverts are shared out over the ranks (`distributed.py`), rank 0
+    writes the shared files and returns the same document on every rank."""
     out = Path(cfg.out_dir)
     t_start = time.time()
     model, data = _prepare(cfg, overwrite)
+    progress = progress and distributed.is_main()  # one set of progress bars; every rank logs
     timings: dict[str, float] = {}
     t = time.time()
     _self_references(cfg, model, data, out)
@@ -616,20 +645,60 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True, overwrite: bool = F
     cmap = _diagnosis(cfg, model, data, out, progress)
     timings["diagnosis_s"] = time.time() - t
     ctx = _context(cfg, model, data, cmap, out)
-    base = _original_eval(ctx)
 
     pieces = plan_pieces(cfg, _n_units_total(model, cfg.unit))
-    results: dict[str, dict] = {}
-    for i, piece in enumerate(pieces):
-        results[piece.name] = _run_piece(ctx, piece, f"{i + 1}/{len(pieces)}", progress)
+    _run_grid(ctx, pieces, progress)
     model.load_state_dict(ctx.original_state)
 
     attribution = None
     if cfg.attribute:
         attribution = _attribution(ctx, progress)
+    w = distributed.world()
+    return distributed.main_only(lambda: _write_results(
+        ctx, pieces, attribution, timings, t_start,
+        {"world_size": w.world_size, "backend": w.backend}))
 
+
+def _run_grid(ctx: _Context, pieces: list[Piece], progress: bool) -> None:
+    """Stages 2-3 of every piece not finished on disk (and the original's evaluation), shared
+    out over the ranks: rank 0 lists what is missing, in plan order; rank r runs items r, r + W,
+    ... of that list (`distributed.map_shared`); a piece is seeded by its own training seed and
+    draw, so which rank runs it changes nothing. Returns when every item is on disk."""
+    def missing() -> list:
+        todo = [] if _finished_original(ctx) else [None]  # None: the original model
+        todo += [(i, p) for i, p in enumerate(pieces) if _finished_piece(ctx, p) is None]
+        return todo
+
+    todo = distributed.main_only(missing)
+    w = distributed.world()
+    _log(f"grid: {len(todo)} of {len(pieces) + 1} pieces to run (the rest done before)"
+         + (f", shared over {w.world_size} ranks" if w.world_size > 1 else ""))
+
+    def run(item) -> None:
+        if item is None:
+            _original_eval(ctx)
+        else:
+            i, piece = item
+            _run_piece(ctx, piece, f"{i + 1}/{len(pieces)}", progress)
+
+    distributed.map_shared(run, todo)
+
+
+def _write_results(ctx: _Context, pieces: list[Piece], attribution: Optional[dict],
+                   timings: dict, t_start: float, world: dict) -> dict:
+    """results.json, the figures and report.md from the finished pieces on disk (rank 0)."""
     from . import report
+    from .model import model_id
 
+    cfg, model, data, cmap, out = ctx.cfg, ctx.model, ctx.data, ctx.cmap, ctx.out
+    base = _original_eval(ctx)
+    results: dict[str, dict] = {}
+    for piece in pieces:
+        done = _finished_piece(ctx, piece)
+        if done is None:
+            raise RuntimeError(f"piece {piece.name} is not on disk after the grid ran: was "
+                               f"{out / 'arms'} changed by another job? Run again to redo it.")
+        results[piece.name] = done
     doc = {
         "config": cfg.to_dict(),
         "model": model_id(model),
@@ -644,6 +713,7 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True, overwrite: bool = F
         "arms": results,
         "attribution": attribution,
         "timings": timings,
+        "distributed": world,
         "time_s": time.time() - t_start,
     }
     if cfg.model == "smollm2-135m-instruct":  # the per-unit costs are SmolLM2's
@@ -681,13 +751,15 @@ def _self_references(cfg: RunConfig, model, data: dict, out: Path) -> None:
         raise ValueError(f"benign_reference must be 'self' or 'dataset', got {cfg.benign_reference!r}.")
     n = cfg.self_reference_tokens
     _log(f"self-reference answers for {len(data['util_val'])} benign validation prompts")
-    data["util_val"] = self_reference(model, data["util_val"], max_new_tokens=n,
-                                      cache_path=out / "self_reference_val.jsonl")
+    # Rank 0 writes the cached answers; every rank gets its answers (one list for all ranks).
+    data["util_val"] = distributed.main_only(lambda: self_reference(
+        model, data["util_val"], max_new_tokens=n, cache_path=out / "self_reference_val.jsonl"))
     if cfg.benign_mix > 0 and cfg.benign_reference == "self":
         n_mix = min(len(data["util_train"]), math.ceil(cfg.steps * cfg.batch_size * cfg.benign_mix))
         _log(f"benign mix: the model's own answers to {n_mix} training prompts")
-        data["util_train"] = self_reference(model, data["util_train"].take(n_mix), max_new_tokens=n,
-                                            cache_path=out / "self_reference_train.jsonl")
+        data["util_train"] = distributed.main_only(lambda: self_reference(
+            model, data["util_train"].take(n_mix), max_new_tokens=n,
+            cache_path=out / "self_reference_train.jsonl"))
 
 
 def _invocations(out: Path, doc: dict, cfg: RunConfig) -> list[dict]:
@@ -705,7 +777,13 @@ def _invocations(out: Path, doc: dict, cfg: RunConfig) -> list[dict]:
         except (ValueError, KeyError, TypeError):  # unreadable: count this invocation alone
             old = []
     return old + [{"time_s": doc["time_s"], "timings": dict(doc["timings"]),
+                   "world_size": doc["distributed"]["world_size"],
                    "attribute": bool(cfg.attribute), "attribution_arms": list(cfg.attribution_arms)}]
+
+
+def _diag_key(cfg: RunConfig) -> str:
+    """The key of a run's map (a float32 map keeps the key it had before `diag_dtype` existed)."""
+    return cfg.key(*DIAG_FIELDS, extra=None if cfg.diag_dtype == "float32" else cfg.diag_dtype)
 
 
 def _diagnosis(cfg: RunConfig, model, data: dict, out: Path, progress: bool):
@@ -713,21 +791,27 @@ def _diagnosis(cfg: RunConfig, model, data: dict, out: Path, progress: bool):
     from .conflict_map import ConflictMap
     from .diagnose import diagnose
 
-    diag_dir, diag_key = out / "diagnosis", cfg.key(*DIAG_FIELDS)
-    if (diag_dir / "conflict_map.json").exists():
+    diag_dir, diag_key = out / "diagnosis", _diag_key(cfg)
+
+    def on_disk() -> bool:
+        if not (diag_dir / "conflict_map.json").exists():
+            return False
         try:
-            cmap = ConflictMap.load(diag_dir)
-            if cmap.config.get("run_key") == diag_key:
-                _log("stage 1: diagnosis re-used from disk")
-                return cmap
+            return ConflictMap.load(diag_dir).config.get("run_key") == diag_key
         except Exception:  # unreadable or of another version: recompute
-            pass
+            return False
+
+    if distributed.main_only(on_disk):
+        _log("stage 1: diagnosis re-used from disk")
+        return ConflictMap.load(diag_dir)
     _log("stage 1: diagnosis")
+    # Every rank takes part (the exact S sweep is shared out); rank 0 saves its map, and the
+    # other ranks select units from that saved map, so all ranks select alike.
     cmap = diagnose(model, data["safe_cal"], data["util_cal"], cfg.diagnosis_config(),
                     progress=progress)
     cmap.config["run_key"] = diag_key
-    cmap.save(diag_dir)
-    return cmap
+    distributed.main_only(lambda: cmap.save(diag_dir))
+    return cmap if distributed.is_main() else ConflictMap.load(diag_dir)
 
 
 def _context(cfg: RunConfig, model, data: dict, cmap, out: Path) -> _Context:
@@ -769,16 +853,37 @@ def _evaluate(ctx: _Context, *, generation: bool) -> tuple[dict, dict]:
     return res.to_dict(), per_prompt
 
 
+def _original_path_key(ctx: _Context) -> tuple[Path, str]:
+    gen = _generates(ctx.cfg, None)
+    return ctx.out / "arms" / "original.json", ctx.cfg.key(*EVAL_FIELDS, extra=gen)
+
+
+def _finished_original(ctx: _Context) -> Optional[dict]:
+    return _load_piece(*_original_path_key(ctx))
+
+
 def _original_eval(ctx: _Context) -> dict:
     gen = _generates(ctx.cfg, None)
-    path, key = ctx.out / "arms" / "original.json", ctx.cfg.key(*EVAL_FIELDS, extra=gen)
+    path, key = _original_path_key(ctx)
     base = _load_piece(path, key)
     if base is None:
         _log("stage 3: evaluating the original model")
+        ctx.model.load_state_dict(ctx.original_state)  # the rank may have tuned a piece before
         ev, per_prompt = _evaluate(ctx, generation=gen)
         base = {"key": key, "eval": ev, "per_prompt": per_prompt}
         atomic_write_json(base, path)
     return base
+
+
+def _finished_piece(ctx: _Context, piece: Piece) -> Optional[dict]:
+    """A piece's result on disk if it can be re-used (same key, same skipped units, its kept
+    weights present and of the same key), else None."""
+    path, key = ctx.out / "arms" / f"{piece.name}.json", _piece_key(ctx, piece)
+    done = _load_piece(path, key)
+    if done is not None and [tuple(u) for u in done["skip"]] == _skipped(ctx, piece) and (
+            not _keeps_state(ctx, piece) or _state_key(_state_path(ctx, piece)) == key):
+        return done
+    return None
 
 
 def _skipped(ctx: _Context, piece: Piece) -> list:
@@ -811,10 +916,9 @@ def _run_piece(ctx: _Context, piece: Piece, where: str, progress: bool) -> dict:
 
     cfg, path = ctx.cfg, ctx.out / "arms" / f"{piece.name}.json"
     key, skip = _piece_key(ctx, piece), _skipped(ctx, piece)
-    done = _load_piece(path, key)
     keeps_state = _keeps_state(ctx, piece)
-    if done is not None and [tuple(u) for u in done["skip"]] == skip and (
-            not keeps_state or _state_key(_state_path(ctx, piece)) == key):
+    done = _finished_piece(ctx, piece)
+    if done is not None:
         _log(f"piece {where} {piece.name}: done before, re-used")
         return done
     if path.exists():
@@ -896,9 +1000,10 @@ def _attribute_arm(ctx: _Context, arm: str, progress: bool) -> dict:
     if _state_key(state_path) != _piece_key(ctx, piece):
         raise RuntimeError(f"{state_path} is missing or from other settings; rerun "
                            "`cast-interp run` on this directory to retrain that piece.")
-    key = cfg.key(*TUNE_FIELDS, *EVAL_FIELDS, *ATTR_FIELDS, *DIAG_FIELDS, extra=asdict(piece))
+    key = cfg.key(*TUNE_FIELDS, *EVAL_FIELDS, *ATTR_FIELDS, *DIAG_FIELDS, extra=asdict(piece)
+                  if cfg.diag_dtype == "float32" else {**asdict(piece), "dtype": cfg.diag_dtype})
     arm_dir = out / "attribution" / arm
-    done = _load_piece(arm_dir / "attribution.json", key)
+    done = distributed.main_only(lambda: _load_piece(arm_dir / "attribution.json", key))
     if done is not None:
         return done
     tuned = backend.copy_model(original)
@@ -913,11 +1018,15 @@ def _attribute_arm(ctx: _Context, arm: str, progress: bool) -> dict:
                     reference_cache=out / "attribution" / "self_reference_test.jsonl",
                     n_candidates=cfg.attribution_candidates, n_spread=cfg.attribution_spread,
                     n_draws=cfg.attribution_draws, seed=cfg.seed, label=arm,
-                    progress=progress)
-    res.save(arm_dir)
-    summary = {"key": key, "piece": piece.name, **res.summary()}
-    atomic_write_json(summary, arm_dir / "attribution.json")
-    return read_json(arm_dir / "attribution.json")
+                    progress=progress)  # every rank: the exact reverts are shared out
+
+    def save() -> dict:
+        res.save(arm_dir)
+        summary = {"key": key, "piece": piece.name, **res.summary()}
+        atomic_write_json(summary, arm_dir / "attribution.json")
+        return read_json(arm_dir / "attribution.json")
+
+    return distributed.main_only(save)
 
 
 def run_figures(out_dir, fig_dir=None) -> list[Path]:

@@ -49,7 +49,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from . import backend
+from . import backend, distributed
 from .backend import Model
 
 from .data import ChatBatch, DataError, example_lengths  # noqa: F401  (re-exported)
@@ -340,50 +340,68 @@ def _exact(model: Model, batches: Sequence[ChatBatch], ablation: _Ablation,
            sets: dict[int, list[tuple[int, list[int]]]], n_units_: int,
            heads_per_pass: Optional[int], progress: bool) -> Tensor:
     """Summed ablated response NLL of each example `[n_examples, n_layers, n_units]` (NaN where not
-    computed)."""
+    computed).
+
+    The work is a list of stacked passes (batch, layer, chunk of units), the same list whatever
+    runs it; under torchrun the passes are shared out over the ranks (`distributed.map_shared`)
+    and each pass is the one a single process runs, so S is the same number."""
     cfg = model.cfg
-    n_ex = sum(len(b) for b in batches)
-    sums = torch.full((n_ex, cfg.n_layers, n_units_), math.nan, dtype=torch.float64)
+    offsets = [0]
+    for b in batches:
+        offsets.append(offsets[-1] + len(b))
+    sums = torch.full((offsets[-1], cfg.n_layers, n_units_), math.nan, dtype=torch.float64)
     layers = sorted(sets)
+    passes = []
+    for bi, batch in enumerate(batches):
+        B, T = batch.tokens.shape
+        k_max = heads_per_pass or _default_heads_per_pass(model, B, T)
+        passes += [(bi, l, sets[l][s: s + k_max]) for l in layers
+                   for s in range(0, len(sets[l]), k_max)]
     bar = None
-    if progress:
+    if progress and distributed.is_main():
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(batches) * len(layers), desc="sensitivity (exact)")
-    off = 0
-    with torch.no_grad():
-        for bi, batch in enumerate(batches):
-            b = batch.to(cfg.device)
-            # What forward() derives from the tokens (attention mask under left padding, shortformer
-            # positions), so the partial runs see exactly what a full run does.
+        bar = tqdm(total=len(distributed.share(passes)), desc="sensitivity (exact)")
+    cached: dict = {}  # the last batch's cached residuals (a rank's passes come in batch order)
+
+    def one_pass(item) -> tuple:
+        bi, l, chunk = item
+        if cached.get("bi") != bi:
+            cached.clear()
+            b = batches[bi].to(cfg.device)
+            # What forward() derives from the tokens (attention mask under left padding,
+            # shortformer positions), so the partial runs see exactly what a full run does.
             inputs = backend.forward_inputs(model, b.tokens)
-            shortformer, attn_mask = inputs["shortformer_pos_embed"], inputs["attention_mask"]
-            _, cache = model.run_with_cache(
-                b.tokens, names_filter=[_resid_pre_name(l) for l in layers],
-                stop_at_layer=layers[-1] + 1)
-            B, T = b.tokens.shape
-            k_max = heads_per_pass or _default_heads_per_pass(model, B, T)
-            for l in layers:
-                resid = cache[_resid_pre_name(l)]
-                repl = ablation.values(bi, l, b)
-                for s in range(0, len(sets[l]), k_max):
-                    chunk = sets[l][s: s + k_max]
-                    k = len(chunk)
+            with torch.no_grad():
+                _, cache = model.run_with_cache(
+                    b.tokens, names_filter=[_resid_pre_name(x) for x in layers],
+                    stop_at_layer=layers[-1] + 1)
+            cached.update(bi=bi, b=b, inputs=inputs, cache=cache)
+        b, inputs = cached["b"], cached["inputs"]
+        B = b.tokens.shape[0]
+        repl = ablation.values(bi, l, b)
+        k = len(chunk)
 
-                    def hook(z, hook, chunk=chunk, k=k):
-                        z = z.clone(memory_format=torch.contiguous_format)
-                        zz = z.view(k, B, *z.shape[1:])  # copy i ablates unit chunk[i]
-                        for i, (_, hs) in enumerate(chunk):
-                            zz[i, :, :, hs] = repl[:, :, hs]
-                        return z
+        def hook(z, hook):
+            z = z.clone(memory_format=torch.contiguous_format)
+            zz = z.view(k, B, *z.shape[1:])  # copy i ablates unit chunk[i]
+            for i, (_, hs) in enumerate(chunk):
+                zz[i, :, :, hs] = repl[:, :, hs]
+            return z
 
-                    nll = _copies_nll_from_layer(model, l, _z_name(l), hook, resid, shortformer,
-                                                 attn_mask, b, k)
-                    sums[off: off + B, l, [i for i, _ in chunk]] = nll.double().cpu().T
-                if bar is not None:
-                    bar.update(1)
-            off += B
-            del cache
+        with torch.no_grad():
+            nll = _copies_nll_from_layer(model, l, _z_name(l), hook,
+                                         cached["cache"][_resid_pre_name(l)],
+                                         inputs["shortformer_pos_embed"],
+                                         inputs["attention_mask"], b, k)
+        if bar is not None:
+            bar.update(1)
+        return bi, l, [i for i, _ in chunk], nll.double().cpu().T  # nll: [B, k]
+
+    # Each result names its own units (the list rank 0 sent), so every rank fills in the same.
+    for bi, l, idx, nll in distributed.map_shared(one_pass, passes):
+        sums[offsets[bi]: offsets[bi + 1], l, idx] = nll
+    cached.clear()
     if bar is not None:
         bar.close()
     return sums
