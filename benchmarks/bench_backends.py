@@ -19,6 +19,9 @@ Example (full size, about 15 minutes per environment on 2 idle CPU cores):
     python benchmarks/bench_backends.py --out benchmarks/backends.jsonl
     /path/to/other/venv/bin/python benchmarks/bench_backends.py --out benchmarks/backends.jsonl
     python benchmarks/bench_backends.py --table benchmarks/backends.jsonl
+On cores shared with other jobs, run the two environments at the same time with `--threads 1`
+each, so that both see the same background load (the README's table: `--threads 1 --repeats 2
+--s-layers 15`, 4 minutes per environment under load).
 A quick check that it runs: --model tiny --n-examples 2 --s-layers 0 --repeats 1
 """
 

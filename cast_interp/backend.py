@@ -163,8 +163,11 @@ def attention_param_names(model: Any) -> set[str]:
         names = _param_names(model)
         return {names[id(p)] for l in range(model.cfg.n_layers)
                 for p in _hf_attention(model, l).parameters()}
-    keep = {"W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O", "_W_K", "_b_K", "_W_V", "_b_V"}
-    return {n for n, _ in model.named_parameters() if ".attn." in n and n.split(".")[-1] in keep}
+    # Every parameter of each attention module, as on the bridge: the per-head and per-group
+    # tensors, b_O, and under Gemma 3 the QK-norm weights (`attn.q_norm.w`, `attn.k_norm.w`).
+    names = _param_names(model)
+    return {names[id(p)] for l in range(model.cfg.n_layers)
+            for p in model.blocks[l].attn.parameters()}
 
 
 def absent_param_names(model: Any) -> set[str]:

@@ -9,7 +9,9 @@ Under TransformerLens 4 a CAST model is a Hugging Face causal LM wrapped by the 
   written to a temporary directory and renamed into place), so later loads skip the conversion.
 - Any local Hugging Face directory whose architecture the bridge supports.
 
-Under TransformerLens 3, `model.py` converts the same sources into a `HookedTransformer` instead.
+Under TransformerLens 3, `model.py` converts the same sources into a `HookedTransformer` instead
+(SmolLM2 with its own Llama config; Gemma-3-270m from this module's Hugging Face model, by
+TransformerLens 3's own Gemma 3 config and weight map).
 """
 
 from __future__ import annotations

