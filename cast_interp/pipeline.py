@@ -369,8 +369,7 @@ def _n(limit: Optional[int], size: int) -> int:
     return size if limit is None else min(limit, size)
 
 
-def attribution_seconds(cfg: RunConfig, *, cost: Optional[dict] = None, n_units: int = 270,
-                        n_groups: int = 90) -> dict:
+def attribution_seconds(cfg: RunConfig, *, cost: Optional[dict] = None, n_units: int = 270) -> dict:
     """Estimated stage-4 time (SmolLM2, 2 free CPU cores), whether or not `cfg.attribute` is on
     (`cast-interp attribute` on the run costs the same): {"total", "per_arm", "n_evaluations",
     "reference"}. Exact reverts are counted without the overlap of candidates and spread sample,
@@ -383,6 +382,7 @@ def attribution_seconds(cfg: RunConfig, *, cost: Optional[dict] = None, n_units:
              / (at["prompt_tokens"] + at["max_new_tokens"]))
     k = k_from_fraction(float(cfg.k_fractions[0]), n_units)
     n_joint = 5  # selected on A, top-k by C, every unit, all heads, all groups (attribution._joint_sets)
+    # A spread sample per kind: heads and (SmolLM2 has GQA) key/value groups.
     n_evals = ((cfg.attribution_candidates or 2 * k) + 2 * cfg.attribution_spread + n_joint
                + cfg.attribution_draws)
     per_arm = (n_evals * c["attribution_eval"] + c["attribution_first_order"]) * scale
