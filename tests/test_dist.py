@@ -186,7 +186,7 @@ def test_a_run_resumes_on_more_ranks_than_missing_pieces(two_ranks, tmp_path):
     src, _ = two_ranks
     run = tmp_path / "run"
     shutil.copytree(src, run)
-    victims = ["cast_k4_t1.json", "random_k4_d1_t1.json"]
+    victims = ["cast_k1_t1.json", "random_k1_d1_t1.json"]
     for v in victims:
         (run / "arms" / v).unlink()
     before = {p.name: p.read_bytes() for p in (run / "arms").glob("*.json")}

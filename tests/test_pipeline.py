@@ -301,7 +301,7 @@ def test_resume_after_deleting_one_piece_redoes_only_that_piece(finished, tmp_pa
     src, ref = finished
     run = tmp_path / "run"
     shutil.copytree(src, run)
-    victim = run / "arms" / "cast_k4_t1.json"
+    victim = run / "arms" / "cast_k1_t1.json"
     assert victim.exists()
     victim.unlink()
     before = {p: p.read_bytes() for p in (run / "arms").glob("*_t*.json")}
@@ -364,7 +364,7 @@ def test_a_piece_with_other_skipped_units_is_not_reused(finished, tmp_path, monk
     src, _ = finished
     run = tmp_path / "run"
     shutil.copytree(src, run)
-    path = run / "arms" / "cast_k4_t0.json"
+    path = run / "arms" / "cast_k1_t0.json"
     piece = read_json(path)
     right = piece["skip"]
     piece["skip"] = [[0, 0], [0, 1], [0, 2], [0, 3]] if right != [[0, 0], [0, 1], [0, 2], [0, 3]] \
@@ -372,7 +372,7 @@ def test_a_piece_with_other_skipped_units_is_not_reused(finished, tmp_path, monk
     path.write_text(json.dumps(piece))
     calls = _count_training(monkeypatch)
     doc = run_experiment(_cfg(run), progress=False)
-    assert len(calls) == 1 and doc["arms"]["cast_k4_t0"]["skip"] == right
+    assert len(calls) == 1 and doc["arms"]["cast_k1_t0"]["skip"] == right
     assert pipeline._load_piece(path, "0" * 12) is None  # another key: not re-used
 
 
