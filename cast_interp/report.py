@@ -436,10 +436,18 @@ def time_breakdown(doc: dict) -> dict:
     t = doc.get("timings", {})
     mean = lambda x: float(np.mean(x)) if x else None  # noqa: E731
     runs = doc.get("invocations") or [{"time_s": doc["time_s"]}]
-    return {"total_s": sum(r["time_s"] for r in runs), "diagnosis_s": t.get("diagnosis_s"),
+    # A map re-used from an invocation that wrote no results (killed, then resumed) took no time
+    # in this one: its own record (`timings_s` of the map's config) is its cost.
+    diag = t.get("diagnosis_s")
+    own = (((doc.get("diagnosis") or {}).get("config") or {}).get("timings_s") or {}).get("total")
+    if own is not None and (diag is None or diag < own):
+        diag = own
+    original = (doc.get("original") or {}).get("time_s") or 0.0
+    work = (diag or 0.0) + (t.get("self_reference_s") or 0.0) + sum(tune) + sum(mon) + sum(ev)
+    return {"total_s": sum(r["time_s"] for r in runs), "diagnosis_s": diag,
             "self_reference_s": t.get("self_reference_s"), "n_pieces": len(pieces),
             "train_per_piece_s": mean(tune), "monitor_per_piece_s": mean(mon),
-            "eval_per_piece_s": mean(ev),
+            "eval_per_piece_s": mean(ev), "work_s": work + original,
             "eval_parts_per_piece_s": {k: float(np.mean(v)) for k, v in parts.items()}}
 
 
@@ -454,6 +462,10 @@ def _time_lines(doc: dict) -> list[str]:
              f"| safety/utility-cost curve, per piece | {f(tb['monitor_per_piece_s'])} |",
              f"| evaluation, per piece | {f(tb['eval_per_piece_s'])} |", "",
              f"Evaluation per piece by part: {parts or 'n/a'}."]
+    if tb["work_s"] > 1.05 * tb["total_s"]:
+        lines += ["", f"The stages' own recorded times add up to {tb['work_s']:.0f} s, more than the "
+                  f"{tb['total_s']:.0f} s of the invocations on record: an interrupted invocation "
+                  "that wrote no results is not on record, though its finished stages were re-used."]
     est = doc.get("estimate_s")
     if est:
         lines += ["", f"Estimated before the run (`pipeline.estimate_seconds`, 2 free CPU cores): "

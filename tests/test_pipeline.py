@@ -135,13 +135,20 @@ def test_arms_on_one_training_seed_see_the_same_batches(finished):
 
 def test_every_arm_at_one_k_freezes_the_same_number_of_parameters(finished):
     _, doc = finished
-    frozen = {}
+    frozen, band = {}, set()
     for piece in doc["arms"].values():
-        frozen.setdefault(piece["piece"]["k"], set()).add(piece["tuning"]["n_frozen_in_scope"])
+        n = piece["tuning"]["n_frozen_in_scope"]
+        if piece["piece"]["method"] == "layer_band":
+            band.add((piece["piece"]["k"], n))
+        else:
+            frozen.setdefault(piece["piece"]["k"], set()).add(n)
     assert frozen[0] == {0}
     (k,) = [k for k in frozen if k]
     # tiny: 4 heads per layer, no GQA, no attention biases: a head owns 4 x d_model x d_head
-    assert frozen[k] == {k * 4 * 32 * 8}, frozen
+    per_head = 4 * 32 * 8
+    assert frozen[k] == {k * per_head}, frozen
+    # The layer band freezes whole layers: k rounded up to a multiple of 4 heads (documented).
+    assert band == {(k, -(-k // 4) * 4 * per_head)}, band
 
 
 def test_group_arms_skip_whole_key_value_groups_at_equal_budgets(tmp_path):
@@ -152,7 +159,8 @@ def test_group_arms_skip_whole_key_value_groups_at_equal_budgets(tmp_path):
         t = piece["tuning"]
         assert t["skip_heads"] == [] and t["skip_groups"] == piece["skip"], name
         assert t["n_frozen_in_scope"] == len(piece["skip"]) * per_group, name
-        assert len(piece["skip"]) == piece["piece"]["k"], name
+        k = piece["piece"]["k"]  # the band rounds up to whole layers of 2 groups (documented)
+        assert len(piece["skip"]) == (-(-k // 2) * 2 if "layer_band" in name else k), name
     text = (tmp_path / "report.md").read_text()
     assert "Top groups by C: L" in text and "Units skipped: groups" in text
 
@@ -339,9 +347,16 @@ def test_interrupted_run_resumes_and_changed_settings_are_redone(tmp_path, monke
         json.loads(p.read_text())  # everything on disk is complete
     monkeypatch.setattr(sparse_tuning, "safety_finetune", real)
     counted = _count_training(monkeypatch)
-    run_experiment(cfg, progress=False)
+    doc = run_experiment(cfg, progress=False)
     n_pieces = len(plan_pieces(cfg, 8))
     assert len(counted) == n_pieces - 2
+    # The killed invocation wrote no results, so its map took no time in this one; the report's
+    # diagnosis time is the map's own record, and the recorded work exceeds this invocation.
+    own = read_json(tmp_path / "diagnosis" / "conflict_map.json")["config"]["timings_s"]["total"]
+    tb = report.time_breakdown(doc)
+    assert doc["timings"]["diagnosis_s"] < own and tb["diagnosis_s"] == own
+    evals = sum(p["eval_time_s"] for p in doc["arms"].values())
+    assert tb["work_s"] >= own + evals + doc["original"]["time_s"]
     # One more training seed re-uses every finished piece and adds only the new seed's pieces.
     counted.clear()
     more = replace(cfg, train_seeds=[0, 1, 2], n_draws=3)
@@ -393,7 +408,7 @@ def test_too_few_attribution_candidates_for_the_models_k_fail_before_any_work(tm
     """Stage 4 picks its top-k among the exact candidates; k depends on the model (half of the
     tiny model's 8 heads here), so the check runs once the model is loaded, before any write."""
     out = tmp_path / "run"
-    cfg = _cfg(out, attribute=True, attribution_candidates=3)
+    cfg = _cfg(out, attribute=True, attribution_candidates=3, k_fractions=[0.5])
     with pytest.raises(ValueError, match="attribution_candidates = 3 < k = 4"):
         run_experiment(cfg, progress=False)
     assert not (out / "config.json").exists()
