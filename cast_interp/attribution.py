@@ -905,26 +905,28 @@ def attribute(
         bar = tqdm(total=mine(n_evals - n_joint - n_draws) + mine(n_joint) + mine(n_draws),
                    desc=f"attribution ({label})")
 
-    t = time.perf_counter()
-    nll_orig = per_example_nll(original, data["batches"])
-    ev = _Evaluator(tuned, original, data["batches"], data["safe_batches"], bar)
-    if not (torch.isfinite(ev.base_util).all() and torch.isfinite(nll_orig).all()):
-        raise NonFiniteLossError("Non-finite utility loss of tuned or original: check both models' "
-                                 "weights for NaN/inf (a diverged checkpoint?).")
-    shapes = {kind: tuple(changed[kind].shape) for kind in kinds}
-    n_safe = len(data["safe"]) if data["safe"] is not None else 0
-    ex_util, ex_safe = _exact_singles(ev, sets, shapes, len(data["util"]), n_safe)
-    timings["exact_singles"] = time.perf_counter() - t
+    # Many small forwards from here on: no per-call weight copies (same numbers).
+    with backend.inference_layout(tuned), backend.inference_layout(original):
+        t = time.perf_counter()
+        nll_orig = per_example_nll(original, data["batches"])
+        ev = _Evaluator(tuned, original, data["batches"], data["safe_batches"], bar)
+        if not (torch.isfinite(ev.base_util).all() and torch.isfinite(nll_orig).all()):
+            raise NonFiniteLossError("Non-finite utility loss of tuned or original: check both "
+                                     "models' weights for NaN/inf (a diverged checkpoint?).")
+        shapes = {kind: tuple(changed[kind].shape) for kind in kinds}
+        n_safe = len(data["safe"]) if data["safe"] is not None else 0
+        ex_util, ex_safe = _exact_singles(ev, sets, shapes, len(data["util"]), n_safe)
+        timings["exact_singles"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    selected = _select_on_A(ex_util[unit], sets[unit]["candidates"], rows_A, ks[unit], seed)
-    joint_sets = _joint_sets(tuned, unit, selected, conflict_map, ks[unit])
-    joint = dict(zip(joint_sets, distributed.map_shared(
-        lambda hg: ev(*hg, safety=True), list(joint_sets.values()))))
-    timings["joint"] = time.perf_counter() - t
-    t = time.perf_counter()
-    rand = torch.stack(distributed.map_shared(lambda d: ev(**{f"{unit}s": d})[0], draws), dim=1)
-    timings["random_draws"] = time.perf_counter() - t
+        t = time.perf_counter()
+        selected = _select_on_A(ex_util[unit], sets[unit]["candidates"], rows_A, ks[unit], seed)
+        joint_sets = _joint_sets(tuned, unit, selected, conflict_map, ks[unit])
+        joint = dict(zip(joint_sets, distributed.map_shared(
+            lambda hg: ev(*hg, safety=True), list(joint_sets.values()))))
+        timings["joint"] = time.perf_counter() - t
+        t = time.perf_counter()
+        rand = torch.stack(distributed.map_shared(lambda d: ev(**{f"{unit}s": d})[0], draws), dim=1)
+        timings["random_draws"] = time.perf_counter() - t
     if bar is not None:
         bar.close()
 

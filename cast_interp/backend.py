@@ -293,6 +293,35 @@ class _HFCache:
         self.past, self.mask, self.frozen = past, mask, frozen
 
 
+#: TransformerLens 3 weights that its forward copies on every call (`F.linear(x, W.T.contiguous())`
+#: in the gated MLP and the unembedding).
+_COPIED_EACH_CALL = ("mlp.W_in", "mlp.W_gate", "mlp.W_out", "unembed.W_U")
+
+
+@contextmanager
+def inference_layout(model: Any):
+    """Inside: TransformerLens 3's MLP and unembedding matrices stored transposed (same values).
+
+    Its gated MLP and unembedding compute `F.linear(x, W.T.contiguous())`, a copy of those
+    matrices in every forward call: 0.2 s on SmolLM2 on a CPU, as long as a 100-token forward,
+    so it dominates one-token decoding steps and small cached forwards. With `W.T` already
+    contiguous the copy does not happen and the call computes the same product. Re-entrant;
+    the layout is restored on exit; for inference only (no training step inside). A no-op on
+    the bridge.
+    """
+    changed = []
+    if not is_bridge(model):
+        for name, p in model.named_parameters():
+            if name.endswith(_COPIED_EACH_CALL) and p.dim() == 2 and p.is_contiguous():
+                p.data = p.data.t().contiguous().t()
+                changed.append(p)
+    try:
+        yield model
+    finally:
+        for p in changed:
+            p.data = p.data.contiguous()
+
+
 def new_kv_cache(model: Any, batch: int) -> Any:
     if not is_bridge(model):
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
@@ -331,22 +360,23 @@ def cached_forward(model: Any, tokens: Tensor, cache: Any, *,
     return out
 
 
-def cache_rows(cache: Any, rows: Tensor) -> Any:
-    """A frozen copy of `cache` whose batch row j is row `rows[j]` of the original."""
+def cache_rows(cache: Any, rows: Tensor, *, frozen: bool = True) -> Any:
+    """A copy of `cache` whose batch row j is row `rows[j]` of the original; frozen (each use
+    leaves it as it is) unless `frozen=False` (a forward on it appends its tokens)."""
     if isinstance(cache, _HFCache):
         import copy
 
         past = copy.deepcopy(cache.past)
         past.reorder_cache(rows.to(cache.mask.device))
-        return _HFCache(past, cache.mask[rows.to(cache.mask.device)], frozen=True)
+        return _HFCache(past, cache.mask[rows.to(cache.mask.device)], frozen=frozen)
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
     entries = [TransformerLensKeyValueCacheEntry(e.past_keys[rows.to(e.past_keys.device)],
                                                  e.past_values[rows.to(e.past_values.device)],
-                                                 frozen=True) for e in cache.entries]
+                                                 frozen=frozen) for e in cache.entries]
     mask = cache.previous_attention_mask
-    return TransformerLensKeyValueCache(entries, mask[rows.to(mask.device)], frozen=True)
+    return TransformerLensKeyValueCache(entries, mask[rows.to(mask.device)], frozen=frozen)
 
 
 # --------------------------------------------------------------------------------------------------

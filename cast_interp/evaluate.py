@@ -28,6 +28,7 @@ from typing import Literal, Optional, Sequence, Union
 
 import torch
 
+from . import backend
 from .backend import Model
 
 from .data import ChatDataset
@@ -57,6 +58,7 @@ from .utility import (  # noqa: F401  (re-exported)
     load_mc_items,
     load_mmlu_csv,
     multiple_choice_accuracy,
+    OriginalLogprobs,
     over_refusal_rate,
     reference_nll,
     task_accuracy,
@@ -216,7 +218,7 @@ def _judge_summary(scope: str) -> dict:
 def evaluate(
     model: Model,
     *,
-    original: Optional[Model] = None,
+    original: Union[Model, OriginalLogprobs, None] = None,
     config: Optional[EvalConfig] = None,
     harmful: Optional[DataLike] = None,
     benign: Optional[DataLike] = None,
@@ -229,12 +231,21 @@ def evaluate(
     Datasets default to the config's specs (all bundled test prompts); each is cut to the config's
     n. harmful -> refusal_score, refusal_rate; over_refusal -> over_refusal_score,
     over_refusal_rate; benign (with reference responses) -> reference_nll and, with `original` (a
-    frozen pre-tuning copy), kl_to_original, from the same forward passes; task_items (default: the
-    config's task) -> task_accuracy and task_chance.
+    frozen pre-tuning copy, or its `OriginalLogprobs` on this benign set, which saves its forward
+    passes when many models are evaluated), kl_to_original, from the same forward passes;
+    task_items (default: the config's task) -> task_accuracy and task_chance.
     """
     config = config or EvalConfig()
     if original is not None:
-        check_same_vocab(model, original)
+        check_same_vocab(model, original.model if isinstance(original, OriginalLogprobs)
+                         else original)
+    with backend.inference_layout(model):  # once for all its measures
+        return _evaluate(model, original, config, harmful, benign, over_refusal, task_items,
+                         progress)
+
+
+def _evaluate(model: Model, original, config: EvalConfig, harmful, benign, over_refusal,
+              task_items, progress: bool) -> EvalResult:
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()
     sets = _eval_sets(config, harmful, benign, over_refusal)

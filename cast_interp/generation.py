@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Literal, Optional, Sequence, Union
 
 import torch
+from torch import Tensor
 
 from . import backend
 from .backend import Model
@@ -49,6 +50,14 @@ def generate_tokens(
     for i, p in enumerate(prompt_ids):
         tokens[i, width - len(p):] = torch.tensor(list(p), device=device)
         attn[i, width - len(p):] = 1
+    with backend.inference_layout(model):  # decoding steps are small: no per-call weight copies
+        out, done = _greedy(model, tokens, attn, max_new_tokens, eot)
+    return (out, done) if return_finished else out
+
+
+def _greedy(model: Model, tokens: Tensor, attn: Tensor, max_new_tokens: int, eot: int
+            ) -> tuple[list[list[int]], list[bool]]:
+    b = len(tokens)
     cache = backend.new_kv_cache(model, b)
     logits = backend.cached_forward(model, tokens, cache, attention_mask=attn)
     out: list[list[int]] = [[] for _ in range(b)]
@@ -63,7 +72,7 @@ def generate_tokens(
             if not done[i]:
                 out[i].append(t)
         logits = backend.cached_forward(model, nxt[:, None], cache)
-    return (out, done) if return_finished else out
+    return out, done
 
 
 def _new_token_cap(n_ctx: int, prompt_length: int, max_new_tokens: int, prompt: str) -> int:

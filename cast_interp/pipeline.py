@@ -494,6 +494,7 @@ class _Context:
     monitor: Any
     curve_start: dict
     out: Path
+    original_logprobs: Any = None  # the original's log-probs on the benign test set, built once
 
 
 # Settings that only add pieces (seeds, draws, budgets, baselines) or recompute the report and
@@ -856,14 +857,19 @@ def _generates(cfg: RunConfig, train_seed: Optional[int]) -> bool:
 def _evaluate(ctx: _Context, *, generation: bool) -> tuple[dict, dict]:
     """Stage 3 of the current weights on the test sets: (EvalResult dict, per-prompt values
     {metric: [n]}), the per-prompt values from `EvalResult.per_prompt` (NaN where undefined)."""
-    from .evaluate import EvalConfig, evaluate
+    from .evaluate import EvalConfig, OriginalLogprobs, as_dataset, evaluate
 
     cfg, data = ctx.cfg, ctx.data
     ecfg = EvalConfig(n_harmful=cfg.n_eval, n_benign=cfg.n_eval, n_over_refusal=cfg.n_eval,
                       n_task=cfg.n_task, max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed,
                       generation=generation)
-    res = evaluate(ctx.model, original=ctx.original, config=ecfg, harmful=data["harmful_test"],
-                   benign=data["benign_test"], over_refusal=data["over_refusal"])
+    if ctx.original_logprobs is None:  # every piece's KL reuses the frozen original's log-probs
+        benign = as_dataset(data["benign_test"], "benign").take(ecfg.n_benign)
+        ctx.original_logprobs = OriginalLogprobs(ctx.original, benign, tokens=ecfg.tokens,
+                                                 batch_size=ecfg.batch_size)
+    res = evaluate(ctx.model, original=ctx.original_logprobs, config=ecfg,
+                   harmful=data["harmful_test"], benign=ctx.original_logprobs.data,
+                   over_refusal=data["over_refusal"])
     per_prompt = {k: [math.nan if x is None else float(x) for x in v]
                   for k, v in res.per_prompt.items()}
     missing = [m for m in ("refusal_score", "kl_to_original") if m not in per_prompt]

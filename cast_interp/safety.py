@@ -28,7 +28,7 @@ import json
 import re
 from functools import lru_cache
 from importlib import resources
-from typing import Literal, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float
@@ -362,11 +362,14 @@ def prefix_logprobs(
 ) -> list[Float[Tensor, "n_continuations"]]:
     """For each prefix i and each of its continuations c: sum_t log P(c_t | prefix_i, c_<t).
 
-    `batch_size` prefixes run in one forward pass (left-padded, with an attention mask) that fills
-    a key/value cache; all their continuations then run in one more forward on the frozen cache,
-    indexed to one row per (prefix, continuation) and right-padded (causal attention hides the
-    padding). A prefix is encoded once, not once per continuation, and the number of forward calls
-    does not grow with the number of continuations. Teacher forcing; exact.
+    Teacher forcing, exact, and no token computed twice:
+    - the tokens every prefix starts with (a chat template's system turn) run once; their
+      key/value cache is copied to each batch;
+    - `batch_size` prefixes then run in one left-padded forward (with an attention mask);
+    - their continuations run on that cache as a token trie (`_trie_logprobs`): a token shared
+      by several continuations of one prefix (the "I" of "I'm sorry" and "I cannot") is computed
+      once, and the number of forward calls grows with the trie's depth, not with the number of
+      continuations.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -376,71 +379,105 @@ def prefix_logprobs(
         if len(p) + max(len(c) for c in conts) > model.cfg.n_ctx:
             raise DataError(f"Row #{i}: prefix plus continuation is longer than the model's "
                             f"context ({model.cfg.n_ctx}). Shorten it.")
+    with backend.inference_layout(model):  # small cached forwards: no per-call weight copies
+        return _prefix_logprobs(model, prefixes, continuations, batch_size)
+
+
+def _prefix_logprobs(model: Model, prefixes: Sequence[Sequence[int]],
+                     continuations: Sequence[Sequence[Sequence[int]]], batch_size: int
+                     ) -> list[Tensor]:
     device = model.cfg.device
+    shared = _common_prefix(prefixes)
+    base = None
+    if shared:  # the model's output there is not needed: stop before the unembedding
+        base = backend.new_kv_cache(model, 1)
+        backend.cached_forward(model, torch.tensor([shared], device=device), base, residual=True)
     out: list[Tensor] = [torch.empty(0)] * len(prefixes)
     order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]))
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
-        b, width = len(chunk), max(len(prefixes[i]) for i in chunk)
+        rest = [list(prefixes[i][len(shared):]) for i in chunk]
+        b, width = len(chunk), max(len(r) for r in rest)
         tokens = torch.full((b, width), pad_id(model), dtype=torch.long, device=device)
         attn = torch.zeros((b, width), dtype=torch.long, device=device)
-        for r, i in enumerate(chunk):
-            tokens[r, width - len(prefixes[i]):] = torch.tensor(list(prefixes[i]), device=device)
-            attn[r, width - len(prefixes[i]):] = 1
-        cache = backend.new_kv_cache(model, b)
+        for r, x in enumerate(rest):
+            tokens[r, width - len(x):] = torch.tensor(x, device=device)
+            attn[r, width - len(x):] = 1
+        cache = (backend.cache_rows(base, torch.zeros(b, dtype=torch.long, device=device),
+                                    frozen=False) if base is not None
+                 else backend.new_kv_cache(model, b))
         first = logits_at(model, tokens, torch.arange(b, device=device),
                           torch.full((b,), width - 1, device=device), attention_mask=attn,
                           past_kv_cache=cache).float().log_softmax(-1)  # [b, vocab]
-        conts = [(r, list(c)) for r, i in enumerate(chunk) for c in continuations[i]]
-        src = torch.tensor([r for r, _ in conts], device=device)
-        lp = first[src, torch.tensor([c[0] for _, c in conts], device=device)]
-        rows, row_of = _shared_inputs(conts)
-        if rows:  # tokens 1.. of each continuation, predicted from the cache
-            width_c = max(len(x) for _, x in rows)
-            cont = torch.full((len(rows), width_c), pad_id(model), dtype=torch.long, device=device)
-            for k, (_, x) in enumerate(rows):
-                cont[k, : len(x)] = torch.tensor(x, device=device)
-            sel_r, sel_p, owner, target = [], [], [], []
-            for j, (_, c) in enumerate(conts):
-                n = len(c) - 1
-                sel_r += [row_of[j]] * n
-                sel_p += list(range(n))
-                owner += [j] * n
-                target += c[1:]
-            expanded = backend.cache_rows(cache, torch.tensor([r for r, _ in rows], device=device))
-            logits = logits_at(model, cont, torch.tensor(sel_r, device=device),
-                               torch.tensor(sel_p, device=device),
-                               attention_mask=torch.ones_like(cont), past_kv_cache=expanded)
-            tok_lp = logits.float().log_softmax(-1).gather(
-                -1, torch.tensor(target, device=device)[:, None])[:, 0]
-            lp = lp.index_add(0, torch.tensor(owner, device=device), tok_lp)
-        lp, k = lp.cpu(), 0
-        for i in chunk:
-            out[i] = lp[k:k + len(continuations[i])]
-            k += len(continuations[i])
+        for i, lp in zip(chunk, _trie_logprobs(model, cache, first,
+                                               [continuations[i] for i in chunk])):
+            out[i] = lp
     return out
 
 
-def _shared_inputs(conts: list[tuple[int, list[int]]]
-                   ) -> tuple[list[tuple[int, tuple[int, ...]]], list[int]]:
-    """The rows to run on the cache: per prefix r, the continuation inputs (all tokens but the
-    last) that are not a prefix of another's (causal attention: the longer row gives the shorter
-    one's logits too, e.g. "I'm not able to" covers "I'm not"); and, per continuation, its row
-    (-1: a one-token continuation needs none)."""
-    rows: list[tuple[int, tuple[int, ...]]] = []
-    for r in sorted({r for r, _ in conts}):
-        kept: list[tuple[int, ...]] = []
-        for x in sorted({tuple(c[:-1]) for q, c in conts if q == r and len(c) > 1},
-                        key=lambda x: (-len(x), x)):
-            if not any(y[: len(x)] == x for y in kept):
-                kept.append(x)
-        rows += [(r, x) for x in kept]
-    row_of = []
-    for r, c in conts:
-        x = tuple(c[:-1])
-        row_of.append(next(k for k, (q, y) in enumerate(rows) if q == r and y[: len(x)] == x)
-                      if x else -1)
-    return rows, row_of
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
+    """The tokens all sequences start with, leaving each at least one token of its own."""
+    n = min(len(x) for x in seqs) - 1
+    k = 0
+    while k < n and all(x[k] == seqs[0][k] for x in seqs):
+        k += 1
+    return list(seqs[0][:k])
+
+
+def _trie_logprobs(model: Model, cache: Any, first: Float[Tensor, "b vocab"],
+                   continuations: Sequence[Sequence[Sequence[int]]]) -> list[Tensor]:
+    """Per row r of `cache`, the log-prob of each of its continuations; `first` holds the rows'
+    next-token log-probs.
+
+    The trie's nodes are the continuations' proper prefixes (row, path); each is computed once.
+    Nodes form edges (a node with a single child node continues its parent's edge), and each
+    level of edges is one forward on a copy of the cache rows it extends, right-padded (the
+    attention mask hides the padding, and positions follow the mask).
+    """
+    device = first.device
+    flat = [(r, tuple(c)) for r, cs in enumerate(continuations) for c in cs]
+    total = first[torch.tensor([r for r, _ in flat], device=device),
+                  torch.tensor([c[0] for _, c in flat], device=device)]
+    scores: dict[tuple, list[tuple[int, int]]] = {}  # node -> (continuation, its next token)
+    for f, (r, c) in enumerate(flat):
+        for k in range(1, len(c)):
+            scores.setdefault((r, c[:k]), []).append((f, c[k]))
+    children: dict[tuple, list[tuple]] = {}
+    for r, path in sorted(scores):
+        children.setdefault((r, path[:-1]), []).append((r, path))
+    row_of = {(r, ()): r for r in range(len(continuations))}  # an edge's end -> its cache row
+    starts = [n for root in row_of for n in children.get(root, [])]
+    while starts:
+        edges = []
+        for node in starts:
+            edge = [node]
+            while len(children.get(edge[-1], [])) == 1:
+                edge.append(children[edge[-1]][0])
+            edges.append(edge)
+        parents = torch.tensor([row_of[(r, path[:-1])] for r, path in starts], device=device)
+        cache = backend.cache_rows(cache, parents, frozen=False)
+        width = max(len(e) for e in edges)
+        tokens = torch.full((len(edges), width), pad_id(model), dtype=torch.long, device=device)
+        attn = torch.zeros_like(tokens)
+        for k, edge in enumerate(edges):
+            tokens[k, : len(edge)] = torch.tensor([path[-1] for _, path in edge], device=device)
+            attn[k, : len(edge)] = 1
+        where = attn.nonzero()  # one row per node of this level, edge by edge
+        lp = logits_at(model, tokens, where[:, 0], where[:, 1], attention_mask=attn,
+                       past_kv_cache=cache).float().log_softmax(-1)
+        owner, at, target = [], [], []
+        for j, node in enumerate(n for edge in edges for n in edge):
+            for f, t in scores[node]:
+                owner.append(f)
+                at.append(j)
+                target.append(t)
+        total = total.index_add(0, torch.tensor(owner, device=device),
+                                lp[torch.tensor(at, device=device),
+                                   torch.tensor(target, device=device)])
+        row_of = {edge[-1]: k for k, edge in enumerate(edges)}
+        starts = [n for end in row_of for n in children.get(end, [])]
+    total, sizes = total.cpu(), [len(cs) for cs in continuations]
+    return list(total.split(sizes))
 
 
 def refusal_logprobs(

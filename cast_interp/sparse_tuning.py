@@ -399,19 +399,26 @@ class ValidationMonitor:
                  batch_size: int = 8):
         if len(harmful) == 0 or len(benign) == 0:
             raise ValueError("ValidationMonitor needs at least one harmful and one benign example.")
+        from .utility import OriginalLogprobs
+
         benign.require_responses()
         self.original, self.harmful, self.batch_size = original, harmful, batch_size
         self.benign_batches = make_batches(original, benign, batch_size=batch_size)
+        # The original is frozen: its log-probs on the benign answers are computed once, so each
+        # point of a curve costs one forward of the tuned model, not two.
+        self.original_logprobs = OriginalLogprobs(original, self.benign_batches,
+                                                  batch_size=batch_size, tokens="content")
         self.describe = {"harmful": harmful.describe(), "benign": benign.describe()}
 
     def per_prompt(self, model: Model) -> dict[str, Tensor]:
         from .safety import refusal_logprobs
         from .utility import utility_per_prompt
 
-        kl = utility_per_prompt(model, self.benign_batches, original=self.original,
-                                batch_size=self.batch_size, tokens="content")["kl_to_original"]
-        return {"refusal_score": refusal_logprobs(model, self.harmful, batch_size=self.batch_size),
-                "kl": kl}
+        with backend.inference_layout(model):  # once for both measures
+            kl = utility_per_prompt(model, self.benign_batches, original=self.original_logprobs,
+                                    batch_size=self.batch_size, tokens="content")["kl_to_original"]
+            return {"refusal_score": refusal_logprobs(model, self.harmful,
+                                                      batch_size=self.batch_size), "kl": kl}
 
     def __call__(self, model: Model) -> dict[str, float]:
         return {k: float(v.nanmean()) for k, v in self.per_prompt(model).items()}

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence, Union
 
 import torch
-from jaxtyping import Bool
+from jaxtyping import Bool, Float
 from torch import Tensor
 
+from . import backend
 from .backend import Model
 
 from .data import ChatBatch, ChatDataset, DataError, end_of_turn_id, make_batches
@@ -102,16 +103,86 @@ def check_same_vocab(model: Model, original: Model) -> None:
                          "distributions are not comparable. Use a copy of the same model.")
 
 
+def _scored_mask(batch: ChatBatch, eot: int, tokens: Tokens) -> Bool[Tensor, "batch pos-1"]:
+    """Which next-token predictions (positions 0..pos-2) a metric is over."""
+    return (content_mask(batch, eot) if tokens == "content" else batch.loss_mask)[:, 1:]
+
+
+def _scored_logits(model: Model, tokens: Tensor, scored: Tensor) -> Float[Tensor, "n vocab"]:
+    """`model(tokens)[:, :-1][scored]` (tokens `[b, pos]`, scored `[b, pos-1]`), without the work
+    those rows do not need: the tokens every row starts with (a chat template's system turn), up
+    to the first scored prediction, run once and their key/value cache is copied to the rows; the
+    unembedding runs only at the scored positions."""
+    dev = model.cfg.device
+    tokens, scored = tokens.to(dev), scored.to(dev)
+    same = (tokens == tokens[:1]).all(0).long().cumprod(0).sum()  # shared leading tokens
+    first = scored.any(0).long().argmax()
+    s = int(torch.minimum(same, first)) if bool(scored.any()) else 0
+    if s < 2 or len(tokens) < 2:
+        resid = backend.final_residual(model, tokens)[:, :-1]
+    else:
+        cache = backend.new_kv_cache(model, 1)
+        backend.cached_forward(model, tokens[:1, :s], cache, residual=True)
+        cache = backend.cache_rows(cache, torch.zeros(len(tokens), dtype=torch.long, device=dev))
+        resid = backend.cached_forward(model, tokens[:, s:], cache, residual=True)[:, :-1]
+        scored = scored[:, s:]
+    return backend.logits_from_residual(model, resid[scored])
+
+
+class OriginalLogprobs:
+    """The frozen original's next-token log-probs at the scored positions of fixed benign data.
+
+    Computed once (`[n_scored, d_vocab]` float32 per batch) and passed as `original=` to
+    `utility_per_prompt` / `evaluate`: KL to the original then costs one forward per tuned model
+    instead of two, with the same numbers (the same operations on the same inputs). Above
+    `max_bytes` nothing is kept and each use recomputes them (still exact).
+
+    Args:
+        original: the frozen model before tuning.
+        data: benign examples with answers (a dataset, spec, or `ChatBatch`es).
+        batch_size, tokens: as in `utility_per_prompt`; a use must pass the same data.
+    """
+
+    def __init__(self, original: Model, data: BatchesLike, *, batch_size: int = 8,
+                 tokens: Tokens = "content", max_bytes: int = 2 * 1024**3):
+        if tokens not in ("content", "response"):
+            raise ValueError(f"tokens must be 'content' or 'response', got {tokens!r}.")
+        self.model, self.tokens, self.batch_size, self.data = original, tokens, batch_size, data
+        self.batches = as_batches(original, data, batch_size)
+        eot = end_of_turn_id(original.tokenizer)
+        self._masks = [_scored_mask(b, eot, tokens) for b in self.batches]
+        n_scored = sum(int(m.sum()) for m in self._masks)
+        self.kept = n_scored * original.cfg.d_vocab * 4 <= max_bytes
+        with backend.inference_layout(original):
+            self._logp = ([self._compute(i) for i in range(len(self.batches))] if self.kept
+                          else None)
+
+    @torch.no_grad()
+    def _compute(self, i: int) -> Tensor:
+        return _scored_logits(self.model, self.batches[i].tokens, self._masks[i]).float(
+        ).log_softmax(-1)
+
+    def logprobs(self, i: int, batch: ChatBatch) -> Float[Tensor, "n_scored d_vocab"]:
+        """Batch i's log-probs; `batch` must be the data's batch i (checked)."""
+        mine = self.batches[i]
+        if batch is not mine and not (batch.tokens.shape == mine.tokens.shape
+                                      and torch.equal(batch.tokens, mine.tokens)):
+            raise ValueError(f"Batch {i} differs from the one OriginalLogprobs was computed on: "
+                             "pass the same data, batch_size and tokens to both.")
+        return self._logp[i] if self._logp is not None else self._compute(i)
+
+
 @torch.no_grad()
 def utility_per_prompt(
-    model: Model, data: BatchesLike, *, original: Optional[Model] = None,
+    model: Model, data: BatchesLike, *, original: Union[Model, OriginalLogprobs, None] = None,
     batch_size: int = 8, tokens: Tokens = "content",
 ) -> dict[str, Tensor]:
     """Per prompt (dataset order), from one forward pass per model and batch:
 
     - "reference_nll": [n] token mean of -log P(answer token | prefix);
     - "kl_to_original": [n] token mean of KL(original || model) at the positions predicting those
-      tokens (absent without `original`);
+      tokens (absent without `original`; an `OriginalLogprobs` of the same data gives the same
+      values without the original's forward);
     - "n_tokens": [n] how many tokens each mean is over (NaN means above where it is 0).
 
     tokens: "content" (default, v2): the answer without its end-of-turn token (`content_mask`);
@@ -119,33 +190,54 @@ def utility_per_prompt(
     """
     if tokens not in ("content", "response"):
         raise ValueError(f"tokens must be 'content' or 'response', got {tokens!r}.")
+    ref = original if isinstance(original, OriginalLogprobs) else None
+    if ref is not None:
+        if (ref.tokens, ref.batch_size) != (tokens, batch_size):
+            raise ValueError(f"OriginalLogprobs was computed with tokens={ref.tokens!r}, "
+                             f"batch_size={ref.batch_size}; this call has {tokens!r}, "
+                             f"{batch_size}. Use the same settings.")
+        original = ref.model
     if original is not None:
         check_same_vocab(model, original)
     eot = end_of_turn_id(model.tokenizer)
-    sums: dict[str, list[Tensor]] = {"reference_nll": [], "kl_to_original": [], "n_tokens": []}
-    for batch in as_batches(model, data, batch_size):
-        mask = (content_mask(batch, eot) if tokens == "content" else batch.loss_mask)[:, 1:]
-        rows = mask.nonzero()[:, 0]
-        tokens_dev = batch.tokens.to(model.cfg.device)
-        logq = model(tokens_dev)[:, :-1][mask.to(model.cfg.device)].float().log_softmax(-1)
-        target = tokens_dev[:, 1:][mask.to(model.cfg.device)]
-        nll = -logq.gather(-1, target[:, None])[:, 0].cpu()
-        zeros = torch.zeros(len(batch), dtype=torch.float64)
-        sums["reference_nll"].append(zeros.index_add(0, rows, nll.double()))
-        sums["n_tokens"].append(mask.sum(-1).double())
-        if original is not None and original is not model:
-            logp = original(batch.tokens.to(original.cfg.device))[:, :-1][
-                mask.to(original.cfg.device)].float().log_softmax(-1).to(logq.device)
-            kl = (logp.exp() * (logp - logq)).sum(-1).cpu()
-            sums["kl_to_original"].append(zeros.index_add(0, rows, kl.double()))
-        elif original is model:  # the same weights: KL is exactly 0, no second pass needed
-            sums["kl_to_original"].append(zeros.clone())
+    batches = ref.batches if ref is not None and data is ref.batches else as_batches(
+        model, data, batch_size)
+    if ref is not None and len(batches) != len(ref.batches):
+        raise ValueError(f"{len(batches)} batches, but OriginalLogprobs has {len(ref.batches)}: "
+                         "pass the data it was computed on.")
+    runs = original if original is not None and (ref is None or not ref.kept) else model
+    with backend.inference_layout(model), backend.inference_layout(runs):
+        sums = _utility_sums(model, batches, original, ref, eot, tokens)
     n = torch.cat(sums.pop("n_tokens"))
     if int(n.sum()) == 0:
         raise DataError("No answer tokens in these batches (empty answers?): the metric is "
                         "undefined. Give examples with non-empty responses.")
     out = {k: (torch.cat(v) / n).float() for k, v in sums.items() if v}
     return {**out, "n_tokens": n.float()}
+
+
+def _utility_sums(model: Model, batches: list[ChatBatch], original: Optional[Model],
+                  ref: Optional[OriginalLogprobs], eot: int, tokens: Tokens
+                  ) -> dict[str, list[Tensor]]:
+    """Per batch, the per-prompt sums of NLL and KL over scored tokens, and their counts."""
+    sums: dict[str, list[Tensor]] = {"reference_nll": [], "kl_to_original": [], "n_tokens": []}
+    for i, batch in enumerate(batches):
+        mask = _scored_mask(batch, eot, tokens)
+        rows = mask.nonzero()[:, 0]
+        logq = _scored_logits(model, batch.tokens, mask).float().log_softmax(-1)
+        target = batch.tokens[:, 1:][mask].to(logq.device)
+        nll = -logq.gather(-1, target[:, None])[:, 0].cpu()
+        zeros = torch.zeros(len(batch), dtype=torch.float64)
+        sums["reference_nll"].append(zeros.index_add(0, rows, nll.double()))
+        sums["n_tokens"].append(mask.sum(-1).double())
+        if original is not None and original is not model:
+            logp = (ref.logprobs(i, batch) if ref is not None else _scored_logits(
+                original, batch.tokens, mask).float().log_softmax(-1)).to(logq.device)
+            kl = (logp.exp() * (logp - logq)).sum(-1).cpu()
+            sums["kl_to_original"].append(zeros.index_add(0, rows, kl.double()))
+        elif original is model:  # the same weights: KL is exactly 0, no second pass needed
+            sums["kl_to_original"].append(zeros.clone())
+    return sums
 
 
 def _prompt_mean(values: Tensor) -> MetricValue:
@@ -162,7 +254,7 @@ def reference_nll(
 
 
 def kl_to_original(
-    model: Model, original: Model, data: BatchesLike, *,
+    model: Model, original: Union[Model, OriginalLogprobs], data: BatchesLike, *,
     batch_size: int = 8, tokens: Tokens = "content",
 ) -> MetricValue:
     """KL(original || model) of next-token distributions along benign prompts and their answers.
@@ -170,9 +262,8 @@ def kl_to_original(
     At each position predicting an answer token (teacher forced), KL = sum_v p_orig(v)
     (log p_orig(v) - log p_model(v)); token mean per prompt, then mean over prompts. 0 when the
     model is unchanged. `original` is a frozen copy of the model before tuning (same vocabulary and
-    shape). A float carrying `.per_prompt`.
+    shape), or its `OriginalLogprobs` on `data`. A float carrying `.per_prompt`.
     """
-    check_same_vocab(model, original)
     return _prompt_mean(utility_per_prompt(model, data, original=original, batch_size=batch_size,
                                            tokens=tokens)["kl_to_original"])
 

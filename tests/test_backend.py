@@ -128,3 +128,29 @@ def test_bridge_logits_equal_the_hugging_face_models():
     names = {n for n, _ in bridge.named_parameters()}
     assert any(n.endswith("q_proj._original_component.weight") or n.endswith("q_proj.weight")
                for n in names)  # the trained parameters are the Hugging Face module's own
+
+
+def test_inference_layout_gives_the_same_logits_and_restores_the_weights():
+    """Inside `inference_layout` (TL 3: MLP and unembedding matrices stored transposed, so its
+    forward stops copying them) the logits are bit-identical; nested use is a no-op, and on exit
+    every parameter is back to its contiguous layout with the same values."""
+    model = tiny_model(seed=0)
+    tokens = torch.randint(0, 200, (2, 9))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def moved():
+        return {n for n, p in model.named_parameters() if not p.is_contiguous()}
+
+    with torch.no_grad():
+        want = model(tokens)
+        with backend.inference_layout(model):
+            inside = moved()
+            with backend.inference_layout(model):  # re-entrant: the inner one changes nothing
+                assert moved() == inside
+            assert moved() == inside
+            got = model(tokens)
+    expected = {f"blocks.{layer}.mlp.{w}" for layer in range(model.cfg.n_layers)
+                for w in ("W_in", "W_gate", "W_out")} | {"unembed.W_U"}
+    assert inside == (set() if backend.is_bridge(model) else expected)
+    assert torch.equal(got, want)
+    assert all(p.is_contiguous() and torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -22,6 +22,7 @@ from cast_interp.safety import (
     judge_accuracy,
     load_judge_labels,
     normalize,
+    _common_prefix,
     prefix_logprobs,
     refusal_logprobs,
     refusal_reason,
@@ -197,10 +198,11 @@ def test_refusal_score_known_answer(tiny, manual_logprob):
 
 
 def test_prefix_logprobs_equals_lone_forwards(tiny, manual_logprob):
-    # Ragged: prefixes of different lengths, 1 to 4 continuations each, 1-token and longer ones,
-    # some sharing their first tokens (run once, in the longest row).
+    # Ragged: prefixes of different lengths (sharing the chat template's opening, run once),
+    # 1 to 6 continuations each, 1-token and longer ones, sharing tokens at several depths of
+    # the trie ("b", "bc", "bcd" are each computed once; "bcdefg" goes on alone past "bcd").
     prompts = ["Hi", "A much longer question, with more tokens?", "Why?"]
-    conts = [["a", "bcd", "bc", "bcx"], ["x"], ["yes", "no", "maybe so"]]  # "bc": inside "bcd"
+    conts = [["a", "bcd", "bc", "bcx", "bcdefg", "bz"], ["x"], ["yes", "no", "maybe so"]]
     enc = tiny.tokenizer
     prefixes = [enc(enc.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                             add_generation_prompt=True),
@@ -210,6 +212,14 @@ def test_prefix_logprobs_equals_lone_forwards(tiny, manual_logprob):
     for bs in (1, 2, 3):
         got = prefix_logprobs(tiny, prefixes, cont_ids, batch_size=bs)
         assert [v.tolist() for v in got] == [pytest.approx(m, abs=1e-4) for m in manual]
+    assert len(_common_prefix(prefixes)) > 0
+    # Prefixes with no token in common (no shared cache): the same numbers.
+    bare = [p[len(_common_prefix(prefixes)):] for p in prefixes]
+    assert _common_prefix(bare) == []
+    lone = [[float(prefix_logprobs(tiny, [q], [[c]])[0][0]) for c in cs]
+            for q, cs in zip(bare, cont_ids)]
+    got = prefix_logprobs(tiny, bare, cont_ids, batch_size=2)
+    assert [v.tolist() for v in got] == [pytest.approx(m, abs=1e-4) for m in lone]
     with pytest.raises(DataError, match="non-empty"):
         prefix_logprobs(tiny, prefixes[:1], [[[]]])
 

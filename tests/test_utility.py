@@ -9,16 +9,19 @@ from collections import Counter
 import pytest
 import torch
 
-from cast_interp.data import ChatDataset, ChatExample, DataError, load_bundled, make_batches
+from cast_interp.data import (ChatDataset, ChatExample, DataError, end_of_turn_id, load_bundled,
+                              make_batches)
 from cast_interp.model import tiny_model
 from cast_interp.objectives import response_nll
 from cast_interp.utility import (
+    _scored_logits,
     content_mask,
     kl_to_original,
     last_number,
     load_mc_items,
     load_mmlu_csv,
     multiple_choice_accuracy,
+    OriginalLogprobs,
     reference_nll,
     task_accuracy,
     utility_per_prompt,
@@ -117,6 +120,58 @@ def test_kl_per_prompt_zero_for_same_model_and_known_after_perturbation(tiny):
     assert both["kl_to_original"].tolist() == pytest.approx(manual, rel=1e-4)
     assert both["n_tokens"].tolist() == content_mask(batch, tiny.tokenizer.eos_token_id)[
         :, 1:].sum(-1).float().tolist()
+
+
+def _shared_opening(n):
+    """Benign examples whose prompts all start with the same sentence (a system-like turn)."""
+    return ChatDataset("shared", [ChatExample("Answer in one line, please. " + e.prompt, e.response)
+                                  for e in _benign(n).examples])
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_scored_logits_equal_the_full_forward(request, which):
+    """The shared leading tokens run once (cache copied to the rows) and the unembedding only at
+    scored positions: the same logits as a plain forward, on a model with a one-token shared
+    template (tiny, shared opening added) and one with a system turn (SmolLM2)."""
+    model = request.getfixturevalue(which)
+    ds = _shared_opening(3) if which == "tiny" else _benign(3)
+    (batch,) = make_batches(model, ds, batch_size=3)
+    scored = content_mask(batch, end_of_turn_id(model.tokenizer))[:, 1:]
+    tokens = batch.tokens
+    shared = int((tokens == tokens[:1]).all(0).long().cumprod(0).sum())
+    assert shared >= 15  # the shared path is the one under test
+    with torch.no_grad():
+        full = model(tokens.to(model.cfg.device))[:, :-1][scored.to(model.cfg.device)]
+        got = _scored_logits(model, tokens, scored)
+    assert got.shape == full.shape
+    torch.testing.assert_close(got, full, atol=2e-4 if which == "smollm2" else 1e-5, rtol=0)
+
+
+def test_original_logprobs_give_the_same_kl_as_the_original_model(tiny):
+    """Kept or recomputed, the original's stored log-probs give KL and NLL bit-identical to
+    passing the original model itself; other data or settings are refused, not mis-scored."""
+    ds = _benign(5)
+    original = copy.deepcopy(tiny)
+    with torch.no_grad():
+        tiny.unembed.W_U.add_(0.3 * torch.randn_like(tiny.unembed.W_U))
+    slow = utility_per_prompt(tiny, ds, original=original, batch_size=2)
+    assert float(slow["kl_to_original"].min()) > 0
+    for max_bytes in (2**31, 0):  # kept, and too big to keep (recomputed per use)
+        ref = OriginalLogprobs(original, ds, batch_size=2, max_bytes=max_bytes)
+        assert ref.kept == (max_bytes > 0)
+        for data in (ds, ref.batches):
+            fast = utility_per_prompt(tiny, data, original=ref, batch_size=2)
+            assert fast.keys() == slow.keys()
+            assert all(torch.equal(fast[k], slow[k]) for k in slow)
+    assert kl_to_original(tiny, ref, ds, batch_size=2).per_prompt == slow["kl_to_original"].tolist()
+    assert float(kl_to_original(original, ref, ds, batch_size=2)) == 0.0  # the original itself
+    with pytest.raises(ValueError, match="differs"):
+        utility_per_prompt(tiny, ChatDataset("other", _benign(6).examples[1:]), original=ref,
+                           batch_size=2)
+    with pytest.raises(ValueError, match="batches, but"):
+        utility_per_prompt(tiny, _benign(3), original=ref, batch_size=2)
+    with pytest.raises(ValueError, match="same settings"):
+        utility_per_prompt(tiny, ds, original=ref, batch_size=3)
 
 
 def test_utility_bad_input(tiny):
