@@ -346,17 +346,19 @@ def plan_pieces(cfg: RunConfig, n_units_total: int) -> list[Piece]:
 # Cost estimate (sizes the presets)
 # --------------------------------------------------------------------------------------------------
 
-# Seconds on SmolLM2-135M-Instruct with 2 free CPU cores, measured in the committed `cpu-full` run
-# (figures/run, 2026-11-30: 36 pieces, per-part times from its results.json); the diagnosis alone
-# with `cast-interp diagnose` on idle cores (S on 16 examples). That run took 85.5 min against the
-# 110 min the previous costs (measured under load) predicted.
+# Seconds on SmolLM2-135M-Instruct with 2 free CPU cores. Training: the committed `cpu-full` run
+# (figures/run, 2026-11-30, per-part times from its results.json). Evaluation: the later, faster
+# evaluation (the original's log-probs kept, shared template opening, trie of refusal openings,
+# TL 3's per-call weight copies avoided), timed by `benchmarks/bench_evaluation.py` at `cpu-full`'s
+# sizes, and its validation curves in a `cpu`-preset run; the diagnosis alone with `cast-interp
+# diagnose` on idle cores (S on 16 examples).
 COST_S = {
     "train_step": 5.34,          # one optimizer step, batch 8 (42.7 s per 8-step piece)
-    "refusal_score": 0.23,       # per prompt, harmful or over-refusal (110 prompts: 25.2 s)
-    "kl_nll": 0.41,              # per benign prompt, KL and NLL (50 prompts: 20.3 s)
-    "task_item": 0.14,           # per multiple-choice item, 4 choices (40 items: 5.5 s)
-    "generate_32": 0.48,         # per prompt, 32 greedy tokens (110 prompts: 52.6 s)
-    "val_pair": 1.22,            # per harmful + benign validation pair and curve point (9.8 s per piece)
+    "refusal_score": 0.16,       # per prompt, harmful or over-refusal (110 prompts: 17.7 s)
+    "kl_nll": 0.144,             # per benign prompt, KL and NLL (50 prompts: 7.2 s)
+    "task_item": 0.063,          # per multiple-choice item, 4 choices (40 items: 2.5 s)
+    "generate_32": 0.30,         # per prompt, 32 greedy tokens (110 prompts: 33.5 s)
+    "val_pair": 0.58,            # per harmful + benign validation pair and curve point (4.6 s per piece)
     "diagnosis": 508.0,          # v2 library defaults (S on 16 examples); S on 8 costs less
     # Stage 4 on `full` (figures/run, 16 examples, answers capped at 128 tokens: 993 s): per exact
     # revert (utility and safety examples, from the revert's lowest layer; 885 s / 132), the
