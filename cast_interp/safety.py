@@ -379,6 +379,8 @@ def prefix_logprobs(
         if len(p) + max(len(c) for c in conts) > model.cfg.n_ctx:
             raise DataError(f"Row #{i}: prefix plus continuation is longer than the model's "
                             f"context ({model.cfg.n_ctx}). Shorten it.")
+    if not prefixes:
+        return []
     with backend.inference_layout(model):  # small cached forwards: no per-call weight copies
         return _prefix_logprobs(model, prefixes, continuations, batch_size)
 
@@ -430,9 +432,9 @@ def _trie_logprobs(model: Model, cache: Any, first: Float[Tensor, "b vocab"],
     next-token log-probs.
 
     The trie's nodes are the continuations' proper prefixes (row, path); each is computed once.
-    Nodes form edges (a node with a single child node continues its parent's edge), and each
-    level of edges is one forward on a copy of the cache rows it extends, right-padded (the
-    attention mask hides the padding, and positions follow the mask).
+    A chain of nodes without branches is one edge (one row); each level of edges is one forward
+    on a copy of the cache rows it extends, right-padded (the attention mask hides the padding,
+    and positions follow the mask).
     """
     device = first.device
     flat = [(r, tuple(c)) for r, cs in enumerate(continuations) for c in cs]

@@ -220,6 +220,7 @@ def test_prefix_logprobs_equals_lone_forwards(tiny, manual_logprob):
             for q, cs in zip(bare, cont_ids)]
     got = prefix_logprobs(tiny, bare, cont_ids, batch_size=2)
     assert [v.tolist() for v in got] == [pytest.approx(m, abs=1e-4) for m in lone]
+    assert prefix_logprobs(tiny, [], []) == []
     with pytest.raises(DataError, match="non-empty"):
         prefix_logprobs(tiny, prefixes[:1], [[[]]])
 
