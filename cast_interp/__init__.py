@@ -26,12 +26,12 @@ __version__ = "0.2.0"
 from .conflict_map import ConflictMap
 from .data import ChatBatch, ChatDataset, ChatExample, load_bundled, load_dataset, make_batches
 from .diagnose import DiagnosisConfig, diagnose
-from .evaluate import EvalConfig, evaluate
+from .evaluate import EvalConfig, OriginalLogprobs, evaluate
 from .model import load_model, tiny_model
 from .pipeline import RunConfig, run_experiment
 from .sparse_tuning import TuningConfig, safety_finetune
 
 __all__ = ["ChatBatch", "ChatDataset", "ChatExample", "load_bundled", "load_dataset",
            "make_batches", "load_model", "tiny_model", "ConflictMap", "DiagnosisConfig", "diagnose",
-           "TuningConfig", "safety_finetune", "EvalConfig", "evaluate", "RunConfig",
-           "run_experiment"]
+           "TuningConfig", "safety_finetune", "EvalConfig", "evaluate", "OriginalLogprobs",
+           "RunConfig", "run_experiment"]

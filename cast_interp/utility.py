@@ -205,8 +205,9 @@ def utility_per_prompt(
     if ref is not None and len(batches) != len(ref.batches):
         raise ValueError(f"{len(batches)} batches, but OriginalLogprobs has {len(ref.batches)}: "
                          "pass the data it was computed on.")
-    runs = original if original is not None and (ref is None or not ref.kept) else model
-    with backend.inference_layout(model), backend.inference_layout(runs):
+    # The original runs forward passes here unless its log-probs are kept.
+    forwards = original if original is not None and (ref is None or not ref.kept) else model
+    with backend.inference_layout(model), backend.inference_layout(forwards):
         sums = _utility_sums(model, batches, original, ref, eot, tokens)
     n = torch.cat(sums.pop("n_tokens"))
     if int(n.sum()) == 0:
