@@ -73,8 +73,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # design (paired seeds, draws, curves, CIs) on full tuning, CAST and random only, 2 seeds,
     # 4 draws, small test sets, no generation: the CIs are wide and the report says so. Stage 4
     # is left to `cast-interp attribute`, sized down: 8 examples (halves of 4), answers cut at 64
-    # tokens and 10 spread units per kind took 4.6 min per arm on SmolLM2 with 2 cores (30 spread
-    # units: 6.2 min; 16 examples and 128 tokens: 16.5 min). The whole run took 13.4 min.
+    # tokens and 10 spread units per kind took 3.9 min per arm on SmolLM2 with 2 cores (30 spread
+    # units: 6.2 min; 16 examples and 128 tokens: 16.5 min). The whole run took 10.5 min.
     "cpu": {},
     # Under 2 hours on 2 CPU cores: 8 training seeds shared by full tuning, CAST and random, 20
     # random draws, S on 16 examples (as `diagnose`), all test prompts (40 task items), generated

@@ -402,7 +402,7 @@ class ValidationMonitor:
         from .utility import OriginalLogprobs
 
         benign.require_responses()
-        self.original, self.harmful, self.batch_size = original, harmful, batch_size
+        self.harmful, self.batch_size = harmful, batch_size
         self.benign_batches = make_batches(original, benign, batch_size=batch_size)
         # The original is frozen: its log-probs on the benign answers are computed once, so each
         # point of a curve costs one forward of the tuned model, not two.
