@@ -452,12 +452,17 @@ class ChatBatch:
     `content_mask=None` (for callers that build batches without it, e.g. `sparse_tuning._collate`)
     means "the same as `loss_mask`": such a batch does not know which of its loss tokens are
     end-of-turn tokens, so build diagnosis batches with `make_batches`.
+
+    `indices` (from `make_batches(..., group_by_length=True)`): the dataset index of each row, so
+    per-prompt results can be put back in dataset order (`in_dataset_order`). None: the rows are
+    the batches' examples in dataset order.
     """
 
     tokens: Int[Tensor, "batch pos"]
     loss_mask: Bool[Tensor, "batch pos"]
     prompt_lengths: list[int]
     content_mask: Optional[Bool[Tensor, "batch pos"]] = None
+    indices: Optional[list[int]] = None
 
     def __post_init__(self):
         if self.content_mask is None:
@@ -478,7 +483,7 @@ class ChatBatch:
 
     def to(self, device) -> "ChatBatch":
         return ChatBatch(self.tokens.to(device), self.loss_mask.to(device), self.prompt_lengths,
-                         self.content_mask.to(device))
+                         self.content_mask.to(device), self.indices)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -495,6 +500,33 @@ def example_lengths(batch: ChatBatch) -> Tensor:
     last_resp = (pos * batch.loss_mask.cpu()).amax(dim=1)
     prompt = torch.tensor(batch.prompt_lengths, dtype=torch.long)
     return torch.maximum(last_resp, prompt)
+
+
+def padded_token_share(batches: Sequence[ChatBatch]) -> float:
+    """Share of the tokens a forward over `batches` computes (rows x width) that are padding: 0
+    when every row fills its batch. An example's tokens are counted by `example_lengths` (up to
+    its last loss token)."""
+    computed = sum(b.tokens.numel() for b in batches)
+    real = sum(int(example_lengths(b).sum()) for b in batches)
+    return (computed - real) / computed if computed else 0.0
+
+
+def in_dataset_order(values: Tensor, batches: Sequence[ChatBatch]) -> Tensor:
+    """Per-row values `[n, ...]`, concatenated in the batches' row order, put back in dataset order
+    (rows of batches without `indices` are taken to be in dataset order already)."""
+    if all(b.indices is None for b in batches):
+        return values
+    if any(b.indices is None for b in batches):
+        raise DataError("Some batches record their dataset order (group_by_length) and some do "
+                        "not: build all of them with one make_batches call.")
+    order = torch.tensor([i for b in batches for i in b.indices], dtype=torch.long)
+    if len(order) != len(values) or not torch.equal(order.sort().values,
+                                                    torch.arange(len(values))):
+        raise DataError("The batches' indices are not a permutation of their rows: build them "
+                        "with one make_batches(..., group_by_length=True) call.")
+    out = torch.empty_like(values)
+    out[order.to(values.device)] = values
+    return out
 
 
 def format_prompt(tokenizer: Any, prompt: str, *, system_prompt: Optional[str] = None) -> str:
@@ -543,6 +575,7 @@ def make_batches(
     system_prompt: Optional[str] = None,
     require_response: bool = True,
     end_of_turn_in_loss: bool = True,
+    group_by_length: bool = False,
 ) -> list[ChatBatch]:
     """Tokenize a dataset into right-padded `ChatBatch`es, in dataset order (deterministic).
 
@@ -554,6 +587,10 @@ def make_batches(
             end-of-turn token in `loss_mask`; False makes `loss_mask` equal `content_mask`, as the
             diagnosis losses L_safe and L_util use (METHOD v2). The token stays in `tokens` either
             way, so both settings run the same sequences.
+        group_by_length: batch the examples sorted by length (shortest first, ties in dataset
+            order) so a batch pads little (`padded_token_share`); each batch records its rows'
+            dataset indices (`ChatBatch.indices`) and per-prompt results go back to dataset order
+            with `in_dataset_order`. Same examples, same values up to float rounding.
     """
     tokenizer = getattr(tokenizer_or_model, "tokenizer", tokenizer_or_model)
     n_ctx = getattr(getattr(tokenizer_or_model, "cfg", None), "n_ctx", None)
@@ -574,9 +611,12 @@ def make_batches(
                       if max_length == n_ctx else "max_length")
         content_end = len(ids) - int(_ends_turn(ex))
         encoded.append((ids, n_prompt, content_end))
+    order = (sorted(range(len(encoded)), key=lambda i: len(encoded[i][0])) if group_by_length
+             else list(range(len(encoded))))
     batches = []
     for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
+        rows = order[start:start + batch_size]
+        chunk = [encoded[i] for i in rows]
         width = max(len(ids) for ids, _, _ in chunk)
         tokens = torch.full((len(chunk), width), pad, dtype=torch.long)
         loss = torch.zeros((len(chunk), width), dtype=torch.bool)
@@ -588,7 +628,8 @@ def make_batches(
         if require_response and not loss.any():
             raise DataError(f"A batch of {dataset.name!r} has no response tokens; the loss would "
                             "be undefined. Check that responses are non-empty.")
-        batches.append(ChatBatch(tokens, loss, [n for _, n, _ in chunk], content))
+        batches.append(ChatBatch(tokens, loss, [n for _, n, _ in chunk], content,
+                                 rows if group_by_length else None))
     return batches
 
 

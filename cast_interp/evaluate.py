@@ -81,6 +81,9 @@ class EvalConfig:
     .csv, a .jsonl; None skips it), scored by `task_normalize`. tokens: "content" (v2) or
     "response" (v1, with the end-of-turn token) for KL and NLL. `seed` seeds torch before
     evaluating; greedy evaluation draws no random numbers, so it is recorded for completeness.
+    group_by_length: KL and NLL batch the benign examples sorted by length (less padding, the same
+    per-prompt values to float rounding; an `original=OriginalLogprobs` must be built with the same
+    setting). The refusal scores' prompts are always batched by length.
     """
 
     n_harmful: Optional[int] = None
@@ -101,6 +104,7 @@ class EvalConfig:
     openings: tuple[str, ...] = REFUSAL_OPENINGS
     n_examples: int = 3
     seed: int = 0
+    group_by_length: bool = False
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -265,7 +269,7 @@ def _evaluate(model: Model, original, config: EvalConfig, harmful, benign, over_
         for k in ("harmful", "over_refusal")}
     util = timed("reference_nll+kl", lambda: utility_per_prompt(
         model, sets["benign"], original=original, batch_size=config.batch_size,
-        tokens=config.tokens))
+        tokens=config.tokens, group_by_length=config.group_by_length))
     task = timed("task_accuracy", lambda: task_accuracy(
         model, task_items, normalize=config.task_normalize, batch_size=config.batch_size)
     ) if task_items is not None else None

@@ -359,13 +359,16 @@ def _check_openings(openings: Sequence[str], open_ids: list[list[int]]) -> None:
 def prefix_logprobs(
     model: Model, prefixes: Sequence[Sequence[int]],
     continuations: Sequence[Sequence[Sequence[int]]], *, batch_size: int = 16,
+    group_by_length: bool = True,
 ) -> list[Float[Tensor, "n_continuations"]]:
     """For each prefix i and each of its continuations c: sum_t log P(c_t | prefix_i, c_<t).
 
     Teacher forcing, exact, and no token computed twice:
     - the tokens every prefix starts with (a chat template's system turn) run once; their
       key/value cache is copied to each batch;
-    - `batch_size` prefixes then run in one left-padded forward (with an attention mask);
+    - `batch_size` prefixes then run in one left-padded forward (with an attention mask),
+      sorted by length so a batch pads little (`group_by_length=False`: in the given order;
+      `prefix_padded_share` gives the padding of either); results are in the given order;
     - their continuations run on that cache as a token trie (`_trie_logprobs`): a token shared
       by several continuations of one prefix (the "I" of "I'm sorry" and "I cannot") is computed
       once, and the number of forward calls grows with the trie's depth, not with the number of
@@ -382,12 +385,35 @@ def prefix_logprobs(
     if not prefixes:
         return []
     with backend.inference_layout(model):  # small cached forwards: no per-call weight copies
-        return _prefix_logprobs(model, prefixes, continuations, batch_size)
+        return _prefix_logprobs(model, prefixes, continuations, batch_size, group_by_length)
+
+
+def _prefix_batches(prefixes: Sequence[Sequence[int]], batch_size: int,
+                    group_by_length: bool) -> list[list[int]]:
+    """The prefixes' indices, batch by batch (sorted by length when `group_by_length`)."""
+    order = (sorted(range(len(prefixes)), key=lambda i: len(prefixes[i])) if group_by_length
+             else list(range(len(prefixes))))
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def prefix_padded_share(prefixes: Sequence[Sequence[int]], *, batch_size: int = 16,
+                        group_by_length: bool = True) -> float:
+    """Share of the prefix tokens `prefix_logprobs` computes (after the shared opening) that are
+    padding, for these prefixes at this batch size (0: no padding)."""
+    if not prefixes:
+        return 0.0
+    shared = len(_common_prefix(prefixes))
+    computed = real = 0
+    for chunk in _prefix_batches(prefixes, batch_size, group_by_length):
+        rest = [len(prefixes[i]) - shared for i in chunk]
+        computed += len(chunk) * max(rest)
+        real += sum(rest)
+    return (computed - real) / computed if computed else 0.0
 
 
 def _prefix_logprobs(model: Model, prefixes: Sequence[Sequence[int]],
-                     continuations: Sequence[Sequence[Sequence[int]]], batch_size: int
-                     ) -> list[Tensor]:
+                     continuations: Sequence[Sequence[Sequence[int]]], batch_size: int,
+                     group_by_length: bool = True) -> list[Tensor]:
     device = model.cfg.device
     shared = _common_prefix(prefixes)
     base = None
@@ -395,9 +421,7 @@ def _prefix_logprobs(model: Model, prefixes: Sequence[Sequence[int]],
         base = backend.new_kv_cache(model, 1)
         backend.cached_forward(model, torch.tensor([shared], device=device), base, residual=True)
     out: list[Tensor] = [torch.empty(0)] * len(prefixes)
-    order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]))
-    for s in range(0, len(order), batch_size):
-        chunk = order[s:s + batch_size]
+    for chunk in _prefix_batches(prefixes, batch_size, group_by_length):
         rest = [list(prefixes[i][len(shared):]) for i in chunk]
         b, width = len(chunk), max(len(r) for r in rest)
         tokens = torch.full((b, width), pad_id(model), dtype=torch.long, device=device)
@@ -484,9 +508,9 @@ def _trie_logprobs(model: Model, cache: Any, first: Float[Tensor, "b vocab"],
 
 def refusal_logprobs(
     model: Model, dataset: DataLike, *, openings: Sequence[str] = REFUSAL_OPENINGS,
-    batch_size: int = 16,
+    batch_size: int = 16, group_by_length: bool = True,
 ) -> Float[Tensor, "n_prompts"]:
-    """Per prompt, log sum_o P(o | chat prompt) over the refusal openings o.
+    """Per prompt (dataset order), log sum_o P(o | chat prompt) over the refusal openings o.
 
     P(o | prompt) is the exact probability of the opening's whole token sequence (teacher forcing;
     the opening is tokenized on its own, as responses are in training), and the openings' log-probs
@@ -498,7 +522,7 @@ def refusal_logprobs(
     prompt_ids = [encode_prompt(model, p) for p in ds.prompts]
     try:
         lp = prefix_logprobs(model, prompt_ids, [open_ids] * len(prompt_ids),
-                             batch_size=batch_size)
+                             batch_size=batch_size, group_by_length=group_by_length)
     except DataError as exc:
         raise DataError(f"{ds.name!r}: {exc}") from exc
     return torch.stack(lp).logsumexp(-1)

@@ -31,6 +31,13 @@ harmful validation prompts, KL to the original on benign validation answers) the
 monitor's values before training, every `eval_every` steps and at the end (`TuningResult.curve`), so
 arms can be compared at equal safety. The monitor draws no random numbers and changes no weight.
 
+Speed without other numbers (`TuningConfig.precision`, `group_by_length`; both off by default).
+"bf16" runs each step's forward and backward on a bfloat16 copy of the model and keeps float32
+master weights and optimizer state, so the frozen restore above stays exact; "bf16-autocast" uses
+`torch.autocast` instead. `group_by_length` runs a step's examples as length-sorted micro-batches:
+the same batch and loss, little padding (`config["compute"]["padded_token_share"]`). Whether bf16
+keeps a run's curves is checked against float32 seeds (`precision_checks.check_curves`).
+
 Choices that are ours, not the paper's, recorded in `TuningConfig`: `scope="attention"` (only
 attention parameters train by default: the units' slices plus the per-layer `b_O`, which belongs
 to no unit; MLPs, embeddings and norms stay frozen) and the defaults of lr / steps / schedule,
@@ -57,7 +64,7 @@ from .backend import Model
 from . import stats
 from . import units as U
 from .checks import check_int, check_number, check_types
-from .data import ChatBatch, ChatDataset, make_batches
+from .data import ChatBatch, ChatDataset, example_lengths, make_batches
 from .heads import HeadIndexError, head_param_masks
 from .io import atomic_write_json, check_fields, read_json, to_jsonable
 from .model import model_id
@@ -66,6 +73,8 @@ from .objectives import NonFiniteLossError, response_nll
 Optimizer = Literal["adamw", "adam", "sgd"]
 Schedule = Literal["constant", "linear", "cosine"]
 Scope = Literal["attention", "all"]
+Precision = Literal["float32", "bf16", "bf16-autocast"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 UnitKind = Literal["head", "group"]
 ArmMethod = Literal["cast", "full", "random", "bottom", "top_o", "top_s", "layer_band"]
 ARMS: tuple[str, ...] = get_args(ArmMethod)
@@ -117,6 +126,18 @@ class TuningConfig:
             "any" / "all" / "none" of its heads skipped. None freezes what units own (`units.py`).
         benign_mix: fraction of each batch drawn from benign data (0 = pure safety SFT).
         seed: the training seed: torch's global RNG and the batch-order generator (nothing else).
+        precision: where each step's forward and backward run. "float32" (default): the model
+            itself. "bf16": a bfloat16 copy of the model whose trainable weights are refreshed from
+            the float32 ones before each step; its gradients are cast to float32 for the float32
+            weights and AdamW state (mixed precision: the weights, moments, clipping norm and frozen
+            restore stay float32). "bf16-autocast": the float32 model under
+            `torch.autocast(dtype=bfloat16)` (matmuls in bf16, weights cast at every call). Which bf16
+            form is faster depends on the machine (`benchmarks/bench_precision.py`); check a bf16
+            run's curves against float32 seeds (`precision_checks.check_curves`) before using it.
+        group_by_length: run each step's examples as length-sorted micro-batches (`length_groups`)
+            instead of one right-padded batch: the same examples and the same token-mean loss
+            (up to float rounding), far fewer padded tokens. The step's batch, its fingerprint and
+            the data order do not change.
     """
 
     steps: int = 12
@@ -131,8 +152,11 @@ class TuningConfig:
     kv_policy: Optional[str] = None
     benign_mix: float = 0.0
     seed: int = 0
+    precision: Precision = "float32"
+    group_by_length: bool = False
 
     def __post_init__(self) -> None:
+        _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("optimizer", self.optimizer, get_args(Optimizer))
         _check_choice("schedule", self.schedule, get_args(Schedule))
         _check_choice("scope", self.scope, get_args(Scope))
@@ -393,17 +417,21 @@ class ValidationMonitor:
         original: a frozen copy of the model before training (same tokenizer).
         harmful: harmful prompts (responses unused).
         benign: benign prompts with answers (ours: the model's own, `data.self_reference`).
+        group_by_length: batch the benign examples sorted by length (less padding, the same
+            per-prompt values to float rounding, in dataset order); the harmful prompts are
+            always batched by length (`safety.prefix_logprobs`).
     """
 
     def __init__(self, original: Model, harmful: ChatDataset, benign: ChatDataset, *,
-                 batch_size: int = 8):
+                 batch_size: int = 8, group_by_length: bool = False):
         if len(harmful) == 0 or len(benign) == 0:
             raise ValueError("ValidationMonitor needs at least one harmful and one benign example.")
         from .utility import OriginalLogprobs
 
         benign.require_responses()
         self.harmful, self.batch_size = harmful, batch_size
-        self.benign_batches = make_batches(original, benign, batch_size=batch_size)
+        self.benign_batches = make_batches(original, benign, batch_size=batch_size,
+                                           group_by_length=group_by_length)
         # The original is frozen: its log-probs on the benign answers are computed once, so each
         # point of a curve costs one forward of the tuned model, not two.
         self.original_logprobs = OriginalLogprobs(original, self.benign_batches,
@@ -507,6 +535,123 @@ def _global_norm(params: list[Parameter]) -> tuple[Tensor, list[Tensor]]:
     return torch.linalg.vector_norm(norms), grads
 
 
+LENGTH_GROUP_RATIO = 0.875  # ours: a micro-batch's shortest example is >= 7/8 of its longest
+
+
+def length_groups(lengths: Sequence[int], *, ratio: float = LENGTH_GROUP_RATIO) -> list[list[int]]:
+    """Indices of examples cut into micro-batches of similar length, longest first.
+
+    Examples are sorted by length (longest first, ties in their given order); a micro-batch takes
+    the next example while it is at least `ratio` of the micro-batch's longest, so at most
+    `1 - ratio` of each micro-batch's tokens are padding. Deterministic.
+    """
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}.")
+    order = sorted(range(len(lengths)), key=lambda i: -int(lengths[i]))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and int(lengths[i]) >= ratio * int(lengths[groups[-1][0]]):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+class _StepCompute:
+    """A training step's forward and backward at `cfg.precision`, leaving float32 gradients in
+    `.grad` of the (float32) trainable `params`; the step's loss value is the token mean over the
+    whole batch, micro-batched by length when `cfg.group_by_length`.
+
+    "bf16" keeps a bfloat16 working copy of the model: before each step the trainable weights are
+    copied into it (rounded to bf16), the forward and backward run there, and its bf16 gradients
+    are cast to float32 into the master parameters' `.grad`. Everything the optimizer sees (weights,
+    gradients, moments, the clipping norm, the frozen restore) is float32. Out-of-scope weights are
+    copied once: they never change.
+    """
+
+    def __init__(self, model: Model, params: list[Parameter], cfg: TuningConfig):
+        self.model, self.precision, self.grouped = model, cfg.precision, cfg.group_by_length
+        self.work, self.pairs = model, []
+        self.n_tokens = {"computed": 0, "real": 0}
+        if cfg.precision != "float32" and any(p.dtype != torch.float32 for p in params):
+            raise ValueError(f"precision={cfg.precision!r} keeps float32 master weights, but the "
+                             "model's trainable weights are "
+                             f"{sorted({str(p.dtype) for p in params})}: load it in float32.")
+        if cfg.precision == "bf16":
+            name_of = {id(p): n for n, p in model.named_parameters()}
+            self.work = backend.copy_in_dtype(model, torch.bfloat16)
+            working = dict(self.work.named_parameters())
+            for w in working.values():
+                w.requires_grad_(False)
+                w.grad = None
+            self.pairs = [(p, working[name_of[id(p)]]) for p in params]
+            for _, w in self.pairs:
+                w.requires_grad_(True)
+
+    def describe(self) -> dict:
+        """What ran where (recorded in `TuningResult.config["compute"]`), with the share of the
+        computed tokens that were padding."""
+        weights = {"float32": "float32", "bf16": "bfloat16 copy of the float32 weights",
+                   "bf16-autocast": "float32 under torch.autocast(bfloat16)"}[self.precision]
+        c = self.n_tokens["computed"]
+        return {"forward_backward": weights, "master_weights": "float32",
+                "optimizer_state": "float32", "loss": "float32 log-softmax",
+                "micro_batches": "by length" if self.grouped else "one per step",
+                "padded_token_share": (c - self.n_tokens["real"]) / c if c else 0.0}
+
+    def forward_backward(self, batch: ChatBatch) -> float:
+        """Run the step: gradients into `.grad` of the master params; returns the loss value
+        (NaN/inf without backward when any part of it is not finite)."""
+        if self.pairs:
+            with torch.no_grad():
+                for p, w in self.pairs:
+                    w.copy_(p)  # rounds the float32 master to bf16
+                    w.grad = None
+        lengths = example_lengths(batch)
+        if self.grouped:
+            parts = [_rows(batch, g, int(lengths[g[0]])) for g in length_groups(lengths.tolist())]
+        else:
+            parts = [batch]
+        self.n_tokens["real"] += int(lengths.sum())
+        self.n_tokens["computed"] += sum(b.tokens.numel() for b in parts)
+        if len(parts) == 1:  # exactly the float32 path of before: one mean loss, one backward
+            loss = self._loss(parts[0], "mean")
+            value = float(loss.detach())
+            if math.isfinite(value):
+                loss.backward()
+        else:
+            n = batch.n_response_tokens
+            if n == 0:
+                raise ValueError("Batch has no response tokens: the loss is undefined.")
+            value = 0.0
+            for b in parts:  # sum over micro-batches of (summed NLL / all tokens) = the mean
+                loss = self._loss(b, "sum") / n
+                part = float(loss.detach())
+                value += part
+                if not math.isfinite(part):
+                    break
+                loss.backward()
+        if self.pairs and math.isfinite(value):
+            for p, w in self.pairs:
+                p.grad = None if w.grad is None else w.grad.float()
+                w.grad = None
+        return value
+
+    def _loss(self, batch: ChatBatch, reduction: str) -> Tensor:
+        if self.precision == "bf16-autocast":
+            device = torch.device(self.model.cfg.device).type
+            with torch.autocast(device, dtype=torch.bfloat16):
+                return response_nll(self.model, batch, reduction=reduction)
+        return response_nll(self.work, batch, reduction=reduction)
+
+
+def _rows(batch: ChatBatch, rows: list[int], width: int) -> ChatBatch:
+    """Rows of a right-padded batch, cut to `width` tokens (their longest example)."""
+    idx = torch.tensor(rows)
+    return ChatBatch(batch.tokens[idx, :width], batch.loss_mask[idx, :width],
+                     [batch.prompt_lengths[i] for i in rows], batch.content_mask[idx, :width])
+
+
 def _check_units_source(model: HookedTransformer, **units) -> None:
     """`UnitError` when units selected from a conflict map (`ConflictMap.top_units` remembers its
     model) are given to another model, even one of the same shape."""
@@ -575,6 +720,7 @@ def safety_finetune(
     name_of = {id(p): n for n, p in model.named_parameters()}
     masked = [(p, masks[name_of[id(p)]]) for p in params if name_of[id(p)] in masks]
     snapshots = [p.detach().clone() for p, _ in masked]  # frozen values, restored after each step
+    compute = _StepCompute(model, params, cfg)  # before any work: a bf16 model fails here
 
     torch.manual_seed(cfg.seed)
     optimizer = _make_optimizer(params, cfg)
@@ -603,7 +749,7 @@ def safety_finetune(
                    leave=False)
     try:
         record(0)
-        _train_loop(model, cfg, source, optimizer, params, masked, snapshots, log, bar, on_step,
+        _train_loop(compute, cfg, source, optimizer, params, masked, snapshots, log, bar, on_step,
                     record, eval_every)
     finally:
         for n, p in model.named_parameters():
@@ -619,6 +765,7 @@ def safety_finetune(
         "benign_data": source.benign_desc,
         "n_benign_per_batch": source.n_benign,
         "eval_every": eval_every,
+        "compute": compute.describe(),
         "time_s": time.perf_counter() - t0,
         "monitor_time_s": t_monitor[0],
     }
@@ -627,9 +774,10 @@ def safety_finetune(
                         log["fingerprints"], log["curve"])
 
 
-def _train_loop(model, cfg, source, optimizer, params, masked, snapshots, log, bar, on_step,
+def _train_loop(compute, cfg, source, optimizer, params, masked, snapshots, log, bar, on_step,
                 record, eval_every) -> None:
-    """The optimizer steps of `safety_finetune` (see there for the NaN policy)."""
+    """The optimizer steps of `safety_finetune` (see there for the NaN policy); `compute` (a
+    `_StepCompute`) runs each step's forward and backward into the float32 `params`' `.grad`."""
     # Weights whose loss and gradient were finite, copied before their update (one copy of the
     # trainable parameters per step: small next to a forward and backward).
     last_good: Optional[list[Tensor]] = None
@@ -640,11 +788,9 @@ def _train_loop(model, cfg, source, optimizer, params, masked, snapshots, log, b
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        loss = response_nll(model, batch)
-        loss_value = float(loss.detach())
+        loss_value = compute.forward_backward(batch)
         norm, grads = torch.zeros(()), []
         if math.isfinite(loss_value):
-            loss.backward()
             for p, m in masked:
                 if p.grad is not None:
                     p.grad.masked_fill_(m, 0.0)  # frozen: no gradient, no moments, no norm

@@ -33,7 +33,8 @@ from torch import Tensor
 from . import backend
 from .backend import Model
 
-from .data import ChatBatch, ChatDataset, DataError, end_of_turn_id, make_batches
+from .data import (ChatBatch, ChatDataset, DataError, end_of_turn_id, in_dataset_order,
+                   make_batches)
 from .generation import generate
 from .safety import (
     DataLike,
@@ -53,12 +54,13 @@ Tokens = Literal["content", "response"]
 # --------------------------------------------------------------------------------------------------
 
 
-def as_batches(model: Model, data: BatchesLike, batch_size: int) -> list[ChatBatch]:
+def as_batches(model: Model, data: BatchesLike, batch_size: int, *,
+               group_by_length: bool = False) -> list[ChatBatch]:
     """`ChatBatch`es from a dataset with responses (or a spec), or the batches themselves."""
     if isinstance(data, (ChatDataset, str)):
         ds = as_dataset(data)
         ds.require_responses()
-        return make_batches(model, ds, batch_size=batch_size)
+        return make_batches(model, ds, batch_size=batch_size, group_by_length=group_by_length)
     batches = list(data)
     if not batches or not all(isinstance(b, ChatBatch) for b in batches):
         raise DataError("Expected a ChatDataset with responses or a non-empty list of ChatBatch.")
@@ -140,15 +142,18 @@ class OriginalLogprobs:
     Args:
         original: the frozen model before tuning.
         data: benign examples with answers (a dataset, spec, or `ChatBatch`es).
-        batch_size, tokens: as in `utility_per_prompt`; a use must pass the same data.
+        batch_size, tokens, group_by_length: as in `utility_per_prompt`; a use must pass the same
+            data and settings.
     """
 
     def __init__(self, original: Model, data: BatchesLike, *, batch_size: int = 8,
-                 tokens: Tokens = "content", max_bytes: int = 2 * 1024**3):
+                 tokens: Tokens = "content", max_bytes: int = 2 * 1024**3,
+                 group_by_length: bool = False):
         if tokens not in ("content", "response"):
             raise ValueError(f"tokens must be 'content' or 'response', got {tokens!r}.")
         self.model, self.tokens, self.batch_size, self.data = original, tokens, batch_size, data
-        self.batches = as_batches(original, data, batch_size)
+        self.group_by_length = group_by_length
+        self.batches = as_batches(original, data, batch_size, group_by_length=group_by_length)
         eot = end_of_turn_id(original.tokenizer)
         self._masks = [_scored_mask(b, eot, tokens) for b in self.batches]
         n_scored = sum(int(m.sum()) for m in self._masks)
@@ -175,7 +180,7 @@ class OriginalLogprobs:
 @torch.no_grad()
 def utility_per_prompt(
     model: Model, data: BatchesLike, *, original: Union[Model, OriginalLogprobs, None] = None,
-    batch_size: int = 8, tokens: Tokens = "content",
+    batch_size: int = 8, tokens: Tokens = "content", group_by_length: bool = False,
 ) -> dict[str, Tensor]:
     """Per prompt (dataset order), from one forward pass per model and batch:
 
@@ -187,21 +192,26 @@ def utility_per_prompt(
 
     tokens: "content" (default, v2): the answer without its end-of-turn token (`content_mask`);
         "response": with it (v1, as the training loss).
+    group_by_length: batch a dataset's examples sorted by length (`make_batches`): less padding,
+        the same per-prompt values (to float rounding), still in dataset order. Batches given
+        as such keep their own grouping (`ChatBatch.indices`).
     """
     if tokens not in ("content", "response"):
         raise ValueError(f"tokens must be 'content' or 'response', got {tokens!r}.")
     ref = original if isinstance(original, OriginalLogprobs) else None
     if ref is not None:
-        if (ref.tokens, ref.batch_size) != (tokens, batch_size):
+        ref_grouped = getattr(ref, "group_by_length", False)
+        if (ref.tokens, ref.batch_size, ref_grouped) != (tokens, batch_size, group_by_length):
             raise ValueError(f"OriginalLogprobs was computed with tokens={ref.tokens!r}, "
-                             f"batch_size={ref.batch_size}; this call has {tokens!r}, "
-                             f"{batch_size}. Use the same settings.")
+                             f"batch_size={ref.batch_size}, group_by_length={ref_grouped}; this "
+                             f"call has {tokens!r}, {batch_size}, {group_by_length}. Use the same "
+                             "settings.")
         original = ref.model
     if original is not None:
         check_same_vocab(model, original)
     eot = end_of_turn_id(model.tokenizer)
     batches = ref.batches if ref is not None and data is ref.batches else as_batches(
-        model, data, batch_size)
+        model, data, batch_size, group_by_length=group_by_length)
     if ref is not None and len(batches) != len(ref.batches):
         raise ValueError(f"{len(batches)} batches, but OriginalLogprobs has {len(ref.batches)}: "
                          "pass the data it was computed on.")
@@ -213,8 +223,8 @@ def utility_per_prompt(
     if int(n.sum()) == 0:
         raise DataError("No answer tokens in these batches (empty answers?): the metric is "
                         "undefined. Give examples with non-empty responses.")
-    out = {k: (torch.cat(v) / n).float() for k, v in sums.items() if v}
-    return {**out, "n_tokens": n.float()}
+    out = {k: in_dataset_order((torch.cat(v) / n).float(), batches) for k, v in sums.items() if v}
+    return {**out, "n_tokens": in_dataset_order(n.float(), batches)}
 
 
 def _utility_sums(model: Model, batches: list[ChatBatch], original: Optional[Model],
