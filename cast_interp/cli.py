@@ -142,6 +142,15 @@ def _cmd_attribute(args) -> int:
     return 0
 
 
+def _cmd_figures(args) -> int:
+    from .report import run_figures
+
+    out = Path(args.out) if args.out else Path(args.run) / "figures"
+    written = run_figures(args.run, out)
+    print(f"{len(written)} figure files in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cast-interp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -224,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="arms to attribute on the first training seed (default: full)")
     _add_dist_args(a)
     a.set_defaults(fn=_cmd_attribute)
+
+    f = sub.add_parser("figures", help="redraw every figure of a run from its saved files")
+    f.add_argument("--run", required=True, help="output directory of `cast-interp run`")
+    f.add_argument("--out", default=None, help="where to write them (default: RUN/figures)")
+    f.set_defaults(fn=_cmd_figures)
     return p
 
 
