@@ -23,6 +23,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct",
                    help="smollm2-135m-instruct (default, offline), tiny, a local HF dir, or a TL name")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--allow-special-tokens", action="store_true",
+                   help="keep data text that tokenizes into chat-template special tokens (turn "
+                        "markers); refused by default")
 
 
 def _add_dist_args(p: argparse.ArgumentParser) -> None:
@@ -32,7 +35,7 @@ def _add_dist_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_eval(args) -> int:
     from .checks import check_int
-    from .data import load_dataset
+    from .data import check_special_tokens, load_dataset
     from .evaluate import EvalConfig, evaluate, format_table
     from .io import atomic_write_json, check_out_file
     from .model import load_model
@@ -41,9 +44,14 @@ def _cmd_eval(args) -> int:
     cfg = EvalConfig(max_new_tokens=args.max_new_tokens)  # checks the numbers
     if args.out:
         check_out_file(args.out)
+        if Path(args.out).exists() and not args.overwrite:
+            raise ValueError(f"--out {args.out} already exists: pass --overwrite to replace it, or "
+                             "another --out.")
     sets = {k: load_dataset(getattr(args, k)).take(args.n)
             for k in ("harmful", "benign", "over_refusal")}
     model = load_model(args.model, device=args.device)
+    for ds in sets.values():
+        check_special_tokens(model.tokenizer, ds, allow=args.allow_special_tokens)
     res = evaluate(model, original=model, config=cfg, **sets, progress=True)
     print(format_table({args.model: res}))
     if args.out:
@@ -54,11 +62,12 @@ def _cmd_eval(args) -> int:
 
 def _cmd_diagnose(args) -> int:
     from . import distributed
-    from .conflict_map import META_FILE, map_report
-    from .data import load_dataset
+    from .conflict_map import map_report
+    from .data import check_special_tokens, load_dataset
     from .diagnose import DiagnosisConfig, diagnose
     from .figures import diagnosis_figures
-    from .io import atomic_write_text, check_out_dir, remove_partials
+    from .io import (RunDirectory, RunLock, atomic_write_text, check_out_dir, check_run_dir,
+                     remove_own_partials)
     from .model import load_model
 
     # Only options given on the command line override DiagnosisConfig's defaults (one source).
@@ -70,26 +79,40 @@ def _cmd_diagnose(args) -> int:
     out = Path(args.out)
     # Under torchrun every rank diagnoses (the exact S passes are shared out); rank 0 writes.
     device = distributed.setup(args.device, backend=args.dist_backend)
+    rd, lock = RunDirectory(out, "diagnose"), RunLock(out)
 
     def claim() -> None:
-        check_out_dir(out, META_FILE, args.overwrite)
-        remove_partials(out)  # of a killed earlier diagnosis
+        check_out_dir(out)
+        if check_run_dir(out, "diagnose") is not None and not args.overwrite:
+            raise ValueError(f"--out {out} already holds a diagnosis; pass --overwrite to replace "
+                             "it, or another --out.")
+        lock.acquire()
+        if args.overwrite:
+            rd.remove_written()  # only the files the earlier diagnosis wrote
+        remove_own_partials(out)  # of a killed earlier diagnosis
+        rd.start()
 
-    distributed.main_only(claim)
-    safety, utility = load_dataset(args.safety_data), load_dataset(args.utility_data)
-    model = load_model(args.model, device=device, n_devices=args.n_devices)
-    t = time.time()
-    cmap = diagnose(model, safety, utility, cfg, progress=distributed.is_main())
+    try:
+        with rd:
+            distributed.main_only(claim)
+            safety, utility = load_dataset(args.safety_data), load_dataset(args.utility_data)
+            model = load_model(args.model, device=device, n_devices=args.n_devices)
+            for ds in (safety, utility):
+                check_special_tokens(model.tokenizer, ds, allow=args.allow_special_tokens)
+            t = time.time()
+            cmap = diagnose(model, safety, utility, cfg, progress=distributed.is_main())
 
-    def write() -> None:
-        cmap.save(out)
-        diagnosis_figures(cmap, out / "figures", k=0.1)
-        report = map_report(cmap, k=0.1)
-        atomic_write_text(report, out / "report.md")
-        print(report)
-        print(f"diagnosis done in {time.time() - t:.0f} s; wrote {out}")
+            def write() -> None:
+                cmap.save(out)
+                diagnosis_figures(cmap, out / "figures", k=0.1)
+                report = map_report(cmap, k=0.1)
+                atomic_write_text(report, out / "report.md")
+                print(report)
+                print(f"diagnosis done in {time.time() - t:.0f} s; wrote {out}")
 
-    distributed.main_only(write)
+            distributed.main_only(write)
+    finally:
+        lock.release()
     return 0
 
 
@@ -101,7 +124,8 @@ def _cmd_run(args) -> int:
         args.preset, out_dir=args.out, model=args.model, device=args.device, steps=args.steps,
         seed=args.seed, safety_data=_spec(args.safety_data), utility_data=_spec(args.utility_data),
         over_refusal_data=args.over_refusal_data, split_seed=args.split_seed,
-        n_devices=args.n_devices, diag_dtype=args.diag_dtype,
+        n_devices=args.n_devices, diag_dtype=args.diag_dtype, lr=args.lr,
+        **({"allow_special_tokens": True} if args.allow_special_tokens else {}),
         **({"attribute": False} if args.no_attribute else {}),
     )
     distributed.setup(cfg.device, backend=args.dist_backend)  # under torchrun; else nothing
@@ -123,22 +147,33 @@ def _spec(values: Optional[list]):
 
 def _cmd_attribute(args) -> int:
     from . import distributed
-    from .pipeline import RunConfig, run_experiment
-    from .io import read_json
+    from .io import RunDirectory, check_run_dir, read_json
+    from .pipeline import RunConfig, RunMismatchError, run_experiment
 
-    path = Path(args.run) / "config.json"
+    run = Path(args.run)
+    path = run / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: pass the output directory of a "
                                 "`cast-interp run` (it holds config.json).")
+    check_run_dir(run, "run", flag="--run")
+    RunDirectory(run).verify(path)
+    if not (run / "results.json").exists() and not args.finish_run:
+        raise ValueError(f"{run} holds no results.json: its run did not finish, and `attribute` "
+                         "would run the whole experiment (model, data and all). Finish it with "
+                         "`cast-interp run`, or pass --finish-run to run the missing stages here.")
     # The directory may have been moved or copied since the run; `replace` re-checks the options.
     names = ("examples", "candidates", "spread", "draws", "arms")
     options = {f"attribution_{n}": getattr(args, n) for n in names if getattr(args, n) is not None}
-    cfg = replace(RunConfig.from_dict(read_json(path)), attribute=True, out_dir=str(args.run),
-                  **options)
+    cfg = replace(RunConfig.from_dict(read_json(path, expect=dict)), attribute=True,
+                  out_dir=str(args.run), **options)
     distributed.setup(cfg.device, backend=args.dist_backend)  # under torchrun; else nothing
-    run_experiment(cfg)  # finished stages are re-used; only attribution is computed
+    try:
+        run_experiment(cfg)  # finished stages are re-used; only attribution is computed
+    except RunMismatchError as exc:  # `attribute` has no --overwrite: give its own advice
+        raise ValueError(f"{exc.reason}. `attribute` works on a run as it was made: start a new "
+                         "run with `cast-interp run` instead.") from None
     if distributed.is_main():
-        print((Path(args.run) / "report.md").read_text())
+        print((run / "report.md").read_text())
     return 0
 
 
@@ -164,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, default=50, help="examples per dataset (default 50)")
     e.add_argument("--max-new-tokens", type=int, default=32)
     e.add_argument("--out", default="eval.json")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     e.set_defaults(fn=_cmd_eval)
 
     d = sub.add_parser("diagnose", help="the pre-alignment conflict map (stage 1)")
@@ -211,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--over-refusal-data", default=None)
     r.add_argument("--steps", type=int, default=None)
     r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate of stage 2, in (0, 1] (default 2e-4)")
     r.add_argument("--no-attribute", action="store_true", help="skip stage 4")
     r.add_argument("--n-devices", type=int, default=None,
                    help="split a model too large for one GPU over this many GPUs (TL 3)")
@@ -219,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dist_args(r)
     r.add_argument("--out", default="runs/default")
     r.add_argument("--overwrite", action="store_true",
-                   help="delete a run of other settings, data or model found in --out first")
+                   help="delete the files of a run of other settings, data or model in --out "
+                        "first (only files that run wrote)")
     r.set_defaults(fn=_cmd_run)
 
     a = sub.add_parser("attribute", help="which heads caused the utility drop (stage 4)")
@@ -231,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--draws", type=int, default=None, help="random revert sets (default 20)")
     a.add_argument("--arms", nargs="+", choices=["full", "cast", "random"], default=None,
                    help="arms to attribute on the first training seed (default: full)")
+    a.add_argument("--finish-run", action="store_true",
+                   help="run the stages missing from --run first (the whole experiment if it "
+                        "has no results.json)")
     _add_dist_args(a)
     a.set_defaults(fn=_cmd_attribute)
 
@@ -257,8 +299,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # Bad input: one clear line, no traceback from deep inside torch.
         print(f"cast-interp: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a folder where a file goes, no permission, disk full, file too large
+        print(f"cast-interp: error: {_os_message(exc)}", file=sys.stderr)
+        return 2
+    except RecursionError:
+        print("cast-interp: error: an input is nested too deeply to read (a JSON file edited or "
+              "not written by cast_interp?); check the files given and the output folder.",
+              file=sys.stderr)
+        return 2
     finally:
         distributed.teardown()
+
+
+def _os_message(exc: OSError) -> str:
+    """One line for an OSError: what happened, to which file, and what to do."""
+    import errno
+
+    where = f" {exc.filename}" if exc.filename else ""
+    what = exc.strerror or str(exc)
+    if exc.errno in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT):
+        return (f"could not write{where}: {what} (the disk or the file-size limit is full). The "
+                "files written so far are complete (atomic writes); free space or raise the limit "
+                "and re-run the same command to resume.")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"no permission to write or read{where} ({what}): make it writable or pick "
+                "another path, then re-run the same command to resume.")
+    if exc.errno == errno.EISDIR:
+        return f"{where.strip() or 'a path'} is a folder where a file was expected ({what})."
+    if exc.errno == errno.ENOTDIR:
+        return f"{where.strip() or 'a path'}: a part of it is a file, not a folder ({what})."
+    return f"{what}{':' + where if where else ''}."
 
 
 if __name__ == "__main__":

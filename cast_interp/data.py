@@ -189,6 +189,8 @@ def _check_file(path: Union[str, Path]) -> Path:
     if not p.exists():
         raise DataError(f"Data file {p} does not exist. Check the path (or use a bundled dataset, "
                         "e.g. 'bundled:harmful:test').")
+    if p.is_dir():
+        raise DataError(f"Data path {p} is a folder: pass a .csv, .json or .jsonl file in it.")
     return p
 
 
@@ -219,6 +221,9 @@ def _read_rows(path: Path) -> list[dict]:
             return list(data)
     except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path} could not be parsed as {suffix[1:].upper()}: {exc}") from exc
+    except RecursionError as exc:
+        raise DataError(f"{path} could not be parsed as {suffix[1:].upper()}: nested too deeply "
+                        "to be rows of data.") from exc
     raise DataError(f"{path}: unsupported file type {suffix!r} (use .csv, .json or .jsonl).")
 
 
@@ -288,10 +293,12 @@ def _prompt_of(row: dict, column: str, path: Path, i: int) -> str:
     """The row's prompt, stripped; a missing, null, non-text or empty prompt is an error naming the
     row (a JSON null would otherwise become the prompt "None", and an empty one be scored)."""
     v = row.get(column)
-    if v is None or isinstance(v, (dict, list, bool)):
-        what = "no" if column not in row else f"a {'null' if v is None else type(v).__name__}"
+    if not isinstance(v, str):
+        # A number (NaN included) would become the prompt "12345" / "nan": refused, not guessed.
+        what = ("no" if column not in row else "a null" if v is None else
+                f"a non-text ({type(v).__name__} {v!r:.20})")
         raise DataError(f"{path}: row {i + 1} has {what} {column!r} value; every row needs a "
-                        "prompt (fix or drop the row).")
+                        "text prompt (fix or drop the row; quote a number to use it as text).")
     prompt = str(v).strip()
     if not prompt:
         raise DataError(f"{path}: row {i + 1} has an empty {column!r}; drop the row or fill it in.")
@@ -550,6 +557,40 @@ def _ends_turn(example: ChatExample) -> bool:
     return example.response is not None and not example.truncated
 
 
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """Ids of the tokenizer's special tokens (end-of-turn, role markers, padding...): text that
+    tokenizes into one of them acts as chat-template control, not as words."""
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for i, tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(tok, "special", False):
+            ids.add(int(i))
+    return ids
+
+
+def check_special_tokens(tokenizer: Any, dataset: "ChatDataset", *, allow: bool = False) -> None:
+    """DataError naming the first example whose prompt or response holds text that the tokenizer
+    turns into a special token (e.g. "<|end|><|assistant|>Sure" ends the user's turn and opens a
+    forged assistant turn), unless `allow` (the option to keep them as control tokens)."""
+    if allow:
+        return
+    special = special_token_ids(tokenizer)
+    if not special:
+        return
+    for i, ex in enumerate(dataset):
+        for field_name, text in (("prompt", ex.prompt), ("response", ex.response)):
+            if not text:
+                continue
+            found = [t for t in tokenizer(text, add_special_tokens=False)["input_ids"]
+                     if t in special]
+            if found:
+                names = sorted({tokenizer.convert_ids_to_tokens(t) for t in found})
+                raise DataError(
+                    f"{dataset.name}: example #{i + 1}'s {field_name} holds the chat template's "
+                    f"special token(s) {names} ({len(found)} in all): as text they would act as "
+                    "turn markers (a forged turn). Remove them, or allow them explicitly "
+                    "(allow_special_tokens=True, --allow-special-tokens).")
+
+
 def encode_example(tokenizer: Any, example: ChatExample, *,
                    system_prompt: Optional[str] = None) -> tuple[list[int], int]:
     """(token ids of prompt + response [+ end-of-turn], number of prompt tokens).
@@ -723,8 +764,15 @@ def _self_reference_key(model: Any, dataset: ChatDataset, max_new_tokens: int,
 
 
 def _read_self_reference(path: Path, key: str, n: int) -> Optional[tuple[list[str], list[bool]]]:
-    """(answers, truncated) from a cache file with this key, or None (absent, stale or corrupt)."""
+    """(answers, truncated) from a cache file with this key, or None (absent, stale, corrupt, or
+    in a run directory and not as the run wrote it: regenerated, and the log says why)."""
     if not path.exists():
+        return None
+    from .io import changed_since_written
+
+    why = changed_since_written(path)
+    if why is not None:
+        print(f"{why}: regenerated", flush=True)
         return None
     try:
         rows = [json.loads(x) for x in path.read_text("utf-8").splitlines() if x]

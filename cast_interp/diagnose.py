@@ -106,7 +106,7 @@ class DiagnosisConfig:
     def __post_init__(self) -> None:
         check_types(self)
         for name, lo in (("n_calibration", 1), ("batch_size", 1), ("max_new_tokens", 1),
-                         ("n_bootstrap", 0)):
+                         ("n_bootstrap", 0), ("seed", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}.")

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -38,7 +39,7 @@ def check_out_dir(out: PathLike, marker: Optional[str] = None, overwrite: bool =
                          "replace it, or another --out.")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / _PROBE
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
@@ -63,12 +64,54 @@ def atomic_write_text(text: str, path: PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with _naming(path), os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
+        atomic_replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+class _naming:
+    """Inside: an OSError without a file name (a failed write: disk full, file too large) gets
+    `path`'s, so the one-line error names the file that could not be written."""
+
+    def __init__(self, path: PathLike):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, tp, exc, tb):
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(self.path)) from exc
+        return False
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux tells it (thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def atomic_replace(tmp: PathLike, path: PathLike) -> None:
+    """Finish an atomic write: give the temporary file `tmp` the mode a plain `open` would (0666
+    less the user's umask; `mkstemp` makes 0600), move it onto `path`, and record it in the
+    manifest of the run directory being written, if `path` is inside one (`RunDirectory`)."""
+    rd = active_run_dir(path)
+    if rd is not None:
+        rd.check_writable(path)
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+    if rd is not None:
+        rd.record(path)
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -104,14 +147,52 @@ def atomic_write_json(obj: Any, path: PathLike) -> None:
     atomic_write_text(json.dumps(to_jsonable(obj), indent=2) + "\n", path)
 
 
-def read_json(path: PathLike) -> Any:
+def read_json(path: PathLike, *, expect: Optional[type] = None) -> Any:
+    """A JSON file's value; a missing, unreadable, malformed (too deeply nested included) file, or
+    one whose top level is not of type `expect`, is a one-line error naming the file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist.")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a JSON file.")
     try:
-        return json.loads(path.read_text("utf-8"))
-    except json.JSONDecodeError as exc:
+        value = json.loads(path.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON ({exc}); delete it and re-run.") from exc
+    except RecursionError as exc:
+        raise ValueError(f"{path} is nested too deeply to be a file cast_interp wrote; delete it "
+                         "and re-run.") from exc
+    if expect is not None and not isinstance(value, expect):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not the "
+                         f"{'object' if expect is dict else expect.__name__} cast_interp writes "
+                         "there; delete it and re-run.")
+    return value
+
+
+def json_field(doc: dict, name: str, kind: Any, path: PathLike, *, where: str = "") -> Any:
+    """`doc[name]`, checked to be of type `kind` (a type or tuple; bools are not numbers, floats
+    must be finite): a ValueError naming the file and the field otherwise."""
+    v = doc.get(name, _MISSING) if isinstance(doc, dict) else _MISSING
+    field_name = f"{where}{name}"
+    if v is _MISSING:
+        raise ValueError(f"{path}: field {field_name!r} is missing; the file was not written by "
+                         "this version of cast_interp or was edited.")
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    numeric = any(k in (int, float) for k in kinds)
+    ok = isinstance(v, kinds) and not (numeric and isinstance(v, bool) and bool not in kinds)
+    if ok and isinstance(v, float) and not math.isfinite(v):
+        ok = False
+    if not ok:
+        want = " or ".join("null" if k is type(None) else
+                           {"dict": "an object", "list": "a list", "str": "a string",
+                            "float": "a finite number", "int": "an integer"}.get(k.__name__,
+                                                                                 k.__name__)
+                           for k in kinds)
+        raise ValueError(f"{path}: field {field_name!r} must be {want}, got {v!r:.60}.")
+    return v
+
+
+_MISSING = object()
 
 
 def atomic_save_safetensors(tensors: dict, path: PathLike, metadata: dict | None = None) -> None:
@@ -123,9 +204,10 @@ def atomic_save_safetensors(tensors: dict, path: PathLike, metadata: dict | None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     os.close(fd)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={k: json.dumps(to_jsonable(v)) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
+        with _naming(path):
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
+                      metadata={k: json.dumps(to_jsonable(v)) for k, v in (metadata or {}).items()})
+        atomic_replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -160,3 +242,341 @@ def sha256_file(path: PathLike, *, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Run directories: a manifest of the files the toolkit wrote, a lock, symlinks refused
+# --------------------------------------------------------------------------------------------------
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "cast-interp-manifest"
+LOCK_FILE = ".cast-interp.lock"
+_MANIFEST_LOCK = ".cast-interp.manifest.lock"
+_PROBE = ".cast-interp.write-test"
+# Our own bookkeeping: not content a user put there (a folder holding only these is empty).
+BOOKKEEPING = (LOCK_FILE, _MANIFEST_LOCK, _PROBE)
+# The leftovers of our atomic writes: `.{name}.{random}.partial`, `name` a file we write.
+_OWN_PARTIAL = re.compile(r"^\.(.+\.(?:json|jsonl|md|safetensors|png|pdf|svg))\.[A-Za-z0-9_]+"
+                          r"\.partial$")
+
+
+class RunDirError(ValueError):
+    """A run directory cannot be used as it is: not a run directory, in use, holding a symlink,
+    or a file that is not what the run wrote. The message names the file and the fix."""
+
+
+_ACTIVE: list["RunDirectory"] = []
+
+
+class RunDirectory:
+    """The files the toolkit wrote into `root`, each with its sha256 and size, in
+    `root/manifest.json` (`{"format", "kind", "files": {relative path: {"sha256", "size"}}}`).
+
+    While active (`with RunDirectory(root, kind):`), every atomic write under `root` (`io`'s
+    writers, `figures.save_figure`) is recorded, and a write onto an existing file the manifest
+    does not list (one the user put there) is refused. Readers of re-used files ask `changed(path)`
+    before trusting one. Several processes (torchrun ranks) may record at once: updates are made
+    under an advisory lock.
+    """
+
+    def __init__(self, root: PathLike, kind: str = "run"):
+        self.root, self.kind = Path(root), kind
+
+    def __enter__(self) -> "RunDirectory":
+        _ACTIVE.insert(0, self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _ACTIVE.remove(self)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST_FILE
+
+    def contains(self, path: PathLike) -> bool:
+        root, p = os.path.abspath(self.root), os.path.abspath(path)
+        return p != root and os.path.commonpath([root, p]) == root
+
+    def rel(self, path: PathLike) -> str:
+        return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(self.root))).as_posix()
+
+    def read(self) -> Optional[dict]:
+        """The manifest ({"kind", "files"}), None if there is none; a malformed one is an error."""
+        if not self.manifest_path.exists():
+            return None
+        doc = read_json(self.manifest_path, expect=dict)
+        if doc.get("format") != MANIFEST_FORMAT:
+            raise RunDirError(f"{self.manifest_path} is not a cast-interp manifest (field 'format' "
+                              f"is {doc.get('format')!r}); this folder is not a run directory.")
+        json_field(doc, "kind", str, self.manifest_path)
+        files = json_field(doc, "files", dict, self.manifest_path)
+        for rel, entry in files.items():
+            json_field(entry, "sha256", str, self.manifest_path, where=f"files.{rel}.")
+            json_field(entry, "size", int, self.manifest_path, where=f"files.{rel}.")
+        return doc
+
+    def files(self) -> dict:
+        doc = self.read()
+        return {} if doc is None else doc["files"]
+
+    def _flock(self):
+        import contextlib
+        import fcntl
+
+        @contextlib.contextmanager
+        def held():
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(self.root / _MANIFEST_LOCK, "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+        return held()
+
+    def _write(self, files: dict) -> None:
+        text = json.dumps({"format": MANIFEST_FORMAT, "kind": self.kind,
+                           "files": dict(sorted(files.items()))}, indent=1) + "\n"
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{MANIFEST_FILE}.", suffix=".partial")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, self.manifest_path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def start(self) -> None:
+        """Write an empty manifest if there is none (a new run directory)."""
+        with self._flock():
+            if not self.manifest_path.exists():
+                self._write({})
+
+    def record(self, path: PathLike) -> None:
+        """Add (or update) `path`'s checksum and size."""
+        entry = {"sha256": sha256_file(path), "size": os.path.getsize(path)}
+        with self._flock():
+            files = self.files()
+            files[self.rel(path)] = entry
+            self._write(files)
+
+    def check_writable(self, path: PathLike) -> None:
+        """Refuse to replace a file at `path` that this run directory did not write."""
+        p = Path(path)
+        for q in [p, *p.parents]:
+            if not self.contains(q):
+                break
+            if q.is_symlink():
+                raise RunDirError(f"{q} is a symbolic link: a run directory holds no links (a "
+                                  "write would go to its target). Replace it with a real folder.")
+        if p.exists() and self.rel(p) not in self.files():
+            raise RunDirError(f"{p} exists but was not written by this run (it is not in "
+                              f"{self.manifest_path}): nothing replaced. Move it away, or use "
+                              "another output folder.")
+
+    def changed(self, path: PathLike) -> Optional[str]:
+        """None if `path` holds exactly what the run wrote; else why not (for a message)."""
+        entry = self.files().get(self.rel(path))
+        p = Path(path)
+        if entry is None:
+            return f"is not in {MANIFEST_FILE} (not written by this run)"
+        if p.is_symlink() or not p.is_file():
+            return "is missing or not a plain file"
+        size = os.path.getsize(p)
+        if size != entry["size"]:
+            return f"was changed since the run wrote it ({entry['size']} bytes -> {size})"
+        if sha256_file(p) != entry["sha256"]:
+            return "was changed since the run wrote it (same size, other sha256)"
+        return None
+
+    def verify(self, path: PathLike) -> None:
+        """RunDirError naming `path` unless it holds what the run wrote."""
+        why = self.changed(path)
+        if why is not None:
+            raise RunDirError(f"{path} {why}: a run directory's files are checked against "
+                              f"{MANIFEST_FILE}. Restore the file, or start a new output folder.")
+
+    def remove_written(self) -> list[Path]:
+        """Delete every file the manifest lists (and the folders that held only them), then the
+        manifest. A listed file that was changed since is left in place: an error names it, and
+        nothing is deleted."""
+        files = self.files()
+        changed = [(rel, why) for rel in files
+                   if (self.root / rel).exists() and (why := self.changed(self.root / rel))]
+        if changed:
+            rel, why = changed[0]
+            raise RunDirError(f"{self.root / rel} {why}; --overwrite deletes only files exactly as "
+                              f"the run wrote them ({len(changed)} changed): move it away first. "
+                              "Nothing was deleted.")
+        removed = []
+        for rel in sorted(files, reverse=True):
+            p = self.root / rel
+            if p.is_file() and not p.is_symlink():
+                p.unlink()
+                removed.append(p)
+        for d in sorted({(self.root / rel).parent for rel in files}, key=lambda q: -len(q.parts)):
+            while self.contains(d) and d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+                d = d.parent
+        if self.manifest_path.exists():
+            self.manifest_path.unlink()
+        return removed
+
+
+def active_run_dir(path: PathLike) -> Optional[RunDirectory]:
+    """The active `RunDirectory` that holds `path`, if any."""
+    return next((rd for rd in _ACTIVE if rd.contains(path)), None)
+
+
+def changed_since_written(path: PathLike) -> Optional[str]:
+    """For a file about to be re-used: None if no active run directory holds it or it holds what
+    the run wrote; else a message naming the file and why (the caller recomputes it)."""
+    rd = active_run_dir(path)
+    why = None if rd is None else rd.changed(path)
+    return None if why is None else f"{path} {why}"
+
+
+def find_symlinks(root: PathLike) -> list[Path]:
+    """Symbolic links under `root` (not followed)."""
+    found = []
+    for d, dirs, files in os.walk(root, followlinks=False):
+        found += [Path(d) / n for n in dirs + files if os.path.islink(os.path.join(d, n))]
+    return found
+
+
+def check_no_symlinks(root: PathLike) -> None:
+    links = find_symlinks(root)
+    if links:
+        raise RunDirError(f"{links[0]} is a symbolic link ({len(links)} under {root}): a run "
+                          "directory holds no links, since a write would go to the link's target. "
+                          "Replace it with a real folder or file.")
+
+
+def user_entries(root: PathLike) -> list[str]:
+    """Names in folder `root` other than the toolkit's bookkeeping files."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(n for n in os.listdir(root) if n not in BOOKKEEPING)
+
+
+def check_run_dir(root: PathLike, kind: str, *, flag: str = "--out") -> Optional[dict]:
+    """Before any work: `root` is a folder that is empty (or absent), or a run directory of this
+    `kind` (its manifest is returned). A non-empty folder of the user's, a run directory of another
+    kind, an older run without a manifest, or one holding symbolic links is a `RunDirError`."""
+    root = Path(root)
+    if root.is_symlink():
+        raise RunDirError(f"{flag} {root} is a symbolic link: pass the real folder.")
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{flag} {root} is a file: pass a directory path.")
+    doc = RunDirectory(root, kind).read()
+    if doc is None:
+        names = user_entries(root)
+        if names:
+            older = " (a run from an older cast_interp, without manifest.json)" if (
+                "config.json" in names and "arms" in names) else ""
+            raise RunDirError(
+                f"{flag} {root} is not empty ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+                f") and is not a cast-interp output folder{older}: results go to an empty or new "
+                "folder, so nothing of yours is replaced or deleted. Pass another path.")
+        return None
+    if doc["kind"] != kind:
+        raise RunDirError(f"{flag} {root} holds the output of `cast-interp {doc['kind']}`, not of "
+                          f"`{kind}`: pass another folder.")
+    check_no_symlinks(root)
+    return doc
+
+
+def remove_own_partials(root: PathLike) -> list[Path]:
+    """Delete the leftovers of this toolkit's interrupted atomic writes under `root`
+    (`.{name}.{random}.partial`, `name` a .json/.jsonl/.md/.safetensors or figure file), not
+    following links; other files named "partial" are the user's and stay."""
+    removed = []
+    for d, _, files in os.walk(root, followlinks=False):
+        for n in files:
+            p = Path(d) / n
+            if _OWN_PARTIAL.match(n) and p.is_file() and not p.is_symlink():
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+class RunLock:
+    """One writer per output folder: `root/.cast-interp.lock` holds the writer's host and pid,
+    created exclusively. A lock whose process is gone (same host) is stale and taken over."""
+
+    _held: set[str] = set()
+
+    def __init__(self, root: PathLike):
+        self.root = Path(root)
+        self.path = self.root / LOCK_FILE
+        self.mine = False
+
+    def acquire(self) -> None:
+        import socket
+        import time
+
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                if self._stale(me):
+                    try:
+                        os.remove(self.path)
+                    except FileNotFoundError:
+                        pass
+                    continue
+                raise RunDirError(self._busy_message())
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.mine = True
+            RunLock._held.add(os.path.abspath(self.path))
+            return
+        raise RunDirError(self._busy_message())
+
+    def _holder(self) -> dict:
+        try:
+            d = json.loads(self.path.read_text())
+            return d if isinstance(d, dict) else {}
+        except (OSError, ValueError, RecursionError):
+            return {}
+
+    def _stale(self, me: dict) -> bool:
+        h = self._holder()
+        pid = h.get("pid")
+        if not isinstance(pid, int) or isinstance(pid, bool) or h.get("host") != me["host"]:
+            # Unreadable (a writer between create and write) or another machine: not ours to judge,
+            # unless it is old and unreadable.
+            import time
+
+            try:
+                return not h and time.time() - self.path.stat().st_mtime > 60
+            except FileNotFoundError:
+                return True
+        if pid == me["pid"]:
+            return os.path.abspath(self.path) not in RunLock._held
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def _busy_message(self) -> str:
+        h = self._holder()
+        who = f"pid {h.get('pid')} on {h.get('host')}" if h else "another process"
+        return (f"{self.root} is in use by another cast-interp ({who}; {self.path}): one run at a "
+                "time per folder. Wait for it to finish, or use another output folder; if no such "
+                f"process runs, delete {self.path}.")
+
+    def release(self) -> None:
+        if self.mine:
+            RunLock._held.discard(os.path.abspath(self.path))
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+            self.mine = False

@@ -520,7 +520,16 @@ def load_model(
     if os.path.isdir(os.path.expanduser(name)):
         return load_hf_directory(os.path.expanduser(name), device=device, dtype=dtype,
                                  n_devices=n_devices)
+    # The hub is contacted only for a name given as one ("hf:NAME", or "org/name"): a mistyped
+    # built-in name or path is an error here, not a lookup on the network.
+    explicit = name.startswith("hf:") or "/" in name.strip("/")
+    name = name[3:] if name.startswith("hf:") else name
     if backend.USES_BRIDGE:
+        if not explicit:
+            raise ModelLoadError(
+                f"Unknown model {name!r}: not a built-in name ({DEFAULT_MODEL!r}, "
+                f"{hf_models.GEMMA3_NAME!r}, 'tiny') nor a local folder. Name a Hugging Face hub "
+                f"model explicitly: hf:{name} (or org/name).")
         return _load_hub_bridge(name, device=device, dtype=dtype)
     from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES
 
@@ -534,7 +543,7 @@ def load_model(
     if name.lower() not in known:
         raise ModelLoadError(
             f"Unknown model {name!r}. Use {DEFAULT_MODEL!r} (offline), 'tiny', a local Hugging Face "
-            "directory, or a TransformerLens model name (see "
+            "directory, or a TransformerLens model name, e.g. hf:gpt2 (see "
             "transformer_lens.loading_from_pretrained.OFFICIAL_MODEL_NAMES)."
         )
     if not _hub_reachable():

@@ -50,7 +50,7 @@ import torch
 
 from .checks import check_int, check_number, check_types
 from . import backend, distributed
-from .io import atomic_write_json, atomic_write_text, read_json, to_jsonable
+from .io import atomic_write_json, atomic_write_text, json_field, read_json, to_jsonable
 
 PIPELINE_VERSION = "pipeline-2"
 UnitKind = Literal["head", "group"]
@@ -175,6 +175,9 @@ class RunConfig:
     # Weights of the diagnosis: "float32", or "bfloat16" (a bf16 copy of the model; losses and
     # the accumulation of gradients over examples stay float32). Training and evaluation: float32.
     diag_dtype: str = "float32"
+    # Data text that tokenizes into the chat template's special tokens (turn markers) is refused
+    # unless allowed here.
+    allow_special_tokens: bool = False
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -183,7 +186,13 @@ class RunConfig:
                 isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise ValueError(f"train_seeds must be a non-empty list of distinct ints, got "
                              f"{seeds!r}.")
+        if any(s < 0 for s in seeds):
+            raise ValueError(f"train_seeds must be integers >= 0, got {seeds!r}.")
         self.train_seeds = list(seeds)
+        check_int("seed", self.seed, 0)
+        check_int("split_seed", self.split_seed, 0)
+        # A learning rate above 1 sends every weight far from the model (uniform output or inf).
+        check_number("lr", self.lr, lo=0, hi=1, lo_open=True, none_ok=True)
         check_int("n_draws", self.n_draws, 0)
         if 0 < self.n_draws < len(seeds):
             raise ValueError(f"n_draws must be 0 (no random arm) or at least len(train_seeds) = "
@@ -503,13 +512,16 @@ class _Context:
 # stage 4: a run directory takes new values of these. Any other change makes another run.
 ADDITIVE_FIELDS = ("out_dir", "device", "n_devices", "preset", "train_seeds", "n_draws", "k_sweep",
                    "baselines", "attribute", "attribution_arms", "ci", "n_boot", *ATTR_FIELDS)
-# Everything a run writes into its directory (what `overwrite=True` deletes; nothing else is).
-RUN_FILES = ("config.json", "run.json", "results.json", "report.md", "arms", "diagnosis",
-             "attribution", "figures", "self_reference_val.jsonl", "self_reference_train.jsonl")
 
 
 class RunMismatchError(ValueError):
-    """The run directory holds pieces of another run (other settings, data or model)."""
+    """The run directory holds pieces of another run (other settings, data or model); `.reason`
+    says what differs (the message adds the fix)."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"{reason}. Pass --overwrite (overwrite=True) to delete that run's files "
+                         "and start over, or use another --out.")
+        self.reason = reason
 
 
 def run_manifest(cfg: RunConfig, model, data: dict) -> dict:
@@ -527,16 +539,16 @@ def run_manifest(cfg: RunConfig, model, data: dict) -> dict:
 
 
 def _recorded_manifest(out: Path) -> Optional[dict]:
-    """The manifest of the run in `out` (from config.json alone for runs older than run.json), or
-    None for a directory without a run."""
-    if (out / "run.json").exists():
-        return read_json(out / "run.json")
-    if not (out / "config.json").exists():
+    """The manifest of the run in `out` (its run.json, checked against the run directory's
+    manifest.json), or None for a directory without a run."""
+    from .io import RunDirectory
+
+    if not (out / "run.json").exists():
         return None
-    old = to_jsonable(RunConfig.from_dict(read_json(out / "config.json")).to_dict())
-    return {"settings": {k: v for k, v in old.items() if k not in ADDITIVE_FIELDS}}
-
-
+    RunDirectory(out).verify(out / "run.json")
+    doc = read_json(out / "run.json", expect=dict)
+    json_field(doc, "settings", dict, out / "run.json")
+    return doc
 def _manifest_difference(old: dict, new: dict) -> list[str]:
     new = to_jsonable(new)
     diff = [f"{k} ({old['settings'].get(k)!r} -> {v!r})" for k, v in new["settings"].items()
@@ -547,40 +559,44 @@ def _manifest_difference(old: dict, new: dict) -> list[str]:
 
 
 def claim_run_dir(out: Path, manifest: dict, *, overwrite: bool = False) -> None:
-    """Make `out` this run's directory, before anything is written: a file or unwritable path, or
-    a directory holding another run (`RunMismatchError`) fail here; `overwrite` deletes the old
-    run's files (only `RUN_FILES`) first. Leftover `.partial` files of a killed run are removed."""
-    from .io import check_out_dir, remove_partials
+    """Make `out` this run's directory, before anything is written. Refused (before any change):
+    a file or unwritable path, a non-empty folder that is not a run directory, a symbolic link
+    inside, another run in progress (`RunLock`), or a run of other settings, data or model
+    (`RunMismatchError`) unless `overwrite`, which deletes only the files that run wrote (its
+    manifest.json lists them) first. Leftover `.partial` files of our killed writes are removed.
+    Takes the folder's lock (released by `run_experiment`)."""
+    from .io import RunDirectory, RunLock, check_out_dir, check_run_dir, remove_own_partials
 
     check_out_dir(out)
+    check_run_dir(out, "run")
+    lock = RunLock(out)
+    lock.acquire()
+    _LOCKS.append(lock)
     try:
         old = _recorded_manifest(out)
-    except ValueError as exc:  # unreadable or from another version
+    except ValueError as exc:  # unreadable, edited or from another version
         if not overwrite:
-            raise RunMismatchError(f"{out} holds a run this version cannot read ({exc}); pass "
-                                   "--overwrite to delete it and start over, or use another --out.")
+            raise RunMismatchError(f"{out} holds a run this version cannot use ({exc})"
+                                   ) from None
         old = None
     if overwrite:
-        _clear_run(out)
+        RunDirectory(out).remove_written()
     elif old is not None:
         diff = _manifest_difference(old, manifest)
         if diff:
             raise RunMismatchError(
                 f"{out} holds a run made with other settings, data or model ({'; '.join(diff)}): "
-                "its pieces cannot be mixed with this run's. Pass --overwrite (overwrite=True) to "
-                "delete that run and start over, or use another --out.")
-    remove_partials(out)
+                "its pieces cannot be mixed with this run's")
+    remove_own_partials(out)
+    RunDirectory(out).start()
 
 
-def _clear_run(out: Path) -> None:
-    import shutil
+_LOCKS: list = []  # the run locks this process holds (released when its run ends)
 
-    for name in RUN_FILES:
-        p = out / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
+
+def _release_locks() -> None:
+    while _LOCKS:
+        _LOCKS.pop().release()
 
 
 def _prepare(cfg: RunConfig, overwrite: bool):
@@ -598,8 +614,11 @@ def _prepare(cfg: RunConfig, overwrite: bool):
         raise distributed.DistributedError(
             f"n_devices={cfg.n_devices} splits each rank's model over several GPUs: launch one "
             "rank per node (torchrun --nproc-per-node 1, or srun --ntasks-per-node 1).")
-    # A file or read-only path: before loading anything (rank 0 alone probes it: no race).
-    distributed.main_only(lambda: check_out_dir(cfg.out_dir))
+    # A file, read-only path or a folder of the user's: before loading anything (rank 0 alone
+    # probes it: no race).
+    from .io import check_run_dir
+
+    distributed.main_only(lambda: (check_out_dir(cfg.out_dir), check_run_dir(cfg.out_dir, "run")))
     data = _datasets(cfg)
     torch.manual_seed(cfg.seed)  # before loading, as runs always did (a model's init draws)
     model = load_model(cfg.model, device=device, n_devices=cfg.n_devices)
@@ -620,13 +639,14 @@ def _prepare(cfg: RunConfig, overwrite: bool):
 def _check_lengths(cfg: RunConfig, model, data: dict) -> None:
     """Every example fits the model's context as the stages will use it (a DataError naming the
     first that does not, before the diagnosis rather than after it)."""
-    from .data import check_fits
+    from .data import check_fits, check_special_tokens
 
     answers = {"safe_cal": True, "safe_train": True, "safe_val": True,
                "util_cal": cfg.utility_reference == "dataset",
                "util_train": cfg.benign_reference == "dataset", "util_val": False,
                "benign_test": True, "harmful_test": False, "over_refusal": False}
     for name, with_response in answers.items():
+        check_special_tokens(model.tokenizer, data[name], allow=cfg.allow_special_tokens)
         check_fits(model, data[name], with_response=with_response,
                    new_tokens=0 if with_response else 1)  # room for at least one answer token
     if cfg.generation_seeds != 0:  # some evaluation generates refusals
@@ -637,6 +657,21 @@ def _check_lengths(cfg: RunConfig, model, data: dict) -> None:
 def _check_budgets(cfg: RunConfig, model) -> None:
     """Settings that depend on the model's size, before any work: stage 4 chooses its top-k among
     `attribution_candidates` exact reverts, so they must be at least k (of this model's units)."""
+    from .sparse_tuning import k_from_fraction
+    from .units import n_units
+
+    n_total, per_layer = _n_units_total(model, cfg.unit), n_units(model, cfg.unit)
+    for name in ("k_fractions", "k_sweep"):
+        for f in getattr(cfg, name):
+            k = k_from_fraction(float(f), n_total)
+            # The layer band skips whole layers (k rounded up to a multiple of a layer's units).
+            band = -(-k // per_layer) * per_layer if "layer_band" in cfg.baselines else k
+            if max(k, band) >= n_total:
+                what = "k" if k >= n_total else "the layer band (k rounded up to whole layers)"
+                raise ValueError(
+                    f"{name} {f} gives {what} = {max(k, band)} of the {n_total} {cfg.unit}s of "
+                    f"{cfg.model}: skipping every unit leaves nothing to train. Use a smaller "
+                    "fraction.")
     k = _k0(cfg, model)
     if cfg.attribute and cfg.attribution_candidates is not None and cfg.attribution_candidates < k:
         raise ValueError(
@@ -656,7 +691,17 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True, overwrite: bool = F
     Under `torchrun` (or srun) every rank calls this with the same `cfg`: the pieces, the exact S
     sweep and attribution's exact reverts are shared out over the ranks (`distributed.py`), rank 0
     writes the shared files and returns the same document on every rank."""
+    from .io import RunDirectory
+
     out = Path(cfg.out_dir)
+    try:
+        with RunDirectory(out, "run"):  # records what it writes, checks what it re-uses
+            return _run(cfg, out, progress, overwrite)
+    finally:
+        _release_locks()
+
+
+def _run(cfg: RunConfig, out: Path, progress: bool, overwrite: bool) -> dict:
     t_start = time.time()
     model, data = _prepare(cfg, overwrite)
     progress = progress and distributed.is_main()  # one set of progress bars; every rank logs
@@ -792,12 +837,21 @@ def _invocations(out: Path, doc: dict, cfg: RunConfig) -> list[dict]:
     old: list[dict] = []
     if (out / "results.json").exists():
         try:
-            prev = read_json(out / "results.json")
+            if _changed(out / "results.json"):
+                raise ValueError("changed")
+            prev = read_json(out / "results.json", expect=dict)
             old = prev.get("invocations") or [{"time_s": prev["time_s"],
                                                "timings": prev.get("timings", {})}]
+            for i, inv in enumerate(old):
+                json_field(inv, "time_s", (int, float), out / "results.json",
+                           where=f"invocations[{i}].")
             for name, v in (old[0].get("timings") or {}).items():
+                json_field(old[0]["timings"], name, (int, float), out / "results.json",
+                           where="invocations[0].timings.")
                 doc["timings"][name] = max(v, doc["timings"].get(name, 0.0))
-        except (ValueError, KeyError, TypeError):  # unreadable: count this invocation alone
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+            # Unreadable or edited: count this invocation alone, and say so.
+            _log(f"earlier invocations not counted in the time ({exc})")
             old = []
     return old + [{"time_s": doc["time_s"], "timings": dict(doc["timings"]),
                    "world_size": doc["distributed"]["world_size"],
@@ -818,6 +872,8 @@ def _diagnosis(cfg: RunConfig, model, data: dict, out: Path, progress: bool):
 
     def on_disk() -> bool:
         if not (diag_dir / "conflict_map.json").exists():
+            return False
+        if any(_changed(diag_dir / n) for n in ("conflict_map.json", "conflict_map.safetensors")):
             return False
         try:
             return ConflictMap.load(diag_dir).config.get("run_key") == diag_key
@@ -962,6 +1018,7 @@ def _run_piece(ctx: _Context, piece: Piece, where: str, progress: bool) -> dict:
     t = time.perf_counter()
     ev, per_prompt = _evaluate(ctx, generation=_generates(cfg, piece.train_seed))
     eval_s = time.perf_counter() - t
+    check_not_degenerate(tres, per_prompt, ctx.model.cfg.d_vocab, piece.name)
     result = {"key": key, "piece": asdict(piece), "arm": {"method": piece.method, "k": piece.k,
                                                          "seed": piece.train_seed},
               "unit": cfg.unit, "skip": skip, "tuning": tres.to_dict(), "eval": ev,
@@ -976,19 +1033,83 @@ def _run_piece(ctx: _Context, piece: Piece, where: str, progress: bool) -> dict:
     return read_json(path)  # as JSON (tuples -> lists), the same whether fresh or re-used
 
 
+class DegenerateTrainingError(ValueError):
+    """Training collapsed the model to a uniform next-token distribution: its comparisons would be
+    "+0 [+0, +0]" between arms that all say nothing."""
+
+
+def check_not_degenerate(tuning, per_prompt: dict, d_vocab: int, name: str = "the model",
+                         *, tol: float = 1e-3) -> None:
+    """`DegenerateTrainingError` when a tuned model's output is uniform: every benign test
+    answer's NLL is ln(d_vocab) (a uniform distribution's), or training ended on a zero gradient
+    at a loss of ln(d_vocab). `tuning`: its `TuningResult`; `per_prompt`: its evaluation's."""
+    uniform = math.log(d_vocab)
+    nll = [x for x in per_prompt.get("reference_nll", []) if x is not None and math.isfinite(x)]
+    flat_eval = bool(nll) and all(abs(x - uniform) < tol for x in nll)
+    losses, norms = list(tuning.losses), list(tuning.grad_norms)
+    flat_train = bool(losses and norms) and norms[-1] == 0.0 and abs(losses[-1] - uniform) < tol
+    if flat_eval or flat_train:
+        where = (f"its benign answers' NLL is {uniform:.4f} = ln({d_vocab}) on every prompt"
+                 if flat_eval else f"its last step had loss {losses[-1]:.4f} = ln({d_vocab}) and "
+                 "gradient norm 0")
+        raise DegenerateTrainingError(
+            f"Training {name} collapsed the model to uniform output ({where}; lr "
+            f"{tuning.config.get('lr') if isinstance(getattr(tuning, 'config', None), dict) else '?'}"
+            "): its comparisons would mean nothing. Lower the learning rate.")
+
+
 def _load_piece(path: Path, key: str) -> Optional[dict]:
+    """A finished piece (or stage-4 summary) on disk with this key, else None. A file that is not
+    what the run wrote (manifest.json) is recomputed, and the log says why; one that is but does
+    not hold a valid piece is an error naming the file and field."""
     if not path.exists():
         return None
-    try:
-        piece = read_json(path)
-    except (ValueError, FileNotFoundError):
+    if _changed(path):
         return None
-    return piece if piece.get("key") == key else None
+    try:
+        piece = read_json(path, expect=dict)
+    except FileNotFoundError:
+        return None
+    if piece.get("key") != key:
+        return None
+    check_piece(piece, path)
+    return piece
+
+
+def _changed(path: Path) -> bool:
+    """Whether a file about to be re-used differs from what the run wrote (logged: recomputed)."""
+    from .io import changed_since_written
+
+    why = changed_since_written(path)
+    if why is not None:
+        _log(f"{why}: recomputed")
+    return why is not None
+
+
+def check_piece(piece: dict, path: Path) -> None:
+    """ValueError naming `path` and the field, unless `piece` (an arm's or the original's result)
+    has an `eval` object and per-prompt values that are lists of finite numbers or null (NaN is
+    written as null: undefined, never a number)."""
+    if "summary" in piece or "per_prompt" not in piece and "eval" not in piece:
+        return  # a stage-4 summary: checked by its reader
+    json_field(piece, "eval", dict, path)
+    per_prompt = json_field(piece, "per_prompt", dict, path)
+    for metric, values in per_prompt.items():
+        json_field(per_prompt, metric, list, path, where="per_prompt.")
+        for i, v in enumerate(values):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not math.isfinite(v)):
+                raise ValueError(f"{path}: field 'per_prompt.{metric}[{i}]' must be a finite "
+                                 f"number or null, got {v!r:.40}; delete the file and re-run to "
+                                 "recompute it.")
+    if "piece" in piece:
+        json_field(piece, "tuning", dict, path)
+        json_field(piece, "skip", list, path)
 
 
 def _state_key(path: Path) -> Optional[str]:
     """The key stored in a safetensors file's metadata (None if absent or unreadable)."""
-    if not path.exists():
+    if not path.exists() or _changed(path):
         return None
     try:
         from safetensors import safe_open

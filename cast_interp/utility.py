@@ -158,6 +158,7 @@ class OriginalLogprobs:
         self._masks = [_scored_mask(b, eot, tokens) for b in self.batches]
         n_scored = sum(int(m.sum()) for m in self._masks)
         self.kept = n_scored * original.cfg.d_vocab * 4 <= max_bytes
+        self._versions = _weight_versions(original)  # in-place updates bump these
         with backend.inference_layout(original):
             self._logp = ([self._compute(i) for i in range(len(self.batches))] if self.kept
                           else None)
@@ -174,7 +175,18 @@ class OriginalLogprobs:
                                       and torch.equal(batch.tokens, mine.tokens)):
             raise ValueError(f"Batch {i} differs from the one OriginalLogprobs was computed on: "
                              "pass the same data, batch_size and tokens to both.")
-        return self._logp[i] if self._logp is not None else self._compute(i)
+        if self._logp is not None:
+            return self._logp[i]
+        if _weight_versions(self.model) != self._versions:
+            raise ValueError("The original model was changed (trained in place?) after "
+                             "OriginalLogprobs was built, and its log-probs were not kept (above "
+                             "max_bytes): build it from a frozen copy (backend.copy_model).")
+        return self._compute(i)
+
+
+def _weight_versions(model: Model) -> list[int]:
+    """Torch's in-place modification counters of the model's parameters."""
+    return [p._version for p in model.parameters()]
 
 
 @torch.no_grad()
@@ -241,7 +253,9 @@ def _utility_sums(model: Model, batches: list[ChatBatch], original: Optional[Mod
         zeros = torch.zeros(len(batch), dtype=torch.float64)
         sums["reference_nll"].append(zeros.index_add(0, rows, nll.double()))
         sums["n_tokens"].append(mask.sum(-1).double())
-        if original is not None and original is not model:
+        # Stored log-probs are the original's even when `model` is that same object trained in
+        # place since (a notebook's habit): only a bare model identical to `model` gives KL 0.
+        if ref is not None or (original is not None and original is not model):
             logp = (ref.logprobs(i, batch) if ref is not None else _scored_logits(
                 original, batch.tokens, mask).float().log_softmax(-1)).to(logq.device)
             kl = (logp.exp() * (logp - logq)).sum(-1).cpu()

@@ -19,6 +19,7 @@ from cast_interp.data import (DataError, check_fits, load_bundled, load_dataset,
 from cast_interp.diagnose import DiagnosisConfig, diagnose
 from cast_interp.evaluate import EvalConfig
 from cast_interp.generation import generate_tokens
+from cast_interp.io import RunDirectory, atomic_write_json
 from cast_interp.model import DeviceError, ModelLoadError, load_model, tiny_model
 from cast_interp.pipeline import RunConfig, RunMismatchError, run_experiment
 from cast_interp.sparse_tuning import TuningConfig, k_from_fraction, safety_finetune
@@ -126,14 +127,19 @@ def test_leftover_partial_files_are_removed_on_resume(finished, tmp_path):
 
 def test_a_run_dir_refuses_other_data_or_model_fingerprints(tmp_path):
     m = {"settings": {"steps": 2}, "data": {"safe_cal": "aaa"}, "model": {"weights": "w1"}}
-    (tmp_path / "run.json").write_text(json.dumps(m))
+    with RunDirectory(tmp_path) as rd:  # files written as a run writes them (manifest.json)
+        rd.start()
+        atomic_write_json(m, tmp_path / "run.json")
+        atomic_write_json({}, tmp_path / "arms" / "x.json")
     pipeline.claim_run_dir(tmp_path, m)  # the same run: resumed
+    pipeline._release_locks()
     for part, other in (("data", {"safe_cal": "bbb"}), ("model", {"weights": "w2"})):
         with pytest.raises(RunMismatchError, match=f"{part} fingerprint"):
             pipeline.claim_run_dir(tmp_path, {**m, part: other})
-    (tmp_path / "arms").mkdir()
+        pipeline._release_locks()
     (tmp_path / "notes.txt").write_text("mine")
     pipeline.claim_run_dir(tmp_path, {**m, "data": {"safe_cal": "bbb"}}, overwrite=True)
+    pipeline._release_locks()
     assert not (tmp_path / "arms").exists() and not (tmp_path / "run.json").exists()
     assert (tmp_path / "notes.txt").read_text() == "mine"  # only the run's own files go
 
@@ -240,6 +246,7 @@ def test_attribute_rejects_a_bad_config_json(finished, tmp_path, capsys, monkeyp
     run = _copy(finished, tmp_path)
     cfg = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**cfg, **edit}))
+    RunDirectory(run).record(run / "config.json")  # past the manifest: the config's own checks
     _no_model(monkeypatch)
     assert main(["attribute", "--run", str(run)]) == 2
     err = capsys.readouterr().err
