@@ -536,102 +536,25 @@ def attribution_figure_name(arm: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _style(method: str) -> tuple[str, str, str]:
-    from .figures import ARM_STYLE
-
-    return ARM_STYLE.get(method, (method, "#777777", "o"))
-
-
-def _sci(ax, axis: str) -> None:
-    """Scientific notation and few ticks on an axis of small values (KL): labels do not collide."""
-    ax.ticklabel_format(axis=axis, style="sci", scilimits=(-2, 3))
-    ax.locator_params(axis=axis, nbins=5)
-
-
 def plot_safety_curves(pieces: dict[str, dict], *, k: Optional[int] = None):
-    """Validation refusal score and KL to the original along training, per arm (mean over pieces,
-    band = min..max over training seeds / draws), and the trade-off KL vs refusal score.
-    `k` keeps full tuning and the arms at that budget (default: all)."""
-    from matplotlib.figure import Figure
+    """Safety and utility cost along training per arm (`figures.plot_safety_curves`)."""
+    from .figures import plot_safety_curves as _plot
 
-    fig = Figure(figsize=(12, 3.6), dpi=150)
-    axes = fig.subplots(1, 3)
-    for (method, kk), ps in sorted(_by_arm(pieces).items()):
-        if k is not None and kk not in (0, k):
-            continue
-        curves = [p["tuning"].get("curve") or [] for p in ps]
-        if not curves or not all(curves) or len({len(c) for c in curves}) != 1:
-            continue
-        steps = [pt["step"] for pt in curves[0]]
-        score = np.array([[pt["refusal_score"] for pt in c] for c in curves])
-        kl = np.array([[pt["kl"] for pt in c] for c in curves])
-        label, color, marker = _style(method)
-        label = f"{label} (k={kk}, n={len(ps)})"
-        for ax, y in ((axes[0], score), (axes[1], kl)):
-            ax.plot(steps, y.mean(0), color=color, marker=marker, ms=3, lw=1.4, label=label)
-            ax.fill_between(steps, y.min(0), y.max(0), color=color, alpha=0.15, lw=0)
-        axes[2].plot(kl.mean(0), score.mean(0), color=color, marker=marker, ms=3, lw=1.4)
-    _sci(axes[1], "y")
-    _sci(axes[2], "x")
-    axes[0].set(xlabel="step", ylabel="refusal score (validation, log P)",
-                title="Safety along training")
-    axes[1].set(xlabel="step", ylabel="KL(original ‖ tuned) (validation)",
-                title="Utility cost along training")
-    axes[2].set(xlabel="KL(original ‖ tuned)", ylabel="refusal score",
-                title="Trade-off along training (means)")
-    axes[1].legend(fontsize=6, frameon=False, loc="upper left")
-    fig.tight_layout()
-    return fig
+    return _plot(pieces, k=k)
 
 
 def plot_paired_differences(comparisons: dict, *, ref: str = "random"):
-    """Forest plot: each arm minus `ref` with its 95% CI, one panel per primary metric and k."""
-    from matplotlib.figure import Figure
+    """Every endpoint, each arm minus `ref`, paired 95% CIs (`figures.plot_paired_differences`)."""
+    from .figures import plot_paired_differences as _plot
 
-    panels = [(m, k, b) for m in PRIMARY if m in comparisons["metrics"]
-              for k, b in comparisons["metrics"][m].items()]
-    fig = Figure(figsize=(4.2 * max(1, len(panels)), 3.4), dpi=150)
-    axes = np.atleast_1d(fig.subplots(1, max(1, len(panels))))
-    for ax, (metric, k, block) in zip(axes, panels):
-        rows = [r for r in block["rows"] if r.get(f"vs_{ref}")]
-        for i, r in enumerate(rows):
-            d = r[f"vs_{ref}"]
-            _, color, marker = _style(r["method"])
-            ax.errorbar(d["diff"], i, xerr=[[d["diff"] - d["low"]], [d["high"] - d["diff"]]],
-                        fmt=marker, color=color, capsize=3, ms=6)
-        ax.axvline(0, color="grey", lw=0.8)
-        _sci(ax, "x")
-        ax.set_yticks(range(len(rows)), [r["arm"] for r in rows], fontsize=7)
-        ax.set_xlabel(f"{metric} − {ref} (paired, 95% CI)", fontsize=8)
-        ax.set_title(f"{_info(metric)[2]}: k={k}", fontsize=9)
-    fig.tight_layout()
-    return fig
+    return _plot(comparisons, ref=ref)
 
 
 def plot_endpoints(comparisons: dict):
-    """End of training: refusal score (y) against KL to the original (x) per arm, 95% CIs."""
-    from matplotlib.figure import Figure
+    """End points per arm with their own (unpaired) 95% CIs (`figures.plot_endpoints`)."""
+    from .figures import plot_endpoints as _plot
 
-    fig = Figure(figsize=(5.4, 4.0), dpi=150)
-    ax = fig.add_subplot()
-    for k, arms in comparisons["endpoints"].items():
-        for method, ms in arms.items():
-            if not all(m in ms for m in PRIMARY):
-                continue
-            x, y = ms["kl_to_original"], ms["refusal_score"]
-            label, color, marker = _style(method)
-            ax.errorbar(x["mean"], y["mean"],
-                        xerr=[[x["mean"] - x["low"]], [x["high"] - x["mean"]]],
-                        yerr=[[y["mean"] - y["low"]], [y["high"] - y["mean"]]], fmt=marker,
-                        color=color, capsize=2, ms=6,
-                        label=f"{label} (k={0 if method == 'full' else k})")
-    _sci(ax, "x")
-    ax.set_xlabel("KL(original ‖ tuned), benign test (lower is better)")
-    ax.set_ylabel("refusal score, harmful test (higher is safer)")
-    ax.set_title("End points with 95% CIs (seeds x prompts)", fontsize=9)
-    ax.legend(fontsize=6, frameon=False)
-    fig.tight_layout()
-    return fig
+    return _plot(comparisons)
 
 
 def _save(fig, path: Path) -> None:
@@ -659,7 +582,8 @@ def run_figures(out_dir, fig_dir=None) -> list[Path]:
     _save(plot_paired_differences(doc["comparisons"]), fig_dir / "paired_differences")
     _save(plot_endpoints(doc["comparisons"]), fig_dir / "endpoints")
     _save(figures.plot_training_curves(doc["arms"]), fig_dir / "training_curves")
-    _save(figures.plot_drop_vs_k(doc["summary"]), fig_dir / "drop_vs_k")
+    if len(doc["comparisons"]["ks"]) > 1:  # one budget: nothing to draw against k
+        _save(figures.plot_drop_vs_k(doc["summary"]), fig_dir / "drop_vs_k")
     from .attribution import META_FILE, AttributionResult
 
     for meta in sorted((out / "attribution").glob(f"*/{META_FILE}")):

@@ -131,9 +131,10 @@ class TuningConfig:
             the float32 ones before each step; its gradients are cast to float32 for the float32
             weights and AdamW state (mixed precision: the weights, moments, clipping norm and frozen
             restore stay float32). "bf16-autocast": the float32 model under
-            `torch.autocast(dtype=bfloat16)` (matmuls in bf16, weights cast at every call). Which bf16
-            form is faster depends on the machine (`benchmarks/bench_precision.py`); check a bf16
-            run's curves against float32 seeds (`precision_checks.check_curves`) before using it.
+            `torch.autocast(dtype=bfloat16)` (matmuls in bf16, weights cast at every call).
+            Which bf16 form is faster depends on the machine (`benchmarks/bench_precision.py`);
+            check a bf16 run's curves against float32 seeds (`precision_checks.check_curves`)
+            before using it.
         group_by_length: run each step's examples as length-sorted micro-batches (`length_groups`)
             instead of one right-padded batch: the same examples and the same token-mean loss
             (up to float rounding), far fewer padded tokens. The step's batch, its fingerprint and

@@ -347,7 +347,9 @@ def test_check_paired_differences_fails_on_a_corrupted_bf16_evaluation(tiny, one
     nll = lambda m: utility_per_prompt(m, MIXED, batch_size=4)["reference_nll"]  # noqa: E731
     ref_a, ref_b = nll(tiny), nll(arm_b)
     assert check_paired_differences(ref_a, ref_b, nll(tiny), nll(arm_b))["passed"]
-    corrupt = lambda m: perturbed(backend.copy_in_dtype(m, torch.bfloat16), scale=0.05, seed=9)  # noqa
+    def corrupt(m):
+        return perturbed(backend.copy_in_dtype(m, torch.bfloat16), scale=0.05, seed=9)
+
     res = check_paired_differences(ref_a, ref_b, nll(corrupt(tiny)), nll(corrupt(arm_b)))
     assert not res["passed"] and res["ratio"] > 0.05
 
