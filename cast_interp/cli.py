@@ -186,15 +186,6 @@ def _cmd_figures(args) -> int:
     return 0
 
 
-def _cmd_figures(args) -> int:
-    from .report import run_figures
-
-    out = Path(args.out) if args.out else Path(args.run) / "figures"
-    written = run_figures(args.run, out)
-    print(f"{len(written)} figure files in {out}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cast-interp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
