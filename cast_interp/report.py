@@ -564,6 +564,23 @@ def _save(fig, path: Path) -> None:
         save_figure(fig, path.with_suffix(f".{ext}"))
 
 
+def read_results(path) -> dict:
+    """A run's results.json with the fields the report and figures read checked: a wrong schema
+    (a hand edit, another version) is a one-line ValueError naming the file and field."""
+    from .io import json_field
+
+    doc = read_json(path, expect=dict)
+    json_field(doc, "config", dict, path)
+    json_field(doc["config"], "unit", str, path, where="config.")
+    comp = json_field(doc, "comparisons", dict, path)
+    json_field(comp, "ks", list, path, where="comparisons.")
+    json_field(doc, "summary", list, path)
+    for name, arm in json_field(doc, "arms", dict, path).items():
+        json_field(arm, "eval", dict, path, where=f"arms.{name}.")
+        json_field(arm, "per_prompt", dict, path, where=f"arms.{name}.")
+    return doc
+
+
 def run_figures(out_dir, fig_dir=None) -> list[Path]:
     """Every figure of a finished run, regenerated from its saved files alone (no model needed).
 
@@ -574,7 +591,7 @@ def run_figures(out_dir, fig_dir=None) -> list[Path]:
 
     out = Path(out_dir)
     fig_dir = Path(fig_dir) if fig_dir is not None else out / "figures"
-    doc = read_json(out / "results.json")
+    doc = read_results(out / "results.json")
     cmap = ConflictMap.load(out / "diagnosis")
     k = doc["comparisons"]["ks"][0] if doc["comparisons"]["ks"] else 1
     figures.diagnosis_figures(cmap, fig_dir, k=k if doc["config"]["unit"] == "head" else 0.1)
