@@ -471,6 +471,23 @@ def _load_hub_bridge(name: str, *, device: Optional[str], dtype: torch.dtype):
     return model
 
 
+def _known_tl_names() -> set[str]:
+    """TransformerLens' official model names and aliases, lower-cased (TL 3 and TL 4 keep them in
+    different modules); empty if neither is importable."""
+    import importlib
+
+    for mod in ("transformer_lens.loading_from_pretrained", "transformer_lens.supported_models"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        names = {n.lower() for n in getattr(m, "OFFICIAL_MODEL_NAMES", [])}
+        for aliases in getattr(m, "MODEL_ALIASES", {}).values():
+            names |= {a.lower() for a in aliases}
+        return names
+    return set()
+
+
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         return False
@@ -525,7 +542,7 @@ def load_model(
     explicit = name.startswith("hf:") or "/" in name.strip("/")
     name = name[3:] if name.startswith("hf:") else name
     if backend.USES_BRIDGE:
-        if not explicit:
+        if not explicit and name.lower() not in _known_tl_names():
             raise ModelLoadError(
                 f"Unknown model {name!r}: not a built-in name ({DEFAULT_MODEL!r}, "
                 f"{hf_models.GEMMA3_NAME!r}, 'tiny') nor a local folder. Name a Hugging Face hub "
