@@ -11,7 +11,7 @@ either way and `import cast_interp` never needs the extra.
 - `attention_view(model, prompt, layer, head)`: the head's attention pattern on the chat-formatted
   prompt (circuitsvis, as TransformerLens users know it; a plotly heatmap without circuitsvis).
 - `prompt_table(model, head, benign, harmful)`: per prompt, the head's S (mean ablation) on benign
-  prompts and the model's refusal score on harmful ones, for a head and prompt picker.
+  prompts and the model's refusal score on harmful ones; `head_picker` menus of heads and prompts.
 - `to_html(view)`: a view as HTML (scripts from a CDN), to save or to test.
 
 `interactive=None` uses the extra when it is installed; `True` requires it (a clear ImportError
@@ -226,18 +226,19 @@ def prompt_table(model: Any, head: tuple[int, int], benign: Any, harmful: Any, *
     return pd.DataFrame(rows)
 
 
-def head_picker(model: Any, conflict_map: Any, prompts: Sequence[str], *, k: Union[int, float] = 0.1):
-    """An ipywidgets picker (head from the top-k by C, prompt from `prompts`) that redraws
-    `attention_view`; the first head and prompt are drawn at once, so a saved notebook shows them.
-    Without ipywidgets, the first view alone."""
-    heads = [tuple(u) for u in conflict_map.top_heads(k)]
-    first = attention_view(model, prompts[0], *heads[0])
+def head_picker(model: Any, conflict_map: Any, prompts: Sequence[str], *,
+                k: Union[int, float] = 0.1):
+    """An ipywidgets picker: a head from the top-k by C and a prompt from `prompts`; each change
+    draws `attention_view` of that head on that prompt below the menus (a live notebook only: a
+    saved notebook keeps no widget output, so display the first view yourself). `None` without
+    ipywidgets."""
     try:
         import ipywidgets as W
     except ImportError:
-        return first
+        return None
     from IPython.display import display
 
+    heads = [tuple(u) for u in conflict_map.top_heads(k)]
     pick_h = W.Dropdown(options=[(f"L{l}H{h} (rank {i + 1} by C)", (l, h))
                                  for i, (l, h) in enumerate(heads)], description="head")
     pick_p = W.Dropdown(options=[(p[:60], p) for p in prompts], description="prompt")
@@ -250,8 +251,6 @@ def head_picker(model: Any, conflict_map: Any, prompts: Sequence[str], *, k: Uni
 
     pick_h.observe(draw, "value")
     pick_p.observe(draw, "value")
-    with out:
-        display(first)
     return W.VBox([W.HBox([pick_h, pick_p]), out])
 
 
