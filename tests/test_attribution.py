@@ -377,9 +377,9 @@ def test_save_load_summary_self_reference_and_figure(tmp_path):
     assert back.summary().keys() == s.keys()
     assert not list((tmp_path / "att").glob("*.partial"))
     fig = plot_attribution_vs_map(back, _map(original, C))
-    assert len(fig.axes) == 2 and "Spearman" in fig.axes[0].get_title()
-    labels = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
-    assert any("by C" in x for x in labels) and any("chosen on A" in x for x in labels)
+    assert len(fig.axes) == 2 and "Spearman" in fig.axes[0].get_title("left")
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert any("by C" in x for x in labels) and any("on half A" in x for x in labels)
     with pytest.raises(ValueError, match="version"):
         (tmp_path / "att" / "attribution_result.json").write_text('{"format": "other"}')
         AttributionResult.load(tmp_path / "att")
