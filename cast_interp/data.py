@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import random
 from dataclasses import dataclass, field
 from importlib import resources
@@ -34,6 +35,8 @@ from typing import Any, Iterator, Literal, Optional, Sequence, Union
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
+
+from .checks import check_int
 
 Split = Literal["calibration", "train", "test"]
 BundledKind = Literal["harmful", "benign", "over_refusal"]
@@ -793,3 +796,107 @@ def _with_answers(dataset: ChatDataset, answers: list[str], truncated: list[bool
     ex = [ChatExample(e.prompt, a, e.category, {**e.meta, "truncated": t})
           for e, a, t in zip(dataset.examples, answers, truncated)]
     return ChatDataset(dataset.name + "+self-ref", ex, dataset.source)
+
+
+# --------------------------------------------------------------------------------------------------
+# v3 data: larger safety-tuning sets, over-refusal contrast sets, the team's shared datasets
+# --------------------------------------------------------------------------------------------------
+
+SHARED_DATASETS_ENV = "CAST_SHARED_DATASETS"
+
+
+def shared_datasets_dir(path: Union[str, Path, None] = None) -> Optional[Path]:
+    """The folder of public datasets (`advbench.csv`, `xstest_prompts.csv`, ...), or None.
+
+    Looked up in order: `path`, the environment variable CAST_SHARED_DATASETS, `../shared/datasets`
+    beside the repository and beside the working directory. None when absent (a user's machine):
+    callers fall back to the bundled data and say so.
+    """
+    if path is not None:
+        p = Path(path)
+        if not p.is_dir():
+            raise DataError(f"Datasets folder {p} does not exist or is not a folder.")
+        return p
+    candidates = [os.environ.get(SHARED_DATASETS_ENV)]
+    candidates += [str(Path(__file__).resolve().parents[2] / "shared" / "datasets"),
+                   str(Path.cwd().parent / "shared" / "datasets")]
+    for c in candidates:
+        if c and Path(c).is_dir():
+            return Path(c)
+    return None
+
+
+def load_safety_pairs(path: Union[str, Path]) -> ChatDataset:
+    """Safety-tuning pairs `[{instruction, input, output}]` (Bianchi et al. 2024's
+    `safety_only_data_Instructions.json`): harmful instruction (plus input) -> refusal-style answer.
+
+    Rows with an empty answer are an error (D_safe needs a response). The answers are GPT-3.5
+    refusals: the refusal judge and openings must not be built from them (ours are not).
+    """
+    ds = load_table(path, prompt_column="instruction", input_column="input",
+                    response_column="output", name="safety-pairs")
+    missing = [i for i, e in enumerate(ds) if not e.response]
+    if missing:
+        raise DataError(f"{path}: row {missing[0] + 1} (and {len(missing) - 1} more) has no "
+                        "'output'; every safety pair needs a refusal answer.")
+    return ChatDataset(ds.name, [ChatExample(e.prompt, e.response, "safety-pairs") for e in ds],
+                       ds.source)
+
+
+def load_coconot(path: Union[str, Path]) -> ChatDataset:
+    """CoCoNot contrast set (JSONL `{id, category, subcategory, prompt, response}`, Brahman et al.
+    2024): benign prompts that resemble ones a model should decline. Answering is expected, so a
+    refusal here is over-refusal. The (often empty) `response` is dropped."""
+    ds = load_table(path, prompt_column="prompt", response_column=None,
+                    category_column="category", name="coconot-contrast")
+    return ChatDataset(ds.name, [ChatExample(e.prompt, None, e.category) for e in ds], ds.source)
+
+
+def load_mmlu_dir(path: Union[str, Path], *, n_per_subject: Optional[int] = None) -> list[dict]:
+    """Multiple-choice items from every `<subject>_test.csv` in a folder (MMLU layout), subjects in
+    name order, the first `n_per_subject` of each (`utility.load_mmlu_csv`)."""
+    from .utility import load_mmlu_csv
+
+    p = Path(path)
+    if not p.is_dir():
+        raise DataError(f"MMLU folder {p} does not exist or is not a folder.")
+    files = sorted(p.glob("*_test.csv"))
+    if not files:
+        raise DataError(f"{p} has no '<subject>_test.csv' files (MMLU layout).")
+    return [it for f in files for it in load_mmlu_csv(f, n=n_per_subject)]
+
+
+def dedup_against(ds: ChatDataset, *others: ChatDataset, name: Optional[str] = None) -> ChatDataset:
+    """`ds` without prompts that occur in `others` (compared case- and space-normalised), and
+    without repeats of its own prompts: a held-out split must share no prompt with training."""
+    def key(s: str) -> str:
+        return " ".join(s.lower().split())
+
+    seen = {key(e.prompt) for o in others for e in o}
+    kept = []
+    for e in ds:
+        k = key(e.prompt)
+        if k not in seen:
+            seen.add(k)
+            kept.append(e)
+    return ChatDataset(name or ds.name, kept, ds.source)
+
+
+def truncate_responses(tokenizer_or_model: Any, ds: ChatDataset, max_tokens: int) -> ChatDataset:
+    """Responses cut to their first `max_tokens` tokens (decoded back to text), marked truncated so
+    no end-of-turn token follows them. Bounds the cost of training on long answers; the opening,
+    where a refusal is decided, is kept."""
+    check_int("max_tokens", max_tokens, 1)
+    tok = getattr(tokenizer_or_model, "tokenizer", tokenizer_or_model)
+    out = []
+    for e in ds:
+        if e.response is None:
+            out.append(e)
+            continue
+        ids = tok(e.response, add_special_tokens=False)["input_ids"]
+        if len(ids) <= max_tokens:
+            out.append(e)
+        else:
+            text = tok.decode(ids[:max_tokens], skip_special_tokens=True).rstrip()
+            out.append(ChatExample(e.prompt, text, e.category, {**e.meta, "truncated": True}))
+    return ChatDataset(ds.name, out, ds.source)
