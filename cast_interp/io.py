@@ -106,12 +106,13 @@ def atomic_replace(tmp: PathLike, path: PathLike) -> None:
     less the user's umask; `mkstemp` makes 0600), move it onto `path`, and record it in the
     manifest of the run directory being written, if `path` is inside one (`RunDirectory`)."""
     rd = active_run_dir(path)
+    os.chmod(tmp, 0o666 & ~_umask())
     if rd is not None:
         rd.check_writable(path)
-    os.chmod(tmp, 0o666 & ~_umask())
+        # Listed before the move: a kill between the two leaves a listed file whose checksum does
+        # not match (recomputed on resume), never an unlisted file of ours (refused as foreign).
+        rd.record(path, source=tmp)
     os.replace(tmp, path)
-    if rd is not None:
-        rd.record(path)
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -353,9 +354,11 @@ class RunDirectory:
             if not self.manifest_path.exists():
                 self._write({})
 
-    def record(self, path: PathLike) -> None:
-        """Add (or update) `path`'s checksum and size."""
-        entry = {"sha256": sha256_file(path), "size": os.path.getsize(path)}
+    def record(self, path: PathLike, *, source: Optional[PathLike] = None) -> None:
+        """Add (or update) `path`'s checksum and size (of the bytes in `source`, the file about
+        to be moved there, if given)."""
+        src = path if source is None else source
+        entry = {"sha256": sha256_file(src), "size": os.path.getsize(src)}
         with self._flock():
             files = self.files()
             files[self.rel(path)] = entry
@@ -502,6 +505,15 @@ def remove_own_partials(root: PathLike) -> list[Path]:
     return removed
 
 
+def _zombie(pid: int) -> bool:
+    """Whether process `pid` has exited and waits to be reaped (Linux; False where unknown)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] in "ZX"
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 class RunLock:
     """One writer per output folder: `root/.cast-interp.lock` holds the writer's host and pid,
     created exclusively. A lock whose process is gone (same host) is stale and taken over."""
@@ -563,7 +575,7 @@ class RunLock:
             return True
         except PermissionError:
             return False
-        return False
+        return _zombie(pid)  # killed but not reaped (e.g. an orphan in a container): gone
 
     def _busy_message(self) -> str:
         h = self._holder()

@@ -364,9 +364,13 @@ def test_one_run_at_a_time_per_folder_and_a_stale_lock_is_taken_over(finished, t
             pipeline.claim_run_dir(run, manifest, overwrite=True)
         assert _snapshot(run) == before  # its in-flight files untouched, nothing deleted
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        sleeper.kill()  # not reaped yet: a zombie, as a killed job's orphans can stay
+    for _ in range(500):
+        if io_mod._zombie(sleeper.pid):
+            break
+        __import__("time").sleep(0.01)
     pipeline.claim_run_dir(run, manifest)  # its process is gone: a stale lock, taken over
+    sleeper.wait()
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not partial.exists()
     pipeline._release_locks()
