@@ -15,6 +15,8 @@ The layout follows the method, stage by stage:
     evaluate.py                stage 3: both, per prompt, as one `EvalResult`
     attribution.py             stage 4: which units caused the utility drop
     stats.py                   paired bootstrap CIs, nulls, seeded ranks (shared by every stage)
+    inference.py               v3 verdict: CAST against random sets (sets x seeds x prompts),
+                               rank ranges, matched-safety reads, the graded slope
     figures.py, report.py      the paper figures; the run's report and its inference
     inspect.py                 looking inside the flagged heads (where they attend)
     planted.py                 tiny models with a planted conflict (known answers, teaching)

@@ -17,6 +17,12 @@ CAST's claims are comparisons under noise, so each number comes with its uncerta
   order, so ties cannot favour early layers.
 - Matched safety (`interpolate_at`): utility cost read off a training curve at a given safety level.
 
+The v3 readers live in `inference.py` and are importable from here too: `compare_to_random_sets`
+(hierarchical bootstrap over random sets, seeds and prompts, with a prediction interval for a new
+set), `rank_range` (ties as ranges, none from fewer than 20 draws), `utility_at_safety` and
+`matched_safety_levels` (never from step 0, never extrapolated), `graded_slope`,
+`share_or_difference`, `excluded_effect` and `no_difference_text`.
+
 Every choice here is ours (the paper gives no statistics): percentile intervals, the random-effects
 bootstrap of `paired_difference` (see there), the p-value with the +1 correction, top count rounded
 half up. Inputs may be numpy arrays, torch tensors (any device) or sequences; they are converted to
@@ -238,7 +244,9 @@ def paired_difference(a, b, *, n_boot: int = 2000, ci: float = 0.95, seed: int =
     lower_is_better: names the better arm ("better") when significant (lower is better for KL/NLL).
     Returns {"diff", "low", "high", "ci", "relative" (diff / mean(b)), "relative_low",
     "relative_high" (NaN unless mean(b) keeps one sign in every draw), "significant", "verdict"
-    ("a lower than b" / "a higher than b" / "no detectable difference", with `names`), "better",
+    ("a lower than b" / "a higher than b" / "no detectable difference", with `names`),
+    "excludes_beyond" (no difference: the CI excludes effects larger than this, max(|low|, |high|);
+    NaN when significant), "statement" (the verdict; a no-difference one with that bound), "better",
     "mean_a", "mean_b", "n_seeds", "n_prompts", "names", "lower_is_better", "method", "n_boot",
     "seed"}.
     """
@@ -257,7 +265,11 @@ def paired_difference(a, b, *, n_boot: int = 2000, ci: float = 0.95, seed: int =
         if np.all(np.sign(b_draws) == np.sign(mean_b)):  # else the ratio's interval is unbounded
             rel_low, rel_high = (float(v) for v in _interval(d_draws / b_draws, ci))
     significant, verdict, better = _verdict(low, high, diff, tuple(names), lower_is_better)
+    from .inference import excluded_effect, no_difference_text
+
     return {"diff": diff, "low": low, "high": high, "ci": ci, "relative": rel,
+            "excludes_beyond": math.nan if significant else excluded_effect(low, high),
+            "statement": verdict if significant else no_difference_text(low, high),
             "relative_low": rel_low, "relative_high": rel_high, "significant": significant,
             "verdict": verdict, "better": better, "mean_a": float(a2.mean()), "mean_b": mean_b,
             "n_seeds": a2.shape[0], "n_prompts": a2.shape[1], "names": tuple(names),
@@ -277,6 +289,9 @@ def empirical_p(value: float, draws, *, alternative: Alternative = "less") -> di
     Returns {"rank" (1 = most extreme; ties count in value's favour), "n_draws", "p" = (1 + #draws at
     least as extreme) / (n_draws + 1), "percentile" (share of draws below value, ties half, in %),
     "alternative", "n_nan"}. NaN draws are dropped and counted in "n_nan".
+    For a report use `inference.rank_range`: the rank here counts ties in value's favour while p
+    counts them against it, and it ranks among any number of draws (v3: ties as a range, no rank
+    or p from fewer than 20 draws).
     """
     if alternative not in ("less", "greater"):
         raise ValueError(f"alternative must be 'less' or 'greater', got {alternative!r}.")
@@ -401,7 +416,9 @@ def compare_to_null(observed: float, null_samples, *, ci: float = 0.95) -> dict:
     """An observed statistic beside its null: "concentrated" may be said only when beats_null.
 
     Returns {"observed", "null_mean", "null_low", "null_high", "beats_null": observed > null_high,
-    "p": (1 + #null >= observed) / (n_null + 1), "n_null", "ci"}.
+    "p": (1 + #null >= observed) / (n_null + 1), "effect" (observed - null mean: the effect size in
+    the statistic's units), "effect_z" (effect / the null's sd; NaN for a constant null), "n_null",
+    "ci"}.
     """
     observed = float(observed)
     r = null_range(null_samples, ci=ci)
@@ -409,8 +426,13 @@ def compare_to_null(observed: float, null_samples, *, ci: float = 0.95) -> dict:
     p = math.nan
     if r["n"] > 0 and math.isfinite(observed):
         p = empirical_p(observed, null_samples, alternative="greater")["p"]
+    s = _array(null_samples, "null_samples").ravel()
+    s = s[np.isfinite(s)]
+    sd = float(s.std(ddof=1)) if s.size > 1 else math.nan
+    effect = observed - r["mean"] if r["n"] > 0 else math.nan
     return {"observed": observed, "null_mean": r["mean"], "null_low": r["low"],
-            "null_high": r["high"], "beats_null": beats, "p": p, "n_null": r["n"], "ci": ci}
+            "null_high": r["high"], "beats_null": beats, "p": p, "effect": effect,
+            "effect_z": effect / sd if sd > 0 else math.nan, "n_null": r["n"], "ci": ci}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,3 +457,18 @@ def interpolate_at(x, y, x0: float) -> float:
     ux, inv = np.unique(xs, return_inverse=True)
     uy = np.bincount(inv, weights=ys) / np.bincount(inv)
     return float(np.interp(x0, ux, uy))
+
+
+# The v3 readers (inference.py), importable from here; loaded on first use (inference imports this
+# module's helpers).
+_INFERENCE = ("compare_to_random_sets", "rank_range", "utility_at_safety", "matched_safety_levels",
+              "graded_slope", "share_or_difference", "excluded_effect", "no_difference_text",
+              "MIN_DRAWS")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _INFERENCE:
+        from . import inference
+
+        return getattr(inference, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -121,6 +121,9 @@ def test_paired_difference_null_false_positive_rate(seed_sd, prompt_sd, seeds):
         r = paired_difference(b + d, b, n_boot=1000, seed=rep)
         hits += r["significant"]
         assert (r["verdict"] == "no detectable difference") == (not r["significant"])
+        if not r["significant"]:  # the statement gives the smallest effect the CI excludes
+            assert r["excludes_beyond"] == max(-r["low"], r["high"])
+            assert f"excludes |effect| > {r['excludes_beyond']:.3g}" in r["statement"]
     assert 0.01 <= hits / reps <= 0.12
 
 
@@ -245,6 +248,10 @@ def test_null_range_and_compare_to_null():
     assert (r["low"], r["high"]) == (pytest.approx(0.025), pytest.approx(0.975))
     above = compare_to_null(0.9905, null)
     assert above["beats_null"] and above["null_high"] == pytest.approx(0.975)
+    # the effect size beside the null: observed - null mean, and in null sds (sd of 0..1 spaced
+    # evenly: sqrt(1/12) with n / (n - 1) for the sample sd)
+    assert above["effect"] == pytest.approx(0.4905)
+    assert above["effect_z"] == pytest.approx(0.4905 / math.sqrt(1 / 12 * 1001 / 1000), rel=1e-3)
     assert above["p"] == pytest.approx((1 + 10) / 1002)  # 0.991 .. 1.0: 10 null values as high
     assert not compare_to_null(0.96, null)["beats_null"]  # inside the null's range
     assert not compare_to_null(0.5, null)["beats_null"]
