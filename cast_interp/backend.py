@@ -121,10 +121,13 @@ def has_attn_bias(model: Any) -> bool:
     """Whether the architecture has Q/K/V biases (False for Llama-style models)."""
     if is_bridge(model):
         return getattr(_hf_attention(model, 0).q_proj, "bias", None) is not None
-    return architecture(model) not in BIAS_FREE_ARCHITECTURES
+    from .registry.models import bias_free_architectures  # these and the model families'
+
+    return architecture(model) not in bias_free_architectures()
 
 
-# Architectures whose attention has no Q/K/V biases (TransformerLens 3 keeps zero tensors for them).
+# Architectures whose attention has no Q/K/V biases (TransformerLens 3 keeps zero tensors for them);
+# a model family (`registry/models.py`) adds its own with `bias_free=True`.
 BIAS_FREE_ARCHITECTURES = frozenset({
     "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "GemmaForCausalLM",
     "Gemma2ForCausalLM", "Gemma3ForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM",

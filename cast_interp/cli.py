@@ -125,6 +125,7 @@ def _cmd_run(args) -> int:
         seed=args.seed, safety_data=_spec(args.safety_data), utility_data=_spec(args.utility_data),
         over_refusal_data=args.over_refusal_data, split_seed=args.split_seed,
         n_devices=args.n_devices, diag_dtype=args.diag_dtype, lr=args.lr,
+        baselines=args.baselines,
         **({"allow_special_tokens": True} if args.allow_special_tokens else {}),
         **({"attribute": False} if args.no_attribute else {}),
     )
@@ -249,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--lr", type=float, default=None,
                    help="peak learning rate of stage 2, in (0, 1] (default 2e-4)")
+    from .registry.arms import baseline_names  # the arms registry: a registered arm is a choice
+
+    r.add_argument("--baselines", nargs="*", choices=baseline_names(), default=None,
+                   help="arms besides full tuning, CAST and random (default: the preset's; "
+                        "none given: none)")
     r.add_argument("--no-attribute", action="store_true", help="skip stage 4")
     r.add_argument("--n-devices", type=int, default=None,
                    help="split a model too large for one GPU over this many GPUs (TL 3)")

@@ -550,7 +550,16 @@ def format_prompt(tokenizer: Any, prompt: str, *, system_prompt: Optional[str] =
 
 
 def end_of_turn_id(tokenizer: Any) -> int:
-    """The token that ends an assistant turn (EOS / `<|im_end|>`)."""
+    """The token that ends an assistant turn: its model family's (`registry/models.py`; e.g.
+    `<|eot_id|>` for Llama 3, `<|im_end|>` for SmolLM2), else EOS."""
+    from .registry.models import end_of_turn_token
+
+    token = end_of_turn_token(tokenizer)
+    if token is not None:
+        tid = tokenizer.convert_tokens_to_ids(token)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if isinstance(tid, int) and tid >= 0 and (tid != unk or token == tokenizer.unk_token):
+            return int(tid)
     return int(tokenizer.eos_token_id)
 
 

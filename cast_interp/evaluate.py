@@ -34,6 +34,7 @@ from .backend import Model
 from .data import ChatDataset
 from .checks import check_int, check_types
 from .io import atomic_write_json, check_fields, read_json
+from .registry.metrics import computed as _registered_metrics, metric_names
 from .safety import (  # noqa: F401  (re-exported)
     PUBLIC_REFUSAL_PREFIXES,
     REFUSAL_OPENINGS,
@@ -138,9 +139,9 @@ class EvalConfig:
         return cls(**d)
 
 
-#: Metric names in table order: generation-free endpoints first.
-METRICS = ("refusal_score", "refusal_rate", "over_refusal_score", "over_refusal_rate",
-           "kl_to_original", "reference_nll", "task_accuracy")
+#: The built-in metric names in table order (generation-free endpoints first). The metrics
+#: registry (`registry/metrics.py`) is the source: `metric_names()` adds registered ones.
+METRICS = tuple(metric_names())
 
 
 @dataclass
@@ -273,9 +274,17 @@ def _evaluate(model: Model, original, config: EvalConfig, harmful, benign, over_
     task = timed("task_accuracy", lambda: task_accuracy(
         model, task_items, normalize=config.task_normalize, batch_size=config.batch_size)
     ) if task_items is not None else None
+    # Metrics registered from outside the package (`register_metric`): each on its own set.
+    extra = {spec: timed(spec.name, lambda spec=spec: _registered_values(spec, model, sets[spec.on],
+                                                                         original))
+             for spec in _registered_metrics() if not spec.generation}
     timings["generation_free"] = round(sum(timings.values()), 3)
     gen = timed("generation", lambda: _generated_refusals(model, sets, config, progress)
                 ) if config.generation else None
+    if config.generation:
+        extra.update({spec: timed(spec.name, lambda spec=spec: _registered_values(
+            spec, model, sets[spec.on], original)) for spec in _registered_metrics()
+            if spec.generation})
 
     def mean(values):
         return None if values is None else float(torch.as_tensor(values, dtype=torch.float64
@@ -303,6 +312,9 @@ def _evaluate(model: Model, original, config: EvalConfig, harmful, benign, over_
         "task_accuracy": task["accuracy"] if task else None,
         "task_chance": task["chance"] if task else None,
     }
+    for spec, values in extra.items():
+        per_prompt[spec.key] = values
+        metrics[spec.name] = mean(values)
     timings["generation_free_share"] = round(
         timings["generation_free"] / max(timings["generation_free"] + timings.get("generation", 0),
                                          1e-9), 3)
@@ -321,6 +333,16 @@ def _evaluate(model: Model, original, config: EvalConfig, harmful, benign, over_
         per_prompt=per_prompt, answers=answers,
         judge=_judge_summary(config.refusal_scope) if gen else {},
     )
+
+
+def _registered_values(spec, model: Model, data: ChatDataset, original) -> list[float]:
+    """A registered metric's per-prompt values on its set (None -> NaN: undefined), checked."""
+    values = list(spec.compute(model, data, original=original))
+    if len(values) != len(data):
+        raise ValueError(f"Metric {spec.name!r} returned {len(values)} values for the "
+                         f"{len(data)} examples of its set {spec.on!r}: its compute function "
+                         "must return one value per example, in dataset order.")
+    return [float("nan") if v is None else float(v) for v in values]
 
 
 def _generated_refusals(model: Model, sets: dict[str, ChatDataset],
@@ -349,7 +371,8 @@ def format_table(results: Union[dict[str, EvalResult], Sequence[EvalResult]], *,
         named = [(str(r.model.get("model_name") or f"#{i}"), r) for i, r in enumerate(results)]
     if not named:
         raise ValueError("No results to tabulate.")
-    cols = list(METRICS) + sorted({k for _, r in named for k in r.metrics} - set(METRICS))
+    names = metric_names()
+    cols = names + sorted({k for _, r in named for k in r.metrics} - set(names))
     lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in named:
         cells = ["-" if r.metrics.get(c) is None else f"{r.metrics[c]:.{digits}f}" for c in cols]

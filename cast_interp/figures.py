@@ -595,16 +595,15 @@ def plot_safety_curves(pieces: dict[str, dict], *, k: Optional[int] = None) -> F
     return fig
 
 
-# Short names, units and the better direction of the report's metrics (`report.METRICS`).
-METRIC_SHORT: dict[str, tuple[str, str]] = {
-    "kl_to_original": ("KL to original, benign", "nats/token"),
-    "refusal_score": ("refusal score, harmful", "log P, nats"),
-    "refusal": ("refusal rate, harmful (generated)", "fraction"),
-    "over_refusal_score": ("over-refusal score", "log P, nats"),
-    "over_refusal": ("over-refusal rate (generated)", "fraction"),
-    "reference_nll": ("NLL of benign references", "nats/token"),
-    "task_correct": ("task accuracy", "fraction"),
-}
+def _metric_short(key: str) -> tuple[str, str]:
+    """(short name, unit) of a reported metric, from the metrics registry (`registry/metrics.py`)."""
+    from .registry.metrics import get_metric
+
+    try:
+        spec = get_metric(key)
+    except ValueError:
+        return (key.replace("_", " "), "")
+    return (spec.short, spec.unit)
 
 
 def plot_paired_differences(comparisons: dict, *, ref: str = "random") -> Figure:
@@ -641,7 +640,7 @@ def plot_paired_differences(comparisons: dict, *, ref: str = "random") -> Figure
             ax.axvline(0, color="0.5", lw=0.8)
             ax.set_yticks(range(len(rows)), names)
             ax.set_ylim(-0.6, len(rows) - 0.4)
-            short, unit = METRIC_SHORT.get(metric, (metric.replace("_", " "), ""))
+            short, unit = _metric_short(metric)
             better = "better: ← lower" if lower else "better: higher →"
             _sci(ax, "x", f"{better}\n− {ref} ({unit or 'difference'})")
             ax.set_title(short, loc="left")

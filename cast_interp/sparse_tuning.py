@@ -76,6 +76,7 @@ Scope = Literal["attention", "all"]
 Precision = Literal["float32", "bf16", "bf16-autocast"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 UnitKind = Literal["head", "group"]
+# The built-in arms; `registry.arms.arm_names()` lists every registered one (the source).
 ArmMethod = Literal["cast", "full", "random", "bottom", "top_o", "top_s", "layer_band"]
 ARMS: tuple[str, ...] = get_args(ArmMethod)
 Arm = ArmMethod  # v1 name of the Literal
@@ -440,14 +441,17 @@ class ValidationMonitor:
         self.describe = {"harmful": harmful.describe(), "benign": benign.describe()}
 
     def per_prompt(self, model: Model) -> dict[str, Tensor]:
+        from .registry.metrics import curve_key
         from .safety import refusal_logprobs
         from .utility import utility_per_prompt
 
         with backend.inference_layout(model):  # once for both measures
             kl = utility_per_prompt(model, self.benign_batches, original=self.original_logprobs,
                                     batch_size=self.batch_size, tokens="content")["kl_to_original"]
-            return {"refusal_score": refusal_logprobs(model, self.harmful,
-                                                      batch_size=self.batch_size), "kl": kl}
+            # The curves' keys are the metrics registry's (`registry/metrics.py`).
+            return {curve_key("refusal_score"): refusal_logprobs(model, self.harmful,
+                                                                 batch_size=self.batch_size),
+                    curve_key("kl_to_original"): kl}
 
     def __call__(self, model: Model) -> dict[str, float]:
         return {k: float(v.nanmean()) for k, v in self.per_prompt(model).items()}
@@ -848,139 +852,11 @@ class _HasScores(Protocol):
     C: Tensor
 
 
-def k_from_fraction(k: Union[int, float], n_total: int) -> int:
-    """A budget as a count of units: an int is a count in 0..n_total; a float a fraction in [0, 1),
-    rounded half up, at least 1 when positive (the conflict map's rule, so both agree at x.5)."""
-    if isinstance(k, bool) or not isinstance(k, (int, float)):
-        raise TypeError(f"k must be a count (int) or a fraction (float in [0, 1)), got {k!r}.")
-    if isinstance(k, float):
-        if not 0.0 <= k < 1.0:
-            raise HeadIndexError(f"k = {k} is out of range: a fraction must be in [0, 1) "
-                                 f"(or pass a count 0..{n_total}).")
-        return 0 if k == 0 else stats.count_from_fraction(k, n_total)
-    if not 0 <= k <= n_total:
-        raise HeadIndexError(f"k = {k} is out of range: there are {n_total} units "
-                             f"(use a count 0..{n_total} or a fraction in [0, 1)).")
-    return int(k)
-
-
-def layer_band_heads(
-    model: Union[Model, tuple[int, int]], k: Union[int, float], *,
-    start_layer: Optional[int] = None,
-) -> list[Unit]:
-    """All units of a band of consecutive whole layers, the layer baseline at budget k.
-
-    `model` is a model (query heads) or a `(n_layers, n_units_per_layer)` grid (e.g. key/value
-    groups). The band has ceil(k / n_units_per_layer) layers: it freezes exactly the parameters of
-    k units when k is a multiple of the units per layer, and otherwise rounds *up* to the next
-    whole layer (it then freezes more than k units). `start_layer` defaults (ours) to the band
-    centred on the middle of the network.
-    """
-    L, H = ((model.cfg.n_layers, model.cfg.n_heads) if hasattr(model, "cfg")
-            else (int(model[0]), int(model[1])))
-    k = k_from_fraction(k, L * H)
-    n_band = -(-k // H)
-    if n_band == 0:
-        return []
-    if start_layer is None:
-        start_layer = (L - n_band) // 2
-    if not 0 <= start_layer <= L - n_band:
-        raise HeadIndexError(f"A band of {n_band} layers starting at layer {start_layer} does not "
-                             f"fit in {L} layers (start in 0..{L - n_band}).")
-    return [(l, h) for l in range(start_layer, start_layer + n_band) for h in range(H)]
-
-
-def _scores(conflict_map: Any, unit: UnitKind) -> dict[str, Tensor]:
-    """{"O", "S", "C"} `[n_layers, n_units]` of the map for this kind of unit, shapes checked."""
-    if unit == "group":
-        if not hasattr(conflict_map, "units"):
-            raise TypeError("unit='group' needs a ConflictMap (with group scores).")
-        d = conflict_map.units("group")
-    else:
-        d = conflict_map.units("head") if hasattr(conflict_map, "units") else {
-            a: getattr(conflict_map, a, None) for a in ("O", "S", "C")}
-    missing = [a for a in ("O", "S", "C") if not isinstance(d.get(a), Tensor)]
-    if missing:
-        raise TypeError(f"conflict_map must have O, S, C tensors (a ConflictMap); missing "
-                        f"{missing}.")
-    shape = tuple(d["C"].shape)
-    if len(shape) != 2:
-        raise ValueError(f"Conflict scores must be [n_layers, n_units], got shape {shape}.")
-    for a in ("O", "S"):
-        if tuple(d[a].shape) != shape:
-            raise ValueError(f"conflict_map.{a} has shape {tuple(d[a].shape)} but C has {shape}.")
-    return d
-
-
-def _ranked(scores: Float[Tensor, "n_layers n_units"], k: int, *, largest: bool,
-            tie_seed: int) -> list[Unit]:
-    """Top-k (or bottom-k) units by score; NaN never selected; ties in a seeded random order
-    (`stats.rank_order`), never by layer order."""
-    from .stats import rank_order
-
-    n_finite = int(torch.isfinite(scores).sum())
-    if n_finite < k:
-        raise ValueError(f"Only {n_finite} units have a finite score, fewer than k={k}; "
-                         "the conflict map is incomplete (NaN scores mean undefined values).")
-    n = scores.shape[1]
-    order = rank_order(scores.flatten(), seed=tie_seed, largest=largest)[:k]
-    return sorted((int(i) // n, int(i) % n) for i in order)
-
-
-def select_arm_units(
-    arm: ArmMethod,
-    conflict_map: Optional[_HasScores],
-    k: Union[int, float],
-    *,
-    unit: UnitKind = "head",
-    seed: int = 0,
-    model: Optional[Model] = None,
-    start_layer: Optional[int] = None,
-) -> list[Unit]:
-    """The units an arm skips at budget k (a count, or a fraction of all units of the kind).
-
-    Arms: "cast" top-k by C; "full" none (k ignored); "random" a sample of k units drawn with the
-    draw seed `seed` (independent of the training seed); "bottom" bottom-k by C; "top_o" / "top_s"
-    top-k by O / S alone; "layer_band" whole consecutive layers (`layer_band_heads`, rounded up).
-    NaN scores are never selected; ties are broken by the map's seeded order (`ConflictMap.seed`).
-    `unit`: "head" (query heads) or "group" (key/value groups, GQA; scores from the map's groups).
-    `conflict_map` is a `ConflictMap`, or for heads anything with `O`, `S`, `C` tensors
-    `[n_layers, n_heads]`; with `model`, its shape and identity are checked against the model.
-    """
-    _check_choice("arm", arm, ARMS)
-    _check_choice("unit", unit, get_args(UnitKind))
-    if arm == "full":
-        return []
-    scores = _scores(conflict_map, unit) if conflict_map is not None else None
-    shape = tuple(scores["C"].shape) if scores is not None else None
-    if model is not None:
-        mshape = (model.cfg.n_layers, U.n_units(model, unit))
-        if shape is not None and shape != mshape:
-            raise HeadIndexError(
-                f"The conflict map is [{shape[0]} layers x {shape[1]} {unit}s] but the model has "
-                f"{mshape[0]} x {mshape[1]}: it was computed on a different model. Recompute the "
-                "map on this model.")
-        if shape is not None and hasattr(conflict_map, "check_model"):
-            conflict_map.check_model(model)
-        shape = mshape
-    if shape is None:
-        raise ValueError(f"Arm {arm!r} needs a conflict map or a model (for the unit grid).")
-    n_total = shape[0] * shape[1]
-    k = k_from_fraction(k, n_total)
-    if arm == "layer_band":
-        return layer_band_heads(shape, k, start_layer=start_layer)
-    if k == 0:
-        return []
-    if arm == "random":
-        gen = torch.Generator().manual_seed(seed)
-        pick = torch.randperm(n_total, generator=gen)[:k]
-        return sorted((int(i) // shape[1], int(i) % shape[1]) for i in pick)
-    if scores is None:
-        raise ValueError(f"Arm {arm!r} with k={k} ranks units by the conflict map: pass one "
-                         "(a ConflictMap from the diagnosis stage).")
-    by = {"cast": "C", "bottom": "C", "top_o": "O", "top_s": "S"}[arm]
-    return _ranked(scores[by], k, largest=arm != "bottom",
-                   tie_seed=int(getattr(conflict_map, "seed", 0)))
+# Arm selection lives in the arms registry (`registry/arms.py`: one table of selectors and styles);
+# these names stay importable from here.
+from .registry.arms import (  # noqa: E402,F401  (re-exported)
+    _scores, k_from_fraction, layer_band_heads, ranked as _ranked, select_arm_units,
+)
 
 
 def select_arm_heads(arm: ArmMethod, conflict_map: Optional[_HasScores], k: Union[int, float], *,

@@ -7,7 +7,8 @@ Sizes follow the ACL two-column format (column 7.7 cm, text width 16 cm): a figu
 `report.run_figures` draws with them) uses `rc()`, `arm_style()` and these constants, so changing a
 font or a colour here changes it everywhere.
 
-The arm palette is Okabe-Ito (colour-blind safe), one colour per method, read from `ARMS`.
+The arm palette is Okabe-Ito (colour-blind safe), one colour per method, read from `ARMS` (the arms
+registry's styles).
 """
 
 from __future__ import annotations
@@ -34,20 +35,12 @@ RC: dict[str, Any] = {
     "pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "none",  # editable text in vector output
 }
 
-# method: (label, colour, marker). One row per arm kind; every figure reads its colours here.
-ARMS: dict[str, tuple[str, str, str]] = {
-    "full": ("full tuning", "#000000", "s"),
-    "cast": ("CAST (skip top-k by C)", "#D55E00", "*"),
-    "random": ("random k heads", "#0072B2", "o"),
-    "bottom": ("bottom-k by C", "#009E73", "v"),
-    "top_o": ("top-k by O only", "#CC79A7", "^"),
-    "top_s": ("top-k by S only", "#E69F00", "D"),
-    "layer_band": ("layer band", "#56B4E9", "P"),
-}
+# method: (label, colour, marker), one row per arm kind, and the drawing order (the arm a figure is
+# about last, on top): both tables are the arms registry's (`registry/arms.py`), so an arm
+# registered there is drawn in its own colour.
+from .registry.arms import ARM_STYLES as ARMS, Z_ORDER  # noqa: E402
+
 OTHER_ARM = ("#777777", "o")
-# Drawing order: the arm the figure is about last, on top of the others.
-Z_ORDER = {"random": 2, "full": 3, "bottom": 2, "top_o": 2, "top_s": 2, "layer_band": 2,
-           "cast": 5}
 
 HIGHLIGHT = "#D55E00"        # marked / flagged heads (CAST's colour)
 NEUTRAL = "#8DA0CB"          # bars and points that are not an arm
