@@ -203,8 +203,10 @@ def _load_tiny(name, *, device=None, dtype=None, cache_dir=None, n_devices=1):
 
 
 def _load_directory(name, *, device=None, dtype=None, cache_dir=None, n_devices=1):
+    # The folder's own context (learned position embeddings fix it), at most DEFAULT_N_CTX for
+    # rotary models (`model.hooked_config_from_hf`).
     return _model().load_hf_directory(os.path.expanduser(name), device=device, dtype=dtype,
-                                      n_devices=n_devices, n_ctx=n_ctx_of("hf-directory"))
+                                      n_devices=n_devices)
 
 
 def _load_hub(name, *, device=None, dtype=None, cache_dir=None, n_devices=1):
@@ -236,7 +238,6 @@ register_model_family("llama-3", _load_directory, end_of_turn="<|eot_id|>", bias
                       architectures=("LlamaForCausalLM",))
 # A local Hugging Face folder (Llama or GPT-2 under TL 3; what the bridge supports under TL 4).
 register_model_family("hf-directory", _load_directory,
-                      matches=lambda name: os.path.isdir(os.path.expanduser(name)),
-                      n_ctx=DEFAULT_N_CTX)
+                      matches=lambda name: os.path.isdir(os.path.expanduser(name)))
 # Any other name: TransformerLens's own config (needs the model hub).
 register_model_family(HUB, _load_hub)
