@@ -484,14 +484,19 @@ def _analyze(res: AttributionResult, cmap: Any, *, k: dict[str, int], n_bootstra
     every, B = list(range(len(pe["drop"]))), res.rows("B")
     tok, drop = pe["tokens"], pe["drop"]
     n_tok = float(tok.sum())
+    halves = (("", every), ("_A", res.rows("A")), ("_B", B))
+    # each half's drop with its CI: a share over a drop whose CI reaches 0 is not reported as a
+    # share (`inference.share_or_difference`), so the report needs the denominators' CIs
     out: dict[str, Any] = {"unit": res.config["unit"], "drop": {
         "total": float(drop.sum()) / n_tok, "total_ci": _ratio_ci(drop, tok, every, boot),
+        **{f"ci{t}": _ratio_ci(drop, tok, rows, boot) for t, rows in halves[1:]},
         "L_util_tuned": float(pe["nll_tuned"].sum()) / n_tok,
         "L_util_original": float(pe["nll_original"].sum()) / n_tok, "n_tokens": n_tok}}
     joint = {name[len("joint_"):]: v for name, v in pe.items() if name.startswith("joint_")}
     out["joint"] = {name: {"recovered": float(v.sum()) / n_tok,
-                           **{f"share{t}": _ratio_ci(v, drop, rows, boot)
-                              for t, rows in (("", every), ("_A", res.rows("A")), ("_B", B))}}
+                           **{f"share{t}": _ratio_ci(v, drop, rows, boot) for t, rows in halves},
+                           **{f"recovered_ci{t}": _ratio_ci(v, tok, rows, boot)
+                              for t, rows in halves}}
                     for name, v in joint.items()}
     out["additivity"] = _additivity(res, joint.get("all_units"), n_tok)
     out["agreement"] = {}
@@ -583,8 +588,19 @@ def _summary(res: AttributionResult) -> dict:
     s.update({f"additivity_{k}": v for k, v in a["additivity"].items()})
     for kind, g in a["agreement"].items():
         s.update({f"agreement_{kind}_{k}": v for k, v in g.items()})
+    for t in ("_A", "_B"):  # a half's drop and recovered amounts (nats/token), if recorded
+        if f"ci{t}" in a["drop"]:
+            h = a["drop"][f"ci{t}"]
+            s.update({f"total_drop{t}": h["estimate"], f"total_drop{t}_low": h["low"],
+                      f"total_drop{t}_high": h["high"]})
     for name, j in a["joint"].items():
         s[f"{name}_recovered"] = j["recovered"]
+        for t in ("", "_A", "_B"):
+            if f"recovered_ci{t}" in j:
+                r = j[f"recovered_ci{t}"]
+                s.update({f"{name}_recovered{t}": r["estimate"],
+                          f"{name}_recovered{t}_low": r["low"],
+                          f"{name}_recovered{t}_high": r["high"]})
         for part in ("share", "share_A", "share_B"):
             s.update({f"{name}_{part}": j[part]["estimate"], f"{name}_{part}_low": j[part]["low"],
                       f"{name}_{part}_high": j[part]["high"]})

@@ -53,12 +53,13 @@ def excluded_effect(low: float, high: float) -> float:
 
 
 def no_difference_text(low: float, high: float, *, unit: str = "") -> str:
-    """'no detectable difference (excludes |effect| > 0.027 nats/token)': the verdict of a CI that
-    contains 0, with the smallest effect size it excludes (`excluded_effect`)."""
+    """'no detectable difference (excludes effects beyond ±0.027 nats/token)': the verdict of a CI
+    that contains 0, with the smallest effect size it excludes (`excluded_effect`). No '|' in the
+    text: it goes into markdown table cells."""
     x = excluded_effect(low, high)
     if not math.isfinite(x):
         return "no detectable difference"
-    return f"no detectable difference (excludes |effect| > {x:.3g}{' ' + unit if unit else ''})"
+    return f"no detectable difference (excludes effects beyond ±{x:.3g}{' ' + unit if unit else ''})"
 
 
 def _ci_reaches_zero(ci: Mapping[str, Any]) -> bool:
@@ -215,7 +216,9 @@ def compare_to_random_sets(cast, sets, *, n_boot: int = 2000, ci: float = 0.95, 
     sets: `[n_sets, n_seeds, n_prompts]` the same for each random set, on the SAME training seeds
     and prompts (paired: cell (s, p) of CAST goes with cell (k, s, p) of every set). A size-1 axis
     is allowed and not resampled (one seed: set and seed effects cannot be told apart; per-piece
-    values: pass n_prompts = 1).
+    values: pass n_prompts = 1). cast may also be `[n_sets, n_seeds, n_prompts]`, CAST's values
+    paired with each set: sets nested in seeds (each set trained on one seed) pass n_seeds = 1 and
+    CAST on each set's own seed.
 
     Design (ours). d[k, s, p] = cast[s, p] - sets[k, s, p] is a crossed three-factor grid. It is
     split into a grand mean, main effects of set, seed and prompt, their two-way interactions and
@@ -229,8 +232,9 @@ def compare_to_random_sets(cast, sets, *, n_boot: int = 2000, ci: float = 0.95, 
       effects (variance: the set-to-set component, over the seed and prompt populations). Its
       interval is a prediction interval; the verdict follows it (primary endpoint): exchangeable
       with the sets, CAST's interval excludes 0 about 1 - ci of the time.
-    - CAST's percentile among the sets: `rank_range` of CAST's mean among the sets' means
-      (None with a reason under `min_draws` sets); z: (CAST - mean of sets) / sd of the sets.
+    - CAST's percentile among the sets: `rank_range` of CAST's mean among the sets' paired means
+      (mean(cast) - mean(d[k]): a set's mean when CAST is shared, else the set seed-matched to
+      CAST; None with a reason under `min_draws` sets); z: (CAST - their mean) / their sd.
     Few seeds (2-3): the seed components come from that many values and are rough.
     Returns {"diff", "low", "high", "pred_low", "pred_high", "significant" (prediction interval
     excludes 0), "verdict", "better", "mean_significant", "mean_verdict", "excludes_beyond" (for a
@@ -244,7 +248,7 @@ def compare_to_random_sets(cast, sets, *, n_boot: int = 2000, ci: float = 0.95, 
         c = c[None, :]
     if s.ndim == 2:
         s = s[:, None, :]
-    if c.ndim != 2 or s.ndim != 3 or s.shape[1:] != c.shape:
+    if s.ndim != 3 or not (c.shape == s.shape[1:] or c.shape == s.shape):
         raise ValueError(f"cast must be [n_seeds, n_prompts] and sets [n_sets, n_seeds, n_prompts] "
                          f"on the same seeds and prompts, got cast {np.shape(cast)} and sets "
                          f"{np.shape(sets)}.")
@@ -255,7 +259,7 @@ def compare_to_random_sets(cast, sets, *, n_boot: int = 2000, ci: float = 0.95, 
     if K < 2:
         raise ValueError(f"Need at least 2 random sets to resample sets, got {K}.")
     B = int(n_boot)
-    d = c[None] - s
+    d = (c[None] if c.ndim == 2 else c) - s
     m, eff, comp = _crossed_effects(d)
     _, eff_b, _ = _crossed_effects(s)
     d_tilde = m + sum(eff.values())
@@ -285,8 +289,8 @@ def compare_to_random_sets(cast, sets, *, n_boot: int = 2000, ci: float = 0.95, 
         rel = diff / mean_b
         if np.all(np.sign(b_draws) == np.sign(mean_b)):
             rel_low, rel_high = _stretched(d_draws / b_draws, rel, ci, df_mean)
-    set_means = s.mean(axis=(1, 2))
     mean_c = float(c.mean())
+    set_means = mean_c - d.mean(axis=(1, 2))
     alt = "less" if lower_is_better else "greater"
     try:
         rank, rank_note = rank_range(mean_c, set_means, alternative=alt, min_draws=min_draws), None
@@ -422,8 +426,8 @@ def matched_safety_levels(curves: Union[Mapping[str, CurveLike], Sequence[CurveL
     base = {"low": sign * lo, "high": sign * hi, "low_set_by": lo_by, "high_set_by": hi_by}
     if lo > hi:
         return {**base, "levels": [], "reason": f"no level is reached by every piece: piece "
-                f"{lo_by!r} starts at {sign * lo:.4g} (first trained checkpoint), past piece "
-                f"{hi_by!r}'s best {sign * hi:.4g}"}
+                f"{lo_by} starts at {sign * lo:.4g} (its first trained checkpoint), past the best "
+                f"of piece {hi_by}, {sign * hi:.4g}"}
     if lo == hi:
         return {**base, "levels": [sign * lo], "reason": "the common range is one point"}
     return {**base, "levels": [float(sign * v) for v in np.linspace(lo, hi, int(n_levels))],

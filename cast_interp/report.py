@@ -9,12 +9,20 @@ module turns them into the comparisons METHOD v2 asks for (stage 3, "Inference")
   training seeds and prompts, with a 95% bootstrap CI over seeds and prompts. The random arm's
   value on a seed is the mean over its draws on that seed. A difference is called real only when
   its CI excludes 0; otherwise the report says "no detectable difference".
-- CAST among the random draws (`stats.empirical_p`): each draw is compared with CAST on the draw's
-  own training seed (seed-matched: draw value - CAST on its seed + CAST's mean), so the rank
-  reflects the unit sets, not the data order.
-- Matched safety (`stats.interpolate_at`): each piece's utility cost (validation KL) read off its
-  training curve at the validation refusal score reached by the weakest piece, compared between
-  arms over training seeds.
+- CAST against the random sets (`inference.compare_to_random_sets`, METHOD v3): a bootstrap over
+  random sets, training seeds and prompts gives CAST minus the sets' mean with a CI and CAST minus
+  a *new* set with a prediction interval (the verdict); CAST's rank among the sets is a range when
+  draws tie (`inference.rank_range`), and none is given from fewer than 20 sets. Each set is
+  compared with CAST on the set's own training seeds, so the rank reflects the unit sets, not the
+  data order.
+- Matched safety (`inference.utility_at_safety`): each piece's utility cost (validation KL) read
+  off its training curve at 3 validation refusal scores that every piece reaches between trained
+  checkpoints (`inference.matched_safety_levels`): never on the line from the untrained model,
+  never extrapolated; compared between arms over training seeds.
+- Wording: a "no detectable difference" states the effects its CI excludes
+  (`inference.no_difference_text`); a share whose denominator's CI reaches 0 is shown as the
+  difference in the metric's units (`inference.share_or_difference`). The primary endpoints are
+  labelled; the rest are secondary.
 
 `report_markdown` writes the tables; `run_figures` draws the figures from the saved files alone:
 safety and utility cost along training per arm with seed bands, paired differences vs random with
@@ -30,7 +38,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import stats
+from . import inference, stats
 from .io import read_json
 from .registry import metrics as _metric_registry
 
@@ -122,9 +130,11 @@ def _mean_ci(a: np.ndarray, cfg: dict) -> dict:
 def compare_arms(doc: dict) -> dict:
     """Every comparison of the report, from `results.json`'s content (`config`, `arms`).
 
-    Returns {"metrics": {metric: {k: {"rows": [...], "cast_rank": empirical_p or None}}},
+    Returns {"metrics": {metric: {k: {"rows": [...], "cast_rank": rank_range or None,
+    "cast_rank_note" (why there is no rank), "cast_vs_sets": compare_to_random_sets or None}}},
     "matched_safety": {...}, "endpoints": {k: {arm: {metric: {"mean", "low", "high"}}}},
-    "seeds", "n_draws"}. A row: {"arm", "method", "k", "n_pieces", "n_frozen", "mean",
+    "seeds", "n_draws", "primary" (the primary endpoints: config "primary_endpoints" or
+    `PRIMARY`)}. A row: {"arm", "method", "k", "n_pieces", "n_frozen", "mean",
     "vs_cast", "vs_random", "vs_full"} (each a `paired_difference` result or None).
     """
     cfg, pieces = doc["config"], doc["arms"]
@@ -132,7 +142,8 @@ def compare_arms(doc: dict) -> dict:
     arms = _by_arm(pieces)
     ks = sorted({k for m, k in arms if m != "full"})
     out: dict[str, Any] = {"seeds": seeds, "n_draws": cfg.get("n_draws"), "metrics": {},
-                           "endpoints": {}, "ks": ks}
+                           "endpoints": {}, "ks": ks,
+                           "primary": list(cfg.get("primary_endpoints") or PRIMARY)}
     for metric in _ordered_metrics(pieces):
         have, seeds_m = _with_metric(arms, metric, seeds)
         if not seeds_m:
@@ -141,8 +152,10 @@ def compare_arms(doc: dict) -> dict:
         for k in ks:
             mats = {m: seed_matrix(ps, seeds_m, lambda p: p["per_prompt"][metric])
                     for (m, kk), ps in have.items() if kk == k or m == "full"}
+            rank, note = _cast_rank(have, k, seeds_m, metric)
             per_k[k] = {"rows": _rows(mats, have, k, metric, cfg), "seeds": seeds_m,
-                        "cast_rank": _cast_rank(have, k, seeds_m, metric)}
+                        "cast_rank": rank, "cast_rank_note": note,
+                        "cast_vs_sets": _cast_vs_sets(have, k, seeds_m, metric, cfg)}
             ends = out["endpoints"].setdefault(k, {})
             for m, a in mats.items():
                 ends.setdefault(m, {})[metric] = _mean_ci(a, cfg)
@@ -166,30 +179,80 @@ def _rows(mats: dict[str, np.ndarray], arms: dict, k: int, metric: str, cfg: dic
     return rows
 
 
-def _cast_rank(arms: dict, k: int, seeds: list[int], metric: str) -> Optional[dict]:
-    """CAST's rank among the random draws at k, each draw seed-matched (see module docstring)."""
+def _cast_rank(arms: dict, k: int, seeds: list[int],
+               metric: str) -> tuple[Optional[dict], Optional[str]]:
+    """CAST's rank among the random draws at k, each draw seed-matched (see module docstring; a
+    draw on several seeds: its mean difference to CAST over them), as `inference.rank_range`
+    (ties as a range); (None, reason) with fewer than 20 draws."""
     if ("cast", k) not in arms or ("random", k) not in arms:
-        return None
+        return None, None
     cast = {p["piece"]["train_seed"]: np.nanmean(p["per_prompt"][metric])
             for p in arms[("cast", k)]}
     value = float(np.mean([cast[s] for s in seeds]))
-    draws = [np.nanmean(p["per_prompt"][metric]) - cast[p["piece"]["train_seed"]] + value
-             for p in arms[("random", k)] if p["piece"]["train_seed"] in seeds]
+    per_draw: dict[Any, list[float]] = {}  # a set trained on several seeds is one draw
+    for p in arms[("random", k)]:
+        if p["piece"]["train_seed"] in seeds:
+            per_draw.setdefault(p["piece"].get("draw"), []).append(
+                np.nanmean(p["per_prompt"][metric]) - cast[p["piece"]["train_seed"]])
+    draws = [float(np.mean(v)) + value for v in per_draw.values()]
     lower = _info(metric)[1]
-    res = stats.empirical_p(value, draws, alternative="less" if lower else "greater")
+    try:
+        res = inference.rank_range(value, draws, alternative="less" if lower else "greater")
+    except ValueError as e:
+        return None, str(e)
     res["value"] = value
+    return res, None
+
+
+def _cast_vs_sets(arms: dict, k: int, seeds: list[int], metric: str, cfg: dict) -> Optional[dict]:
+    """CAST against the random sets at k, resampling sets, seeds and prompts
+    (`inference.compare_to_random_sets`). Sets that trained on every seed give a crossed
+    [sets, seeds, prompts] grid; otherwise (v2: one seed per set) each set is paired with CAST on
+    its own seeds (means over them) and the seed axis has one level: a set's effect and its seed's
+    cannot be told apart ("layout": "nested"). Prompts non-finite anywhere are dropped. None
+    without both arms or with fewer than 2 sets."""
+    if ("cast", k) not in arms or ("random", k) not in arms:
+        return None
+    cast = {p["piece"]["train_seed"]: np.asarray(p["per_prompt"][metric], float)
+            for p in arms[("cast", k)]}
+    sets: dict[Any, dict[int, np.ndarray]] = {}
+    for p in arms[("random", k)]:
+        if p["piece"]["train_seed"] in seeds and p["piece"]["train_seed"] in cast:
+            sets.setdefault(p["piece"].get("draw"), {})[p["piece"]["train_seed"]] = \
+                np.asarray(p["per_prompt"][metric], float)
+    if len(sets) < 2:
+        return None
+    on = [s for s in seeds if s in cast]
+    if all(sorted(v) == sorted(on) for v in sets.values()):
+        layout, c = "crossed", np.stack([cast[s] for s in on])
+        r = np.stack([np.stack([v[s] for s in on]) for v in sets.values()])
+    else:
+        layout = "nested"
+        c = np.stack([np.mean([cast[s] for s in v], axis=0) for v in sets.values()])[:, None]
+        r = np.stack([np.mean(list(v.values()), axis=0) for v in sets.values()])[:, None]
+    ok = np.isfinite(c).all(tuple(range(c.ndim - 1))) & np.isfinite(r).all((0, 1))
+    if ok.sum() < 1:
+        return None
+    res = inference.compare_to_random_sets(
+        c[..., ok], r[..., ok], n_boot=cfg.get("n_boot", 2000), ci=cfg.get("ci", 0.95),
+        seed=cfg.get("seed", 0), lower_is_better=_info(metric)[1], names=("CAST", "random sets"))
+    res.update(layout=layout, n_dropped=int((~ok).sum()))
     return res
 
 
 def matched_safety(doc: dict) -> dict:
     """Utility cost (validation KL) at equal safety (validation refusal score), per arm and seed.
 
-    target: the highest validation refusal score that every piece reaches along training (the
-    weakest piece's best), so each piece's curve covers it. Each piece's KL is interpolated at
-    target on its curve (`stats.interpolate_at`); arms are compared over training seeds (random:
-    mean over its draws per seed) with `paired_difference` on the `[n_seeds]` vectors (bootstrap
-    over seeds only). With fewer than `MIN_SEEDS_MATCHED` seeds there is no CI (ours: a bootstrap
-    over 2 or 3 values gives intervals that mean nothing).
+    levels (METHOD v3): `inference.matched_safety_levels`, 3 validation refusal scores evenly
+    spaced over the range that every piece reaches between trained checkpoints; target: the top
+    one (the weakest piece's best). Each piece's KL is read at each level by
+    `inference.utility_at_safety`: linear in safety between the two trained checkpoints around the
+    first crossing, never on the line from the untrained model (step 0), never extrapolated. Arms
+    are compared over training seeds (random: mean over its draws per seed) with
+    `paired_difference` on the `[n_seeds]` vectors (bootstrap over seeds only). With fewer than
+    `MIN_SEEDS_MATCHED` seeds there is no CI (ours: a bootstrap over 2 or 3 values gives intervals
+    that mean nothing). Returns {"target", "rows" (at target), "levels", "by_level" ([{"level",
+    "rows"}]), "n_seeds", "final_val"}, or {"target": None, "note"}.
     """
     cfg, pieces = doc["config"], doc["arms"]
     seeds = list(cfg["train_seeds"])
@@ -198,10 +261,25 @@ def matched_safety(doc: dict) -> dict:
         return {"target": None, "note": "no training curves (eval curves need a monitor)"}
     safe = _metric_registry.curve_key("refusal_score")
     cost = _metric_registry.curve_key("kl_to_original")
-    target = min(max(pt[safe] for pt in c) for c in curves.values())
-    at = {id(pieces[n]): stats.interpolate_at([pt[safe] for pt in c],
-                                              [pt[cost] for pt in c], target)
-          for n, c in curves.items()}
+    steps = {n: [pt.get("step", i) for i, pt in enumerate(c)] for n, c in curves.items()}
+    lv = inference.matched_safety_levels(
+        {n: (steps[n], [pt[safe] for pt in c]) for n, c in curves.items()},
+        n_levels=cfg.get("matched_levels", 3))
+    if not lv["levels"]:
+        return {"target": None, "note": lv["reason"]}
+    by_level = []
+    for level in lv["levels"]:
+        at = {id(pieces[n]): inference.utility_at_safety(steps[n], [pt[safe] for pt in c],
+                                                         [pt[cost] for pt in c], level)["utility"]
+              for n, c in curves.items()}
+        by_level.append({"level": level, "rows": _matched_rows(at, pieces, seeds, cfg)})
+    return {"target": lv["levels"][-1], "rows": by_level[-1]["rows"], "levels": lv["levels"],
+            "by_level": by_level, "n_seeds": len(seeds),
+            "final_val": {n: c[-1] for n, c in curves.items()}}
+
+
+def _matched_rows(at: dict, pieces: dict, seeds: list[int], cfg: dict) -> list[dict]:
+    """One matched-safety row per arm from each piece's value `at[id(piece)]`."""
     arms = _by_arm(pieces)
     vec = {arm: seed_matrix(ps, seeds, lambda p: at[id(p)]) for arm, ps in arms.items()}
     rows = []
@@ -220,8 +298,7 @@ def matched_safety(doc: dict) -> dict:
             else:
                 row[f"diff_{ref}"] = float(np.mean(v - vec[(ref, rk)]))
         rows.append(row)
-    return {"target": target, "rows": rows, "n_seeds": len(seeds),
-            "final_val": {n: c[-1] for n, c in curves.items()}}
+    return rows
 
 
 def summarize(base: dict, results: dict[str, dict]) -> list[dict]:
@@ -260,10 +337,11 @@ def _num(v: Any) -> str:
 
 
 def _cell(r: Optional[dict]) -> str:
-    """'+0.012 [-0.003, +0.027] no detectable difference' from a paired_difference result."""
+    """'+0.012 [-0.003, +0.027] no detectable difference (excludes effects beyond ±0.027)' from a
+    paired_difference result."""
     if r is None:
         return "–"
-    verdict = "no detectable difference" if not r["significant"] else \
+    verdict = inference.no_difference_text(r["low"], r["high"]) if not r["significant"] else \
         ("**lower**" if r["diff"] < 0 else "**higher**")
     return f"{_num(r['diff'])} [{_num(r['low'])}, {_num(r['high'])}] {verdict}"
 
@@ -294,14 +372,16 @@ def report_markdown(doc: dict) -> str:
              f"training seeds and test prompts, with a {cfg.get('ci', 0.95):.0%} bootstrap CI over "
              "seeds and prompts (`stats.paired_difference`); the random arm's value on a seed is "
              "the mean of its draws on that seed. A difference is called real only when its CI "
-             "excludes 0, otherwise: no detectable difference.", ""]
+             "excludes 0, otherwise: no detectable difference, with the effect sizes its CI "
+             "excludes.", ""]
     warn = _quick_look(cfg)
     if warn:
         lines += [warn, ""]
     lines += _verdict_lines(comp)
     lines += _diagnosis_lines(doc)
+    primary = comp.get("primary", PRIMARY)
     for metric, per_k in comp["metrics"].items():
-        lines += _metric_lines(metric, per_k, cfg["train_seeds"])
+        lines += _metric_lines(metric, per_k, cfg["train_seeds"], primary=metric in primary)
     lines += _matched_lines(comp["matched_safety"])
     lines += _time_lines(doc)
     lines += _attribution_lines(doc)
@@ -320,21 +400,54 @@ def _total_time(doc: dict) -> str:
             f"invocations ({each} min; later ones re-use finished stages).")
 
 
+def _rank_text(block: dict) -> str:
+    """'2–20 of 21 (p = 0.10–0.95)' from a block's `rank_range`, or why there is none."""
+    rank = block.get("cast_rank")
+    if not rank:
+        note = block.get("cast_rank_note")
+        return f"none ({note.split(':')[0]})" if note else "–"
+    p = (f"p = {rank['p']:.2f}" if rank["p_low"] == rank["p_high"]
+         else f"p = {rank['p_low']:.2f}–{rank['p_high']:.2f}")
+    return f"{rank['rank']} of {rank['n_draws'] + 1} ({p})"
+
+
+def _sets_cells(block: dict, cast: dict) -> tuple[str, str]:
+    """The verdict's CAST − random sets cells: the mean difference with its CI over sets, seeds
+    and prompts, and CAST − a new set with its prediction interval (the old seed x prompt CI when
+    the sets could not be resampled)."""
+    v = block.get("cast_vs_sets")
+    if not v:
+        return _cell(cast.get("vs_random")) + " (sets not resampled)", "–"
+    mean = (f"{_num(v['diff'])} [{_num(v['low'])}, {_num(v['high'])}] "
+            + (("**lower**" if v["diff"] < 0 else "**higher**") if v["mean_significant"]
+               else inference.no_difference_text(v["low"], v["high"])))
+    new = (f"{_num(v['diff'])} [{_num(v['pred_low'])}, {_num(v['pred_high'])}] "
+           + (("**lower**" if v["diff"] < 0 else "**higher**") if v["significant"]
+              else "within the sets' spread"))
+    return mean, new
+
+
 def _verdict_lines(comp: dict) -> list[str]:
-    """CAST against random and against full tuning on the primary endpoints, per k."""
-    lines = ["## Verdict", "", "| k | endpoint | CAST − random [95% CI] | CAST − full [95% CI] | "
-             "CAST's rank among random draws |", "|---|---|---|---|---|"]
-    for metric in PRIMARY:
+    """CAST against the random sets and against full tuning on the primary endpoints, per k."""
+    lines = ["## Verdict", "", "Primary endpoints (declared): "
+             + ", ".join(f"`{m}`" for m in comp.get("primary", PRIMARY)) + "; every other "
+             "endpoint below is secondary. CAST against the random sets: a bootstrap over random "
+             "sets, training seeds and prompts (`inference.compare_to_random_sets`); the "
+             "prediction interval says where CAST minus a *new* random set falls, and a "
+             "difference from random head choice is claimed only when it excludes 0.", "",
+             "| k | endpoint | CAST − random sets' mean [95% CI] | CAST − a new random set "
+             "[95% prediction interval] | CAST − full [95% CI] | CAST's rank among random sets |",
+             "|---|---|---|---|---|---|"]
+    for metric in comp.get("primary", PRIMARY):
         for k, block in comp["metrics"].get(metric, {}).items():
             cast = next((r for r in block["rows"] if r["method"] == "cast"), None)
             if cast is None:
                 continue
-            rank = block.get("cast_rank")
-            where = (f"{rank['rank']} of {rank['n_draws'] + 1} (p = {rank['p']:.2f})"
-                     if rank else "–")
-            lines.append(f"| {k} | {metric} | {_cell(cast['vs_random'])} | "
-                         f"{_cell(cast['vs_full'])} | {where} |")
-    return lines + ["", "Lower KL is less utility lost; a higher refusal score is safer.", ""]
+            mean, new = _sets_cells(block, cast)
+            lines.append(f"| {k} | {metric} | {mean} | {new} | {_cell(cast['vs_full'])} | "
+                         f"{_rank_text(block)} |")
+    return lines + ["", "Lower KL is less utility lost; a higher refusal score is safer. Ranks: "
+                    "1 = best; tied draws give a range; none from fewer than 20 random sets.", ""]
 
 
 def _diagnosis_lines(doc: dict) -> list[str]:
@@ -358,9 +471,11 @@ def _diagnosis_lines(doc: dict) -> list[str]:
                     "", "![conflict maps](figures/conflict_maps.png)", ""]
 
 
-def _metric_lines(metric: str, per_k: dict, all_seeds: list[int]) -> list[str]:
+def _metric_lines(metric: str, per_k: dict, all_seeds: list[int], *,
+                  primary: bool = False) -> list[str]:
     label, lower, role = _info(metric)
-    lines = [f"## {label} ({role}; {'lower' if lower else 'higher'} is better)", ""]
+    lines = [f"## {label} ({'primary' if primary else 'secondary'} endpoint; {role}; "
+             f"{'lower' if lower else 'higher'} is better)", ""]
     for k, block in per_k.items():
         seeds = block.get("seeds", all_seeds)
         on = "" if list(seeds) == list(all_seeds) else f" Measured on training seeds {seeds} only."
@@ -373,11 +488,29 @@ def _metric_lines(metric: str, per_k: dict, all_seeds: list[int]) -> list[str]:
                          f"{cells} |")
         rank = block.get("cast_rank")
         if rank:
+            p = (f"{rank['p']:.3f}" if rank["p_low"] == rank["p_high"]
+                 else f"{rank['p_low']:.3f} to {rank['p_high']:.3f} ({rank['n_ties']} ties)")
             lines += ["", f"CAST among the {rank['n_draws']} random draws (each against CAST on "
                       f"its own training seed): rank {rank['rank']} of {rank['n_draws'] + 1} "
-                      f"({'lowest' if lower else 'highest'} first), empirical p = {rank['p']:.3f}."]
+                      f"({'lowest' if lower else 'highest'} first), empirical p = {p}."]
+        elif block.get("cast_rank_note"):
+            lines += ["", f"CAST's rank among the random draws: not given ("
+                      f"{block['cast_rank_note'].rstrip('.')})."]
+        sets = block.get("cast_vs_sets")
+        if sets:
+            how = ("every set on every training seed" if sets["layout"] == "crossed" else
+                   "each set against CAST on its own training seed: a set's effect and its "
+                   "seed's cannot be told apart")
+            lines += ["", f"CAST against the {sets['n_sets']} random sets, resampling sets, "
+                      f"seeds and prompts ({how}): CAST − their mean {_num(sets['diff'])} "
+                      f"[{_num(sets['low'])}, {_num(sets['high'])}]; CAST − a new random set: "
+                      f"95% prediction interval [{_num(sets['pred_low'])}, "
+                      f"{_num(sets['pred_high'])}]; z = {sets['z']:.2f} (CAST against the sets' "
+                      "spread)."]
         cast = next((r for r in block["rows"] if r["method"] == "cast"), None)
         rel = (cast or {}).get("vs_random")
+        if sets and math.isfinite(sets.get("relative_low", math.nan)):
+            rel = sets  # the relative CI with the sets resampled
         if metric == "kl_to_original" and rel and math.isfinite(rel.get("relative_low", math.nan)):
             half = (rel["relative_high"] - rel["relative_low"]) / 2
             lines += ["", f"CAST's KL relative to random's: {rel['relative']:+.1%} "
@@ -389,11 +522,22 @@ def _metric_lines(metric: str, per_k: dict, all_seeds: list[int]) -> list[str]:
 
 def _matched_lines(ms: dict) -> list[str]:
     if not ms.get("rows"):
-        return []
+        return ["## Utility cost at matched safety", "", f"Not read: {ms['note']}.", ""] \
+            if ms.get("note") else []
+    levels = ms.get("by_level") or [{"level": ms["target"], "rows": ms["rows"]}]
     lines = ["## Utility cost at matched safety", "",
-             f"Validation KL of each piece read off its training curve at validation refusal score "
-             f"{ms['target']:.3f} (the highest score every piece reaches), compared over training "
-             "seeds only (no prompts)."]
+             "Validation KL of each piece read off its training curve at validation refusal "
+             "scores " + ", ".join(f"{lv['level']:.3f}" for lv in levels) + " (evenly spaced up "
+             "to the highest score every piece reaches; read linearly between the two trained "
+             "checkpoints around the first crossing, never on the line from the untrained model, "
+             "never extrapolated), compared over training seeds only (no prompts)."]
+    for lv in levels:
+        lines += _matched_table({**ms, "target": lv["level"], "rows": lv["rows"]})
+    return lines
+
+
+def _matched_table(ms: dict) -> list[str]:
+    lines = ["", f"At validation refusal score {ms['target']:.3f}:"]
     if ms["n_seeds"] < MIN_SEEDS_MATCHED:
         lines += [f" With {ms['n_seeds']} seed(s) there is no CI (needs {MIN_SEEDS_MATCHED}): mean "
                   "differences only, no verdict.", "",
@@ -490,7 +634,29 @@ def _attribution_lines(doc: dict) -> list[str]:
     def ci(att, n):
         return f"{f(att.get(n))} [{f(att.get(n + '_low'))}, {f(att.get(n + '_high'))}]"
 
+    notes: list[str] = []
+
+    def share(att, n):
+        """A share over the drop of its half, or the recovered amount (nats/token) when that
+        drop's CI reaches 0 (`inference.share_or_difference`)."""
+        half = n[-2:] if n.endswith(("_A", "_B")) else ""
+        drop = "total_drop" + half
+        if not isinstance(att.get(drop + "_low"), (int, float)):
+            return ci(att, n) + (" (denominator CI not recorded)" if half else "")
+        rec = n.replace("_share", "_recovered")
+        r = inference.share_or_difference(
+            {"estimate": att.get(rec, math.nan), "low": att.get(rec + "_low", math.nan),
+             "high": att.get(rec + "_high", math.nan)},
+            {"estimate": att[drop], "low": att[drop + "_low"], "high": att[drop + "_high"]},
+            {"estimate": att.get(n), "low": att.get(n + "_low"), "high": att.get(n + "_high")},
+            unit="nats/token")
+        if r["kind"] == "share":
+            return ci(att, n)
+        notes.append(f"{n}: {r['note']}")
+        return f"{f(r['estimate'])} [{f(r['low'])}, {f(r['high'])}] nats/token recovered*"
+
     names = [("total_drop", "utility drop (nats/token)", True),
+             ("total_drop_B", "utility drop on half B (nats/token)", True),
              ("top_k_C_share_B", "share recovered by the map's top-k, half B", True),
              ("selected_share_B", "share recovered by the top-k chosen on half A, half B", True),
              ("all_units_share", "share recovered by reverting every unit", True),
@@ -513,8 +679,11 @@ def _attribution_lines(doc: dict) -> list[str]:
              "| quantity | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
     for name, label, with_ci in names:
         if any(isinstance(att.get(name), (int, float)) for att in atts.values()):
-            cells = [ci(atts[a], name) if with_ci else f(atts[a].get(name)) for a in arms]
+            cells = [(share(atts[a], name) if "_share" in name else ci(atts[a], name)) if with_ci
+                     else f(atts[a].get(name)) for a in arms]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if notes:
+        lines += ["", "\\* " + "; ".join(notes) + "."]
     figs = [f"![attribution, {a}](figures/{attribution_figure_name(a)}.png)" for a in arms]
     return lines + [""] + figs + [""]
 

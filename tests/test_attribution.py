@@ -274,6 +274,12 @@ def test_a_planted_damaging_head_is_found_out_of_sample_and_beats_random_draws()
     assert res.ranking("head")[0] == planted
     assert res.config["selected"] == [list(planted)]
     assert a["joint"]["selected"]["share_B"]["estimate"] > 0.5
+    # half B's drop and the recovered amount, in nats/token with CIs: the share is their ratio
+    s = res.summary()
+    assert s["selected_recovered_B_low"] <= s["selected_recovered_B"] <= s["selected_recovered_B_high"]
+    assert s["total_drop_B_low"] <= s["total_drop_B"] <= s["total_drop_B_high"]
+    assert s["selected_share_B"] == pytest.approx(s["selected_recovered_B"] / s["total_drop_B"],
+                                                  rel=1e-9)
     assert a["joint"]["top_k_C"]["share"]["estimate"] == pytest.approx(
         float(res.head["share"][planted]), rel=1e-6)
     r = a["random"]

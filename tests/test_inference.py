@@ -128,6 +128,10 @@ def test_random_sets_rank_needs_20_sets_and_bad_input():
     assert math.isfinite(r["pred_low"])  # the prediction interval does not need 20 sets
     one_seed = compare_to_random_sets(cast[0], sets[:, 0], n_boot=200)  # [n_prompts], [n_sets, P]
     assert one_seed["n_seeds"] == 1 and "seed" not in one_seed["components"]
+    # sets nested in seeds: CAST given per set (on the set's own seed), one seed axis
+    nested = compare_to_random_sets(np.repeat(cast[None, :1], 5, 0), sets[:, :1], n_boot=200)
+    assert nested["diff"] == pytest.approx((cast[0] - sets[:, 0]).mean())
+    assert nested["set_means"] == pytest.approx(sets[:, 0].mean(1))
     with pytest.raises(ValueError, match="same seeds and prompts"):
         compare_to_random_sets(cast, sets[:, :, :-1])
     with pytest.raises(ValueError, match="at least 2 random sets"):
@@ -288,7 +292,8 @@ def test_excluded_effect_and_no_difference_text():
     assert excluded_effect(-0.003, 0.027) == pytest.approx(0.027)
     assert excluded_effect(-0.05, 0.01) == pytest.approx(0.05)
     assert math.isnan(excluded_effect(NAN, 0.1))
-    assert no_difference_text(-0.003, 0.027) == "no detectable difference (excludes |effect| > 0.027)"
+    assert no_difference_text(-0.003, 0.027) == \
+        "no detectable difference (excludes effects beyond ±0.027)"
     assert no_difference_text(-0.003, 0.027, unit="nats/token").endswith("0.027 nats/token)")
     rng = np.random.default_rng(0)
     b = rng.normal(size=(4, 30))

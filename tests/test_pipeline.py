@@ -245,7 +245,7 @@ def test_compare_arms_finds_a_planted_difference_and_calls_noise_no_difference()
         "cast": lambda s, d: base * 0.7 + noise(),     # planted: 30% less KL than random
         "random": lambda s, d: base + noise(),
         "bottom": lambda s, d: base + noise(),         # same as random
-    })
+    }, n_draws=20)
     comp = report.compare_arms(doc)
     rows = {r["method"]: r for r in comp["metrics"]["kl_to_original"][3]["rows"]}
     cast_vs_random = rows["cast"]["vs_random"]
@@ -254,9 +254,19 @@ def test_compare_arms_finds_a_planted_difference_and_calls_noise_no_difference()
     assert rows["bottom"]["vs_random"]["verdict"] == "no detectable difference"
     assert "no detectable difference" in report._cell(rows["bottom"]["vs_random"])
     assert rows["full"]["vs_cast"]["significant"] and rows["full"]["vs_cast"]["diff"] > 0
-    rank = comp["metrics"]["kl_to_original"][3]["cast_rank"]
-    assert rank["rank"] == 1 and rank["p"] == pytest.approx(1 / 9)  # below all 8 draws
+    block = comp["metrics"]["kl_to_original"][3]
+    rank = block["cast_rank"]
+    assert rank["rank"] == "1" and rank["p"] == pytest.approx(1 / 21)  # below all 20 draws
+    sets = block["cast_vs_sets"]  # 20 sets, one seed each: resampled with CAST on their seeds
+    assert sets["layout"] == "nested" and sets["n_sets"] == 20
+    assert sets["significant"] and sets["relative"] == pytest.approx(-0.3, abs=0.02)
     assert rows["cast"]["n_frozen"] == rows["random"]["n_frozen"] == 30
+    # 8 draws: no rank, and the report says why
+    few = report.compare_arms(_planted_doc({"cast": lambda s, d: base + noise(),
+                                            "random": lambda s, d: base + noise()}))
+    assert few["metrics"]["kl_to_original"][3]["cast_rank"] is None
+    assert "fewer than 20" in few["metrics"]["kl_to_original"][3]["cast_rank_note"]
+    assert any("none (8 finite draw(s))" in line for line in report._verdict_lines(few))
 
 
 def test_random_arm_is_averaged_over_its_draws_per_seed():

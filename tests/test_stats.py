@@ -123,7 +123,7 @@ def test_paired_difference_null_false_positive_rate(seed_sd, prompt_sd, seeds):
         assert (r["verdict"] == "no detectable difference") == (not r["significant"])
         if not r["significant"]:  # the statement gives the smallest effect the CI excludes
             assert r["excludes_beyond"] == max(-r["low"], r["high"])
-            assert f"excludes |effect| > {r['excludes_beyond']:.3g}" in r["statement"]
+            assert f"excludes effects beyond ±{r['excludes_beyond']:.3g}" in r["statement"]
     assert 0.01 <= hits / reps <= 0.12
 
 
