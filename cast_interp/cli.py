@@ -187,6 +187,26 @@ def _cmd_figures(args) -> int:
     return 0
 
 
+def _cmd_regime(args) -> int:
+    from .model import load_model
+    from .regime import CPU_SWEEP, SweepConfig, run_regime_sweep, write_sweep_report
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the sweep.")
+    if out.is_dir() and any(out.iterdir()) and not (out / "sweep.json").exists():
+        raise ValueError(f"--out {out} is a non-empty folder that holds no sweep; give a new or "
+                         "empty folder (nothing was changed).")
+    cfg = SweepConfig(**CPU_SWEEP) if args.preset == "cpu" else SweepConfig()
+    if args.report_only:
+        print(write_sweep_report(out).read_text())
+        return 0
+    model = load_model(args.model, device=args.device)
+    run_regime_sweep(model, cfg, out, datasets=args.datasets)
+    print(write_sweep_report(out).read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cast-interp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -286,6 +306,20 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--run", required=True, help="output directory of `cast-interp run`")
     f.add_argument("--out", default=None, help="where to write them (default: RUN/figures)")
     f.set_defaults(fn=_cmd_figures)
+
+    g = sub.add_parser("regime", help="sweep full safety tuning for a regime with a utility tax "
+                                      "(METHOD v3), before any arm is compared")
+    g.add_argument("--model", default="smollm2-135m-instruct")
+    g.add_argument("--device", default=None)
+    g.add_argument("--out", required=True, help="sweep folder (resumable)")
+    g.add_argument("--datasets", default=None,
+                   help="public datasets folder (default: ../shared/datasets or "
+                        "$CAST_SHARED_DATASETS when present; 'bundled' forces the bundled sets)")
+    g.add_argument("--preset", choices=("cpu", "full"), default="cpu",
+                   help="cpu: 5 settings up to 64 steps; full: 2 scopes x 3 lrs up to 256 steps")
+    g.add_argument("--report-only", action="store_true",
+                   help="rewrite report.md and the figure from the sweep's files")
+    g.set_defaults(fn=_cmd_regime)
     return p
 
 

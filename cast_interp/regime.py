@@ -653,25 +653,14 @@ CPU_SWEEP = dict(order=("all@2e-4", "attention@2e-4", "attention@5e-5", "attenti
                  n_over_test=256, n_generate=64)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    import argparse
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m cast_interp.regime ...` = `cast-interp regime ...`."""
+    import sys
 
-    from .model import load_model
+    from .cli import main as cli_main
 
-    ap = argparse.ArgumentParser(prog="python -m cast_interp.regime",
-                                 description="The regime sweep of full safety tuning (METHOD v3).")
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--out", required=True, help="output directory (resumable)")
-    ap.add_argument("--datasets", default=None, help="public datasets folder (default: found)")
-    ap.add_argument("--preset", choices=("cpu", "full"), default="cpu",
-                    help="cpu: 5 settings up to 64 steps; full: scopes x 3 lrs up to 256 steps")
-    a = ap.parse_args(argv)
-    cfg = SweepConfig(**CPU_SWEEP) if a.preset == "cpu" else SweepConfig()
-    model = load_model(a.model)
-    summary = run_regime_sweep(model, cfg, a.out, datasets=a.datasets)
-    write_sweep_report(a.out)
-    print(json.dumps(summary["chosen"], indent=1))
+    return cli_main(["regime", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

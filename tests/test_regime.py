@@ -171,6 +171,12 @@ def test_sweep_on_bundled_data_and_checkpoint_equals_direct_run(tmp_path, one_th
     text = report.read_text()
     assert "| attention_lr1e-3 | 2 |" in text and "| attention_lr1e-3 | 4 |" in text
     assert (tmp_path / "sweep" / "regime_sweep.png").stat().st_size > 1000
+    # the CLI redraws the report from the files; a file as --out is a one-line error
+    from cast_interp.cli import main as cli_main
+
+    assert cli_main(["regime", "--out", str(tmp_path / "sweep"), "--report-only"]) == 0
+    (tmp_path / "f.txt").write_text("x")
+    assert cli_main(["regime", "--out", str(tmp_path / "f.txt")]) == 2
     # resume: a finished setting is not re-run (its files are unchanged)
     before = (tmp_path / "sweep" / "settings" / "attention_lr1e-3" / "done.json").read_text()
     again = tiny_model(seed=0, n_ctx=512)
