@@ -30,6 +30,7 @@ its configuration. Undefined values are NaN: a NaN unit stays NaN in C, ranks la
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -535,14 +536,28 @@ class ConflictMap:
         return f"ConflictMap({L} layers x {H} heads, C by {how!r}, top: {top})"
 
 
+CONC_HEADER = ["| score | top-10% share | null 95% | share − null mean | Gini | null 95% | "
+               "Gini − null mean | verdict |", "|---|---|---|---|---|---|---|---|"]
+
+
+def _effect(obs: float, null: dict) -> str:
+    """The effect size beside a null: observed - null mean, and in null sds where recorded."""
+    z = null.get("effect_z")
+    zs = f" (z = {z:.1f})" if isinstance(z, (int, float)) and math.isfinite(z) else ""
+    return f"{obs - null['null_mean']:+.3f}{zs}"
+
+
 def _fmt_conc(name: str, c: dict) -> str:
-    """One markdown row: observed top-10% share and Gini beside the null's 95% range."""
+    """One markdown row (`CONC_HEADER`): observed top-10% share and Gini beside the null's 95%
+    range, and each one's effect size (observed - null mean)."""
     if not c.get("null"):
-        return f"| {name} | {c['top10_share']:.3f} | — | {c['gini']:.3f} | — | no null (no bootstrap) |"
+        return (f"| {name} | {c['top10_share']:.3f} | — | — | {c['gini']:.3f} | — | — | "
+                "no null (no bootstrap) |")
     t, g = c["null"]["top10_share"], c["null"]["gini"]
     verdict = "concentrated (beats the null)" if c["concentrated"] else "not beyond the null"
     return (f"| {name} | {c['top10_share']:.3f} | {t['null_low']:.3f}–{t['null_high']:.3f} | "
-            f"{c['gini']:.3f} | {g['null_low']:.3f}–{g['null_high']:.3f} | {verdict} |")
+            f"{_effect(c['top10_share'], t)} | {c['gini']:.3f} | "
+            f"{g['null_low']:.3f}–{g['null_high']:.3f} | {_effect(c['gini'], g)} | {verdict} |")
 
 
 def map_report(cmap: ConflictMap, *, k: Union[int, float] = 0.1) -> str:
@@ -559,9 +574,7 @@ def map_report(cmap: ConflictMap, *, k: Union[int, float] = 0.1) -> str:
                   f"Spearman(C, O) = {sm['spearman_C_O']:.2f}, Spearman(C, S) = "
                   f"{sm['spearman_C_S']:.2f}, Spearman(O, S) = {sm['spearman_O_S']:.2f}.",
                   f"- Units with O > 1 (safety and utility gradients opposed): {sm['n_O_above_1']} "
-                  f"of {sm['n_units']}.", "",
-                  "| score | top-10% share | null 95% | Gini | null 95% | verdict |",
-                  "|---|---|---|---|---|---|"]
+                  f"of {sm['n_units']}.", "", *CONC_HEADER]
         lines += [_fmt_conc(n, sm["concentration"][n]) for n in ("O", "S", "C")]
         top = cmap.top_units(k, unit=kind)
         lines += ["", f"Top {len(top)} {kind}s by C (95% CIs over examples):", "",

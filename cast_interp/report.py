@@ -453,7 +453,7 @@ def _verdict_lines(comp: dict) -> list[str]:
 def _diagnosis_lines(doc: dict) -> list[str]:
     """The map's Spearman numbers and its concentration beside the null (`conflict_map.map_report`
     says the same for a saved map)."""
-    from .conflict_map import _fmt_conc
+    from .conflict_map import CONC_HEADER, _fmt_conc
 
     d = doc["diagnosis"]
     unit = doc["config"]["unit"]
@@ -463,8 +463,7 @@ def _diagnosis_lines(doc: dict) -> list[str]:
     if sm:
         lines += [f"Spearman(C, O) = {sm['spearman_C_O']:.2f}, Spearman(C, S) = "
                   f"{sm['spearman_C_S']:.2f}; {sm['n_O_above_1']} of {sm['n_units']} {unit}s have "
-                  "O > 1.", "", "| score | top-10% share | null 95% | Gini | null 95% | verdict |",
-                  "|---|---|---|---|---|---|"]
+                  "O > 1.", "", *CONC_HEADER]
         lines += [_fmt_conc(n, sm["concentration"][n]) for n in ("O", "S", "C")]
         lines.append("")
     return lines + [f"Top {unit}s by C: " + ", ".join(f"L{l}{tag}{i}" for l, i in d["top_units"]),

@@ -79,3 +79,18 @@ def test_attribution_share_becomes_a_difference_when_its_denominator_ci_reaches_
     assert "0.26 [0.15, 2.2]" not in wide
     narrow = "\n".join(report._attribution_lines(_attribution_doc(0.004)))
     assert "0.26 [0.15, 2.2]" in narrow and "nats/token recovered" not in narrow
+
+
+def test_concentration_rows_give_effect_sizes_beside_the_null():
+    from cast_interp.conflict_map import CONC_HEADER, _fmt_conc
+
+    c = {"top10_share": 0.291, "gini": 0.481, "concentrated": False,
+         "null": {"top10_share": {"null_low": 0.272, "null_high": 0.299, "null_mean": 0.285},
+                  "gini": {"null_low": 0.453, "null_high": 0.482, "null_mean": 0.468,
+                           "effect_z": 1.7}}}
+    row = _fmt_conc("C", c)
+    assert row == ("| C | 0.291 | 0.272–0.299 | +0.006 | 0.481 | 0.453–0.482 | +0.013 (z = 1.7) | "
+                   "not beyond the null |")
+    assert row.count("|") == CONC_HEADER[0].count("|") == CONC_HEADER[1].count("|")
+    bare = _fmt_conc("S", {"top10_share": 0.5, "gini": 0.7})
+    assert bare.count("|") == CONC_HEADER[0].count("|")
