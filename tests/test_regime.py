@@ -182,7 +182,9 @@ def test_sweep_on_bundled_data_and_checkpoint_equals_direct_run(tmp_path, one_th
     again = tiny_model(seed=0, n_ctx=512)
     run_regime_sweep(again, cfg, tmp_path / "sweep", datasets="bundled", progress=False)
     assert (tmp_path / "sweep" / "settings" / "attention_lr1e-3" / "done.json").read_text() == before
-    # another config in the same directory is refused
+    # another run order of the same settings is the same sweep; another config is refused
+    run_regime_sweep(again, SweepConfig(**{**SMALL, "order": ("attention@1e-3",)}),
+                     tmp_path / "sweep", datasets="bundled", progress=False)
     with pytest.raises(ValueError, match="other settings"):
         run_regime_sweep(again, SweepConfig(**{**SMALL, "batch_size": 3}), tmp_path / "sweep",
                          datasets="bundled", progress=False)
