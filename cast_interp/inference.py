@@ -31,7 +31,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .stats import Alternative, _array, _check_boot, _check_finite, _counts, _interval
+from .stats import Alternative, _array, _check_boot, _check_finite, _counts, _interval, value_and_draws
 
 MIN_DRAWS = 20  # METHOD v3: no rank or empirical p from fewer draws (ours: below it p >= 1/20)
 AXES = ("set", "seed", "prompt")
@@ -120,13 +120,7 @@ def rank_range(value: float, draws, *, alternative: Alternative = "less",
         raise ValueError(f"alternative must be 'less' or 'greater', got {alternative!r}.")
     if int(min_draws) != min_draws or min_draws < 1:
         raise ValueError(f"min_draws must be a positive integer, got {min_draws!r}.")
-    v = _array(value, "value").ravel()
-    v = float(v[0]) if v.size == 1 else math.nan
-    if not math.isfinite(v):
-        raise ValueError(f"value must be one finite number, got {value!r}.")
-    d = _array(draws, "draws").ravel()
-    finite = np.isfinite(d)
-    d = d[finite]
+    v, d, finite = value_and_draws(value, draws)
     if d.size < min_draws:
         raise ValueError(f"{d.size} finite draw(s): no rank or empirical p from fewer than "
                          f"{min_draws} (the smallest p would be {1 / (d.size + 1):.2g}); run more "

@@ -577,6 +577,10 @@ def plot_sweep(summary: dict, path: Union[str, Path]) -> None:
                                                                 ["test_checkpoints"]) else c)
                 axes[1].annotate(f"{r['step']}", (sx["diff"], ty["diff"]), fontsize=7,
                                  xytext=(3, -8), textcoords="offset points", color=c)
+        axes[1].plot([0], [0], "x", color="#555555", label="original")
+        axes[1].set_xlim(left=-0.3)
+        axes[1].set_ylim(bottom=-0.3)
+        axes[1].legend(loc="upper left", fontsize=7)
         axes[0].set_title("validation, along training (step at the end)")
         axes[1].set_title("test, 95% paired CI over prompts")
         for ax in axes:
@@ -588,6 +592,18 @@ def plot_sweep(summary: dict, path: Union[str, Path]) -> None:
         fig.tight_layout()
         fig.savefig(path, dpi=style.DPI)
         plt.close(fig)
+
+
+def _mc_note(s: dict) -> str:
+    mc = s["original"]["test"].get("mc_correct")
+    if mc is None:
+        return ""
+    n = s["data"]["mc_items"]
+    used = any("mc_correct" in r for r in s["rows"])
+    return (f" Multiple-choice accuracy {mc:.3f} on {n} MMLU items (chance 0.25): "
+            + ("above chance, so capability is an endpoint." if used else
+               "its 95% CI reaches chance, so capability is dropped as an endpoint (METHOD v3: "
+               "an endpoint at its floor is dropped, with the reason).") )
 
 
 def write_sweep_report(out_dir: Union[str, Path]) -> Path:
@@ -611,7 +627,7 @@ def write_sweep_report(out_dir: Union[str, Path]) -> Path:
         for n, c in sorted(s["curves"].items()))
     text = f"""# Regime sweep: does full safety tuning cost utility? (METHOD v3)
 
-Model `{s['model'].get('name', s['model']) if isinstance(s['model'], dict) else s['model']}`; data from
+Model `{s['model'].get('model_name', s['model']) if isinstance(s['model'], dict) else s['model']}`; data from
 `{s['data']['source']}`; full tuning (no unit skipped), pure safety SFT (benign share 0), batch
 {s['config']['batch_size']}, constant lr after {s['config']['warmup_steps']} warmup steps, training
 seed {s['config']['seed']}. Safety training set: {s['data']['safety_train']['n']} pairs (answers cut
@@ -624,7 +640,7 @@ benign-but-sensitive test prompts, XSTest safe + CoCoNot contrast; higher is wor
 Original model (test): refusal score {orig['test']['refusal_score']:+.2f}, over-refusal score
 {orig['test']['over_refusal_score']:+.2f}, judged over-refusal rate
 {orig['test'].get('over_refusal_judged', float('nan')):.3f}, NLL of own answers
-{orig['test']['nll']:.3f} nats/token{', MC accuracy %.3f' % orig['test']['mc_correct'] if 'mc_correct' in orig['test'] else ''}.
+{orig['test']['nll']:.3f} nats/token.{_mc_note(s)}
 
 ## Change from the original at the test checkpoints
 

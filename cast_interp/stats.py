@@ -282,6 +282,17 @@ def paired_difference(a, b, *, n_boot: int = 2000, ci: float = 0.95, seed: int =
 # --------------------------------------------------------------------------------------------------
 
 
+def value_and_draws(value, draws) -> tuple[float, np.ndarray, np.ndarray]:
+    """(value as one finite float, the finite draws, the finite mask of the draws given)."""
+    v = _array(value, "value").ravel()
+    v = float(v[0]) if v.size == 1 else math.nan
+    if not math.isfinite(v):
+        raise ValueError(f"value must be one finite number, got {value!r}.")
+    d = _array(draws, "draws").ravel()
+    finite = np.isfinite(d)
+    return v, d[finite], finite
+
+
 def empirical_p(value: float, draws, *, alternative: Alternative = "less") -> dict:
     """Rank of `value` among random draws (e.g. CAST's utility cost among random-head arms).
 
@@ -295,13 +306,7 @@ def empirical_p(value: float, draws, *, alternative: Alternative = "less") -> di
     """
     if alternative not in ("less", "greater"):
         raise ValueError(f"alternative must be 'less' or 'greater', got {alternative!r}.")
-    v = _array(value, "value").ravel()
-    v = float(v[0]) if v.size == 1 else math.nan
-    if not math.isfinite(v):
-        raise ValueError(f"value must be one finite number, got {value!r}.")
-    d = _array(draws, "draws").ravel()
-    finite = np.isfinite(d)
-    d = d[finite]
+    v, d, finite = value_and_draws(value, draws)
     if d.size == 0:
         raise ValueError("draws has no finite value: there is nothing to rank against.")
     beyond, as_extreme = (d < v, d <= v) if alternative == "less" else (d > v, d >= v)
