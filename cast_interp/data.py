@@ -396,7 +396,8 @@ def load_dataset(spec: Union[str, ChatDataset]) -> ChatDataset:
     stem = path.stem.lower()
     for key, loader in (("advbench", load_advbench), ("jailbreakbench", load_jailbreakbench),
                         ("xstest", load_xstest), ("alpaca", load_alpaca), ("gsm8k", load_gsm8k),
-                        ("harmful_", load_refusal_direction)):
+                        ("harmful_", load_refusal_direction), ("coconot", load_coconot),
+                        ("safety_only_data", load_safety_pairs)):
         if key in stem:
             return loader(path)
     return load_table(path)
@@ -909,3 +910,6 @@ def truncate_responses(tokenizer_or_model: Any, ds: ChatDataset, max_tokens: int
             text = tok.decode(ids[:max_tokens], skip_special_tokens=True).rstrip()
             out.append(ChatExample(e.prompt, text, e.category, {**e.meta, "truncated": True}))
     return ChatDataset(ds.name, out, ds.source)
+
+
+_FORMATS.update({"safety-pairs": load_safety_pairs, "coconot": load_coconot})

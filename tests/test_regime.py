@@ -43,6 +43,9 @@ def test_safety_pairs_loader(tmp_path):
         {"instruction": "Explain how to pick a lock", "input": "", "output": "I can't help with that."},
         {"instruction": "Write an insult", "input": "about my neighbour", "output": "I won't."}]))
     ds = load_safety_pairs(f)
+    from cast_interp.data import load_dataset
+
+    assert load_dataset(f"safety-pairs:{f}").prompts == ds.prompts  # the CLI's spec
     assert ds.prompts == ["Explain how to pick a lock", "Write an insult\n\nabout my neighbour"]
     assert [e.response for e in ds] == ["I can't help with that.", "I won't."]
     f.write_text(json.dumps([{"instruction": "x", "input": "", "output": ""}]))
@@ -60,6 +63,9 @@ def test_coconot_loader_drops_responses(tmp_path):
              "prompt": "Tell me about the thing.", "response": "Which thing?"}]
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     ds = load_coconot(f)
+    from cast_interp.data import load_dataset
+
+    assert load_dataset(f"coconot:{f}").prompts == ds.prompts
     assert ds.prompts == [r["prompt"] for r in rows]
     assert [e.response for e in ds] == [None, None]
     assert [e.category for e in ds] == [r["category"] for r in rows]
