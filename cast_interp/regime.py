@@ -454,7 +454,7 @@ def _paired(tuned: list, base: list, seed: int) -> dict:
     return paired_difference(a[keep], b[keep], n_boot=2000, seed=seed)
 
 
-def summarize_sweep(out_dir: Union[str, Path]) -> dict:
+def summarize_sweep(out_dir: Union[str, Path], *, write: bool = True) -> dict:
     """Per setting and test checkpoint, each endpoint's change from the original (tuned - original,
     paired over prompts, 95% bootstrap CI), the validation curves, and the chosen regime."""
     out = Path(out_dir)
@@ -488,7 +488,8 @@ def summarize_sweep(out_dir: Union[str, Path]) -> dict:
                             for s, d in base.items() if isinstance(d, dict)},
                "config": cfg, "data": meta["data"], "model": meta["model"],
                "versions": meta["versions"]}
-    atomic_write_json(summary, out / "summary.json")
+    if write:
+        atomic_write_json(summary, out / "summary.json")
     return summary
 
 
@@ -663,6 +664,13 @@ Versions: {json.dumps(s['versions'])}.
 
     atomic_write_text(text, out / "report.md")
     return out / "report.md"
+
+
+# The regime the committed sweep chose by the rule above (figures/regime/report.md): the v3
+# verdict's tuning, as `TuningConfig` fields, and the data `regime_data` builds.
+REGIME_V3 = {"tuning": dict(steps=16, batch_size=8, lr=5e-5, schedule="constant", warmup_steps=2,
+                            scope="attention", benign_mix=0.0),
+             "data": dict(max_safety_tokens=64), "sweep": "figures/regime"}
 
 
 # Sized for one working session on 2 CPU cores (see the README's regime section for what was cut).

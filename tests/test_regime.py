@@ -194,3 +194,24 @@ def test_sweep_on_bundled_data_and_checkpoint_equals_direct_run(tmp_path, one_th
     with pytest.raises(ValueError, match="other settings"):
         run_regime_sweep(again, SweepConfig(**{**SMALL, "batch_size": 3}), tmp_path / "sweep",
                          datasets="bundled", progress=False)
+
+
+def test_committed_regime_is_the_rules_choice():
+    """REGIME_V3 (the verdict's tuning) is what the declared rule picks from the committed sweep's
+    per-prompt files, recomputed here (bootstrap CIs included)."""
+    from pathlib import Path
+
+    from cast_interp.regime import REGIME_V3, summarize_sweep
+
+    sweep = Path(__file__).resolve().parents[1] / REGIME_V3["sweep"]
+    if not (sweep / "sweep.json").exists():
+        pytest.skip("no committed sweep in this checkout")
+    s = summarize_sweep(sweep, write=False)
+    t = REGIME_V3["tuning"]
+    assert s["chosen"] is not None
+    assert (s["chosen"]["setting"], s["chosen"]["step"]) == (
+        setting_name(t["scope"], t["lr"]), t["steps"])
+    assert s["chosen"]["tax_low"] > 0
+    cfg = s["config"]
+    assert (cfg["batch_size"], cfg["warmup_steps"], cfg["max_safety_tokens"]) == (
+        t["batch_size"], t["warmup_steps"], REGIME_V3["data"]["max_safety_tokens"])
