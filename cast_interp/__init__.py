@@ -10,6 +10,7 @@ The layout follows the method, stage by stage:
     sensitivity.py             stage 1: Functional Sensitivity S(u) (unit ablation, screened)
     conflict_map.py            stage 1: the conflict map C(u), `ConflictMap`, nulls
     diagnose.py                stage 1 end to end
+    regime.py                  v3: the sweep of full tuning that finds a tax before arms compare
     sparse_tuning.py           stage 2: safety fine-tuning that skips units, budget-matched arms
     safety.py, utility.py      stage 3: the refusal judge and safety metrics; utility and task accuracy
     evaluate.py                stage 3: both, per prompt, as one `EvalResult`
@@ -31,9 +32,10 @@ from .diagnose import DiagnosisConfig, diagnose
 from .evaluate import EvalConfig, OriginalLogprobs, evaluate
 from .model import load_model, tiny_model
 from .pipeline import RunConfig, run_experiment
+from .regime import SweepConfig, run_regime_sweep, write_sweep_report
 from .sparse_tuning import TuningConfig, safety_finetune
 
 __all__ = ["ChatBatch", "ChatDataset", "ChatExample", "load_bundled", "load_dataset",
            "make_batches", "load_model", "tiny_model", "ConflictMap", "DiagnosisConfig", "diagnose",
            "TuningConfig", "safety_finetune", "EvalConfig", "evaluate", "OriginalLogprobs",
-           "RunConfig", "run_experiment"]
+           "RunConfig", "run_experiment", "SweepConfig", "run_regime_sweep", "write_sweep_report"]
