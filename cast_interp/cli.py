@@ -188,15 +188,16 @@ def _cmd_figures(args) -> int:
 
 
 def _cmd_regime(args) -> int:
+    from .io import check_out_dir
     from .model import load_model
     from .regime import CPU_SWEEP, SweepConfig, run_regime_sweep, write_sweep_report
 
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder for the sweep.")
     if out.is_dir() and any(out.iterdir()) and not (out / "sweep.json").exists():
         raise ValueError(f"--out {out} is a non-empty folder that holds no sweep; give a new or "
                          "empty folder (nothing was changed).")
+    if out.exists() or not args.report_only:
+        check_out_dir(out)  # a file, or not writable: refused before the model loads
     cfg = SweepConfig(**CPU_SWEEP) if args.preset == "cpu" else SweepConfig()
     if args.report_only:
         print(write_sweep_report(out).read_text())

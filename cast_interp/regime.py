@@ -185,7 +185,7 @@ class RegimeEvaluator:
     """
 
     def __init__(self, original: Model, data: RegimeData, split: str, *, batch_size: int = 16,
-                 n_generate: int = 0, generate_tokens: int = 32, mc: bool = False):
+                 n_generate: int = 0, generate_tokens: int = 32):
         from .utility import OriginalLogprobs
 
         if split not in ("val", "test"):
@@ -196,20 +196,11 @@ class RegimeEvaluator:
         benign = getattr(data, f"benign_{split}")
         self.reference = OriginalLogprobs(original, benign, batch_size=batch_size, tokens="content")
         self.n_generate, self.generate_tokens = n_generate, generate_tokens
-        self.mc_items = data.mc_items if mc else []
-
-    def mc_only(self, model: Model) -> list:
-        """Per-item multiple-choice correctness (0/1)."""
-        from .utility import task_accuracy
-
-        with torch.no_grad(), backend.inference_layout(model):
-            acc = task_accuracy(model, self.mc_items, batch_size=self.batch_size)
-        return [float(c) for c in acc["correct"]]
 
     def __call__(self, model: Model) -> dict[str, list]:
         """{metric: per-prompt values} (lists, JSON-ready)."""
         from .safety import refusal_logprobs, refusal_rate
-        from .utility import task_accuracy, utility_per_prompt
+        from .utility import utility_per_prompt
 
         out: dict[str, list] = {}
         with torch.no_grad(), backend.inference_layout(model):
@@ -225,21 +216,34 @@ class RegimeEvaluator:
                 r = refusal_rate(model, self.over.take(self.n_generate),
                                  max_new_tokens=self.generate_tokens, batch_size=self.batch_size)
                 out["over_refusal_judged"] = [float(x) for x in r["refused"]]
-            if self.mc_items:
-                acc = task_accuracy(model, self.mc_items, batch_size=self.batch_size)
-                out["mc_correct"] = [float(c) for c in acc["correct"]]
         return out
 
 
-# Direction of each endpoint: +1 when a higher value is a cost (utility) or a gain (safety).
-ENDPOINTS = {
-    "refusal_score": ("safety", "nats (log P refusal opening), higher is safer"),
-    "over_refusal_score": ("utility", "nats (log P refusal opening on safe prompts), higher is worse"),
-    "over_refusal_judged": ("utility", "share of safe prompts refused (judged), higher is worse"),
-    "kl": ("utility", "KL(original || tuned), nats/token, higher is worse"),
-    "nll": ("utility", "NLL of the original's own answers, nats/token, higher is worse"),
-    "mc_correct": ("utility", "multiple-choice accuracy, lower is worse"),
-}
+def mc_correct(model: Model, items: Sequence[dict], *, batch_size: int = 16) -> list:
+    """Per-item multiple-choice correctness (0/1), `utility.task_accuracy`."""
+    from .utility import task_accuracy
+
+    with torch.no_grad(), backend.inference_layout(model):
+        acc = task_accuracy(model, items, batch_size=batch_size)
+    return [float(c) for c in acc["correct"]]
+
+
+# The sweep's per-prompt keys and the registered metric each one is (`registry.metrics`: role,
+# unit and direction live there).
+SWEEP_METRICS = {"refusal_score": "refusal_score", "over_refusal_score": "over_refusal_score",
+                 "over_refusal_judged": "over_refusal_rate", "kl": "kl_to_original",
+                 "nll": "reference_nll", "mc_correct": "task_accuracy"}
+
+
+def endpoints() -> dict[str, tuple[str, str]]:
+    """{sweep key: (role, "unit, lower/higher is better")}, read from the metrics registry."""
+    from .registry.metrics import get_metric
+
+    out = {}
+    for key, name in SWEEP_METRICS.items():
+        m = get_metric(name)
+        out[key] = (m.role, f"{m.unit}, {'lower' if m.lower_is_better else 'higher'} is better")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,7 +356,7 @@ def run_regime_sweep(
     t_data = time.perf_counter() - t0
     meta = {"format": REGIME_FORMAT, "config": cfg.to_dict(), "data": data.describe(),
             "model": model_id(model), "versions": _versions(),
-            "primary": PRIMARY, "endpoints": ENDPOINTS}
+            "primary": PRIMARY, "endpoints": endpoints()}
     sweep_file = out / "sweep.json"
     if sweep_file.exists():
         old = read_json(sweep_file)
@@ -368,21 +372,19 @@ def run_regime_sweep(
 
     original_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     val = RegimeEvaluator(model, data, "val")
-    test = RegimeEvaluator(model, data, "test", n_generate=cfg.n_generate, mc=False)
+    test = RegimeEvaluator(model, data, "test", n_generate=cfg.n_generate)
     orig_file = out / "original.json"
     if not orig_file.exists():
         t = time.perf_counter()
         base = {"val": val(model), "test": test(model)}
         if data.mc_items:
-            base["test"]["mc_correct"] = RegimeEvaluator(model, data, "test", mc=True).mc_only(
-                model)
+            base["test"]["mc_correct"] = mc_correct(model, data.mc_items)
         base["time_s"] = time.perf_counter() - t
         base["data_time_s"] = t_data
         atomic_write_json(base, orig_file)
     base = read_json(orig_file)
     # Capability is an endpoint only where the original is above chance (METHOD v3).
-    mc = (RegimeEvaluator(model, data, "test", mc=True) if _above_chance(
-        base["test"].get("mc_correct"), data.mc_items) else None)
+    mc_used = _above_chance(base["test"].get("mc_correct"), data.mc_items)
 
     for scope, lr in cfg.settings():
         name = setting_name(scope, lr)
@@ -406,8 +408,8 @@ def run_regime_sweep(
             rec = {"step": done, "setting": _name, "loss": loss, "val": val(model)}
             if done in cfg.test_checkpoints:
                 rec["test"] = test(model)
-                if mc is not None and done in cfg.mc_checkpoints:
-                    rec["test"]["mc_correct"] = mc.mc_only(model)
+                if mc_used and done in cfg.mc_checkpoints:
+                    rec["test"]["mc_correct"] = mc_correct(model, data.mc_items)
             rec["eval_time_s"] = time.perf_counter() - t
             rec["elapsed_s"] = time.perf_counter() - t_start
             t_eval[0] += rec["eval_time_s"]
