@@ -19,7 +19,7 @@ The layout follows the method, stage by stage:
     inference.py               v3 verdict: CAST against random sets (sets x seeds x prompts),
                                rank ranges, matched-safety reads, the graded slope
     figures.py, report.py      the paper figures; the run's report and its inference
-    inspect.py                 looking inside the flagged heads (where they attend)
+    head_attention.py          looking inside the flagged heads (where they attend)
     planted.py                 tiny models with a planted conflict (known answers, teaching)
     pipeline.py, cli.py        the whole experiment, `cast-interp`
 """

@@ -1,7 +1,7 @@
 """Interactive views for notebooks: a conflict map you can hover, a head's attention you can read.
 
 Optional: the `viz` extra (`pip install "cast_interp[viz]"`: plotly, circuitsvis). Without it every
-view falls back to the static matplotlib figure of `figures.py` / `inspect.py`, so a notebook runs
+view falls back to the static matplotlib figure of `figures.py` / `head_attention.py`, so a notebook runs
 either way and `import cast_interp` never needs the extra.
 
 - `head_table(cmap, k)`: one row per unit (layer, index, O with its 95% CI, S with its CI in
@@ -168,9 +168,9 @@ def attention_view(model: Any, prompt: str, layer: int, head: int, *,
 
     circuitsvis's `attention_heads` view (an `HTMLView`, its script from a CDN) when circuitsvis is
     installed; else a plotly heatmap (query rows x key columns, hover: the two tokens and the
-    weight); else (or `interactive=False`) `inspect.plot_attention_pattern`'s static figure.
+    weight); else (or `interactive=False`) `head_attention.plot_attention_pattern`'s static figure.
     """
-    from .inspect import attention_pattern, plot_attention_pattern
+    from .head_attention import attention_pattern, plot_attention_pattern
 
     pats = attention_pattern(model, prompt, [(layer, head)], system_prompt=system_prompt)
     name = f"L{layer}H{head}"

@@ -156,7 +156,7 @@ def test_explore_notebook_on_the_tiny_model(source, smoke_run, tmp_path):
     from cast_interp.conflict_map import ConflictMap
     from cast_interp.data import load_bundled
     from cast_interp.diagnose import DiagnosisConfig, diagnose
-    from cast_interp.inspect import REGIONS, attention_by_region
+    from cast_interp.head_attention import REGIONS, attention_by_region
     from cast_interp.model import load_model
 
     run_dir = smoke_run if source == "saved run" else tmp_path / "no_run"

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from cast_interp import viz
 from cast_interp.conflict_map import ConflictMap, combine, summarize
-from cast_interp.inspect import attention_pattern
+from cast_interp.head_attention import attention_pattern
 
 plotly = pytest.importorskip("plotly", reason="the viz extra (plotly) is not installed")
 

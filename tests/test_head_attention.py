@@ -7,9 +7,9 @@ import torch
 from matplotlib.figure import Figure
 
 from cast_interp.data import ChatDataset, ChatExample, DataError, encode_example, load_bundled
+from cast_interp.head_attention import (REGIONS, attention_by_region, attention_pattern,
+                                        format_regions, plot_attention_pattern)
 from cast_interp.heads import HeadIndexError
-from cast_interp.inspect import (REGIONS, attention_by_region, attention_pattern, format_regions,
-                                 plot_attention_pattern)
 from cast_interp.model import tiny_model
 from cast_interp.planted import H_ALIGN, H_STAR, H_TRIGGER, planted_data, planted_model
 
