@@ -60,7 +60,7 @@ from .backend import Model
 
 from . import stats
 from .data import (ChatBatch, ChatDataset, DataError, encode_example, example_lengths,
-                   make_batches, self_reference, with_refusals)
+                   UtilityReference, make_batches, self_reference, with_refusals)
 from .model import model_id
 from .objectives import NonFiniteLossError, response_nll_from_resid
 from .units import (Unit, UnitError, UnitKind, all_units, component_params, n_units,
@@ -68,7 +68,6 @@ from .units import (Unit, UnitError, UnitKind, all_units, component_params, n_un
 from .units import label as unit_label
 
 ExactScope = Literal["screened", "all"]
-UtilityReference = Literal["self", "dataset"]
 ATTRIBUTION_VERSION = "attribution-2"
 FORMAT = "cast_interp.attribution"
 FORMAT_VERSION = 2

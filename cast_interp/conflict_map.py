@@ -40,12 +40,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .heads import Head, HeadIndexError
+from .heads import Head
+from .units import UnitError, UnitKind
 
 CombineKind = Literal["product", "rank_product", "weighted_sum", "first_order_harm"]
 COMBINE_KINDS: tuple[str, ...] = ("rank_product", "product", "weighted_sum", "first_order_harm")
 RankBy = Literal["C", "O", "S"]
-UnitKind = Literal["head", "group"]
 MAP_FORMAT = "cast_interp.conflict_map"
 MAP_FORMAT_VERSION = 2
 MAP_METHOD_VERSION = "conflict-map-2"
@@ -54,7 +54,7 @@ META_FILE = "conflict_map.json"
 NULL_DRAWS = 1000
 
 
-class MapMismatchError(HeadIndexError):
+class MapMismatchError(UnitError):
     """A conflict map used with a model it was not made for (shape or model identity differ)."""
 
 
@@ -117,7 +117,7 @@ def combine(
                              "(ConflictMap.dot); pass dot=...")
         return (-dot.double()).float()
     if O.shape != S.shape:
-        raise HeadIndexError(f"O {tuple(O.shape)} and S {tuple(S.shape)} must have the same "
+        raise UnitError(f"O {tuple(O.shape)} and S {tuple(S.shape)} must have the same "
                              "[n_layers, n_units] shape (were they computed on the same model?).")
     if how == "weighted_sum" and not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
@@ -270,11 +270,11 @@ class ConflictMap:
                     raise ValueError(f"A conflict map needs {kind} {need!r}; got {sorted(d)}.")
             shape = tuple(d["O"].shape)
             if len(shape) != 2:
-                raise HeadIndexError(f"{kind} O must be [n_layers, n_units], got shape {shape}.")
+                raise UnitError(f"{kind} O must be [n_layers, n_units], got shape {shape}.")
             for name, t in d.items():
                 want = shape if not name.endswith("_boot") else (t.shape[0],) + shape
                 if tuple(t.shape) != tuple(want):
-                    raise HeadIndexError(f"{kind} {name} has shape {tuple(t.shape)} but O has {shape}:"
+                    raise UnitError(f"{kind} {name} has shape {tuple(t.shape)} but O has {shape}:"
                                          " all per-unit arrays of a map must be [n_layers, n_units].")
 
     # -- construction ------------------------------------------------------------------------------
@@ -336,7 +336,7 @@ class ConflictMap:
         if kind not in ("head", "group"):
             raise ValueError(f"unit must be 'head' or 'group', got {kind!r}.")
         if kind == "group" and not self.group:
-            raise HeadIndexError("This map has no key/value groups (the model has no GQA): "
+            raise UnitError("This map has no key/value groups (the model has no GQA): "
                                  "use unit='head'.")
         return self.head if kind == "head" else self.group
 
@@ -409,7 +409,7 @@ class ConflictMap:
 
         k: a count (int) or a fraction of all units of the kind in (0, 1) (rounded half up, at
         least one). NaN units are never selected; asking for more than have a defined value is a
-        `HeadIndexError`.
+        `UnitError`.
         """
         v = self._values(by, unit)
         n = int(v.numel())
@@ -417,7 +417,7 @@ class ConflictMap:
             raise TypeError(f"k must be an int count or a float fraction in (0, 1), got {k!r}.")
         if isinstance(k, (float, np.floating)):
             if not 0.0 < float(k) < 1.0:
-                raise HeadIndexError(f"A fraction k must be in (0, 1), got {k}; pass an int for a "
+                raise UnitError(f"A fraction k must be in (0, 1), got {k}; pass an int for a "
                                      "count of units.")
             from .stats import count_from_fraction
 
@@ -425,10 +425,10 @@ class ConflictMap:
         else:
             count = int(k)
         if count < 0 or count > n:
-            raise HeadIndexError(f"k = {k} is out of range: the map has {n} {unit}s.")
+            raise UnitError(f"k = {k} is out of range: the map has {n} {unit}s.")
         n_finite = int(torch.isfinite(v).sum())
         if count > n_finite:
-            raise HeadIndexError(f"k = {count} {unit}s requested but only {n_finite} of {n} have a "
+            raise UnitError(f"k = {count} {unit}s requested but only {n_finite} of {n} have a "
                                  f"defined {by} ({n - n_finite} are NaN and never selected).")
         return UnitList(self.ranking(by=by, largest=largest, unit=unit)[:count],
                         model=self.config.get("model"))

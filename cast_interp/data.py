@@ -30,7 +30,7 @@ import random
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Sequence, Union
+from typing import Any, Iterator, Literal, Optional, Sequence, Union, get_args
 
 import torch
 from jaxtyping import Bool, Int
@@ -712,6 +712,11 @@ def check_fits(model: Any, dataset: ChatDataset, *, new_tokens: int = 0,
 # Self-reference answers
 # --------------------------------------------------------------------------------------------------
 
+
+UtilityReference = Literal["self", "dataset"]
+"""Where L_util's responses come from: "self", the model's own greedy answers before training
+(`self_reference`), or "dataset", the utility set's own responses."""
+UTILITY_REFERENCES: tuple[str, ...] = get_args(UtilityReference)
 
 SELF_REFERENCE_FORMAT = 2
 """Version of the self-reference cache: 2 = answers to their natural end with a `truncated` flag

@@ -33,7 +33,8 @@ from .backend import Model
 
 from .conflict import optimization_conflict
 from .conflict_map import COMBINE_KINDS, CombineKind, ConflictMap
-from .data import ChatDataset, DataError, make_batches, self_reference
+from .data import (UTILITY_REFERENCES, ChatDataset, DataError, UtilityReference, make_batches,
+                   self_reference)
 from .model import model_id, weight_fingerprint
 from .checks import check_types
 from .io import check_fields
@@ -42,7 +43,6 @@ from .units import uses_gqa
 
 DIAGNOSIS_VERSION = "diagnose-2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-UtilityReference = Literal["dataset", "self"]
 
 
 @dataclass
@@ -116,7 +116,7 @@ class DiagnosisConfig:
                 raise ValueError(f"{name} must be an integer >= 1 or None, got {v!r}.")
         choices = {"ablation": ("mean", "zero", "resample"),
                    "sensitivity_method": ("screened", "exact", "attribution"),
-                   "combine": COMBINE_KINDS, "utility_reference": ("dataset", "self"),
+                   "combine": COMBINE_KINDS, "utility_reference": UTILITY_REFERENCES,
                    "dtype": tuple(DTYPES)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -24,15 +24,16 @@ from torch import Tensor
 from .backend import Model
 
 Head = tuple[int, int]
-Component = Literal["q", "k", "v", "o"]
 COMPONENTS: tuple[Component, ...] = ("q", "k", "v", "o")
 KVPolicy = Literal["any", "all", "none"]
 
 
 # One notion of unit (units.py): the helpers below are its head-kind views, kept for old callers.
-from .units import UnitError as HeadIndexError  # noqa: E402  one error for heads and groups
-from .units import group_of as kv_group  # noqa: E402,F401
-from .units import all_units, component_params, n_kv_heads, uses_gqa, validate_units  # noqa: E402,F401
+from .units import Component  # noqa: E402
+# `HeadIndexError` is `units.UnitError` (one error for heads and groups), under its v1 name for
+# callers that import it from here; the package raises and catches `UnitError`.
+from .units import UnitError as HeadIndexError  # noqa: E402,F401
+from .units import all_units, component_params, n_kv_heads, validate_units  # noqa: E402
 
 
 def rank_heads(scores: Tensor, *, largest: bool = True, nan_last: bool = False) -> list[Head]:
@@ -57,11 +58,6 @@ def validate_heads(model: Model, heads: Iterable[Sequence[int]]) -> list[Head]:
     """Heads as a sorted list of `(layer, head)` int tuples; a clear error for any out of range
     (`units.validate_units` for head units)."""
     return validate_units(model, heads, "head")
-
-
-def component_index(model: Model, component: Component, head: int) -> int:
-    """Index along dim 0 of a component's parameters for this query head (the group for K/V)."""
-    return kv_group(model, head) if component in ("k", "v") else head
 
 
 def head_param_masks(

@@ -13,7 +13,7 @@ default), since a tuned model must still learn to stop.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from typing import Literal, Sequence
 
 import torch
 from jaxtyping import Float
@@ -100,12 +100,3 @@ def dataset_nll(model: Model, batches: Sequence[ChatBatch]) -> float:
     if n == 0:
         raise ValueError("No response tokens in these batches: the loss is undefined.")
     return total / n
-
-
-def check_finite(loss: Tensor, where: str, step: Optional[int] = None) -> None:
-    if not torch.isfinite(loss).all():
-        at = f" at step {step}" if step is not None else ""
-        raise NonFiniteLossError(
-            f"The {where} loss is {float(loss)}{at}. Lower the learning rate, check the data for "
-            "empty responses, or use float32."
-        )

@@ -44,16 +44,16 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args
+from typing import Any, Optional, Union
 
 import torch
 
 from .checks import check_int, check_number, check_types
 from . import backend, distributed
 from .io import atomic_write_json, atomic_write_text, json_field, read_json, to_jsonable
+from .units import UNIT_KINDS
 
 PIPELINE_VERSION = "pipeline-2"
-UnitKind = Literal["head", "group"]
 # The built-in baselines (the "bottom", "top_o", "top_s", "layer_band" controls). Every arm a run may
 # add is read from the arms registry (`registry/arms.py`); `ALL_BASELINES` in a preset means every
 # registered one at the time the config is built.
@@ -301,8 +301,10 @@ def _check_spec(name: str, spec: Any) -> None:
 
 
 def _check_choices(cfg: RunConfig) -> None:
-    choices = {"unit": get_args(UnitKind), "benign_reference": ("self", "dataset"),
-               "attribution_reference": ("self", "dataset"), "preset": tuple(sorted(PRESETS))}
+    from .data import UTILITY_REFERENCES
+
+    choices = {"unit": UNIT_KINDS, "benign_reference": UTILITY_REFERENCES,
+               "attribution_reference": UTILITY_REFERENCES, "preset": tuple(sorted(PRESETS))}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(cfg, name)!r}.")

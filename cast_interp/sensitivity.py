@@ -53,7 +53,7 @@ from . import backend, distributed
 from .backend import Model
 
 from .data import ChatBatch, DataError, example_lengths  # noqa: F401  (re-exported)
-from .heads import Head, rank_heads, validate_heads
+from .heads import Head, rank_heads
 from .units import (UnitKind, all_units, check_kind, group_heads, n_kv_heads, n_units,
                     validate_units)
 from .model import model_id
@@ -280,17 +280,6 @@ def head_means(model: Model, batches: list[ChatBatch]) -> Float[Tensor, "layer h
 # --------------------------------------------------------------------------------------------------
 # Exact ablation
 # --------------------------------------------------------------------------------------------------
-
-
-def _heads_by_layer(model: Model, heads) -> dict[int, list[int]]:
-    if heads is not None and len(heads) == 0:
-        raise ValueError("heads is an empty list: pass None for all heads, or some (layer, head).")
-    heads = validate_heads(model, [(l, h) for l in range(model.cfg.n_layers)
-                                   for h in range(model.cfg.n_heads)] if heads is None else heads)
-    by_layer: dict[int, list[int]] = {}
-    for l, h in heads:
-        by_layer.setdefault(l, []).append(h)
-    return by_layer
 
 
 def _default_heads_per_pass(model: Model, batch_size: int, width: int) -> int:

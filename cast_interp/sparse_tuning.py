@@ -65,7 +65,7 @@ from . import stats
 from . import units as U
 from .checks import check_int, check_number, check_types
 from .data import ChatBatch, ChatDataset, example_lengths, make_batches
-from .heads import HeadIndexError, head_param_masks
+from .heads import head_param_masks
 from .io import atomic_write_json, check_fields, read_json, to_jsonable
 from .model import model_id
 from .objectives import NonFiniteLossError, response_nll
@@ -75,7 +75,6 @@ Schedule = Literal["constant", "linear", "cosine"]
 Scope = Literal["attention", "all"]
 Precision = Literal["float32", "bf16", "bf16-autocast"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
-UnitKind = Literal["head", "group"]
 # The built-in arms; `registry.arms.arm_names()` lists every registered one (the source).
 ArmMethod = Literal["cast", "full", "random", "bottom", "top_o", "top_s", "layer_band"]
 ARMS: tuple[str, ...] = get_args(ArmMethod)

@@ -19,7 +19,7 @@ Units are indexed `(layer, index)` with a `kind` of "head" or "group"; per-unit 
 
 from __future__ import annotations
 
-from typing import Iterable, Literal, Sequence
+from typing import Iterable, Literal, Sequence, get_args
 
 import torch
 from torch import Tensor
@@ -29,11 +29,13 @@ from .backend import BIAS_FREE_ARCHITECTURES, UnitParam  # noqa: F401  (re-expor
 
 Component = Literal["q", "k", "v", "o"]
 UnitKind = Literal["head", "group"]
-UNIT_KINDS: tuple[str, ...] = ("head", "group")
+UNIT_KINDS: tuple[str, ...] = get_args(UnitKind)
 Unit = tuple[int, int]
 
 class UnitError(IndexError):
-    """A unit outside the model, a kind the model does not have, or a selection of the wrong shape."""
+    """A unit outside the model, a kind the model does not have, or a selection of the wrong shape.
+
+    `heads.HeadIndexError` is this class under its v1 name (kept for callers that import it)."""
 
 
 def n_kv_heads(model) -> int:
@@ -87,11 +89,6 @@ def component_params(model, layer: int, component: Component) -> list[UnitParam]
     the component's units (query heads for q/o, K/V groups for k/v): `p.unit(i)` is what unit i
     owns of `p`, on either backend (`backend.component_params`)."""
     return backend.component_params(model, layer, component, n_kv=n_kv_heads(model))
-
-
-def component_param_names(model, component: Component, layer: int = 0) -> list[str]:
-    """Full names (`model.named_parameters()`) of a component's parameters in `layer`."""
-    return [p.name for p in component_params(model, layer, component)]
 
 
 def _owned(model, kind: UnitKind) -> list[tuple[int, UnitParam]]:
@@ -192,10 +189,3 @@ def unit_params(model) -> list[torch.nn.Parameter]:
     """The parameter tensors units own (for gradient passes that need nothing else)."""
     named = dict(model.named_parameters())
     return [named[n] for n in sorted(owned_param_names(model))]
-
-
-def expand_to_heads(model, per_group: Tensor) -> Tensor:
-    """A `[..., n_layers, n_groups]` tensor broadcast to `[..., n_layers, n_heads]` for display only
-    (never compare the copies as if they were separate measurements)."""
-    idx = torch.tensor([group_of(model, h) for h in range(model.cfg.n_heads)])
-    return per_group[..., idx]
