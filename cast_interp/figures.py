@@ -24,10 +24,7 @@ format following the suffix (.pdf/.svg vector, .png raster). NaN heads are grey.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -390,19 +387,12 @@ def save_figure(fig: Figure, path: PathLike, *, dpi: int = style.DPI) -> Path:
     if fmt is None:
         raise ValueError(f"Unsupported figure format {path.suffix!r} for {path}: use "
                          f"{', '.join(_FORMATS)}.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
-    metadata = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}.get(fmt)
-    try:
-        with style.rc():
-            fig.savefig(tmp, format=fmt, dpi=dpi, metadata=metadata)
-        from .io import atomic_replace
+    from .io import atomic_path
 
-        atomic_replace(tmp, path)  # the user's umask; recorded in a run directory's manifest
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+    metadata = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}.get(fmt)
+    # The user's umask; recorded in a run directory's manifest.
+    with atomic_path(path) as tmp, style.rc():
+        fig.savefig(tmp, format=fmt, dpi=dpi, metadata=metadata)
     return path
 
 

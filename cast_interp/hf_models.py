@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -96,9 +95,9 @@ def _cached_hf(cache: Path, source: str, dtype: torch.dtype) -> Optional[tuple[A
 def _write_cache(cache: Path, source: str, hf: Any, tokenizer: Any) -> None:
     """`save_pretrained` into a temporary sibling, then one rename: a reader sees no cache or a
     whole one (the marker file inside is written last)."""
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=cache.name + ".partial"))
-    try:
+    from .io import atomic_dir
+
+    with atomic_dir(cache) as tmp:
         # Not hf.save_pretrained: transformers refuses to serialize a GGUF-loaded model. The
         # de-quantized weights are plain float32 tensors: the config without its GGUF
         # quantization record, and the weights with tied ones stored once (`save_model`).
@@ -114,12 +113,6 @@ def _write_cache(cache: Path, source: str, hf: Any, tokenizer: Any) -> None:
         tokenizer.save_pretrained(str(tmp))
         (tmp / "cast_interp.json").write_text(json.dumps({"format": _HF_CACHE_FORMAT,
                                                           "source": source}))
-        if cache.exists():
-            shutil.rmtree(cache)
-        os.replace(tmp, cache)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_gguf_hf(name: str, gguf: Callable[[Path], Path], source: str, cache_dir: Path, *,

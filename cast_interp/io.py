@@ -1,15 +1,21 @@
-"""Result files: atomic writes (a reader never sees a half-written file) and JSON helpers."""
+"""Result files: atomic writes (a reader never sees a half-written file) and JSON helpers.
+
+Every atomic write of the package goes through `atomic_path` (a file) or `atomic_dir` (a folder):
+write into a temporary sibling, then move it into place.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -58,18 +64,52 @@ def check_out_file(out: PathLike) -> None:
     check_out_dir(out.parent)
 
 
-def atomic_write_text(text: str, path: PathLike) -> None:
-    """Write `text` to `path` via a temporary file and `os.replace` (atomic on POSIX)."""
+@contextlib.contextmanager
+def atomic_path(path: PathLike, *, record: bool = True) -> Iterator[Path]:
+    """A temporary sibling of `path` (`.{name}.{random}.partial`) for the block to write; moved
+    onto `path` when the block ends without an error (`atomic_replace`, or with `record=False` only
+    the mode and the move, for the manifest itself), removed otherwise. An OSError without a file
+    name (disk full) raised in the block names `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(fd)
     try:
-        with _naming(path), os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        atomic_replace(tmp, path)
+        with _naming(path):
+            yield Path(tmp)
+        if record:
+            atomic_replace(tmp, path)
+        else:
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: PathLike) -> Iterator[Path]:
+    """A temporary sibling folder of `path` for the block to fill; it replaces `path` (an old
+    folder there is removed first) when the block ends without an error, and is removed otherwise:
+    a reader sees no folder or a whole one, never a half-filled one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # as a plain mkdir would (`mkdtemp` makes 0700)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(text: str, path: PathLike) -> None:
+    """Write `text` to `path` atomically (`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 class _naming:
@@ -200,25 +240,15 @@ def atomic_save_safetensors(tensors: dict, path: PathLike, metadata: dict | None
     """safetensors file written atomically; `metadata` values are JSON-encoded strings."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
-    try:
-        with _naming(path):
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
-                      metadata={k: json.dumps(to_jsonable(v)) for k, v in (metadata or {}).items()})
-        atomic_replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={k: json.dumps(to_jsonable(v)) for k, v in (metadata or {}).items()})
 
 
 def remove_partials(directory: PathLike, *, older_than_s: float = 0.0) -> list[Path]:
     """Delete the leftovers of interrupted atomic writes (`*.partial*` files and folders) under
     `directory`, those last modified more than `older_than_s` seconds ago (a writer in another
     process may still own a fresh one). Returns what was removed."""
-    import shutil
     import time
 
     d = Path(directory)
@@ -338,15 +368,10 @@ class RunDirectory:
     def _write(self, files: dict) -> None:
         text = json.dumps({"format": MANIFEST_FORMAT, "kind": self.kind,
                            "files": dict(sorted(files.items()))}, indent=1) + "\n"
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{MANIFEST_FILE}.", suffix=".partial")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, self.manifest_path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        # Not recorded: the manifest does not list itself.
+        with atomic_path(self.manifest_path, record=False) as tmp, \
+                open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
 
     def start(self) -> None:
         """Write an empty manifest if there is none (a new run directory)."""

@@ -26,7 +26,6 @@ import importlib.util
 import json
 import os
 import socket
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -208,28 +207,6 @@ def _prepare_tokenizer(tokenizer: Any) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
-        os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _load_cached(cache: Path, source_fingerprint: str):
     """(cfg_dict, state_dict) from the cache, or None if absent or stale (another source or format:
     converted again). Weights whose sha256 differs from the one recorded at conversion are a
@@ -266,13 +243,17 @@ def _load_cached(cache: Path, source_fingerprint: str):
 
 
 def _write_cache(cache: Path, state_dict: dict, source: str, cfg_json: dict) -> None:
-    """Weights, then config.json (the "complete" marker) with their sha256 and tensor count."""
-    _atomic_save_safetensors(state_dict, cache / "model.safetensors", {"source": source})
-    from .io import sha256_file
+    """Weights, then config.json (the "complete" marker) with their sha256 and tensor count,
+    each written atomically (a reader sees the old file or the whole new one)."""
+    from safetensors.torch import save_file
 
+    from .io import atomic_path, atomic_write_text, sha256_file
+
+    with atomic_path(cache / "model.safetensors") as tmp:  # metadata as plain strings, not JSON
+        save_file(state_dict, str(tmp), metadata={"source": str(source)})
     meta = {"format": _CACHE_FORMAT, "source": source, "n_tensors": len(state_dict),
             "sha256": sha256_file(cache / "model.safetensors"), "cfg": cfg_json}
-    _atomic_write_text(json.dumps(meta, indent=1), cache / "config.json")
+    atomic_write_text(json.dumps(meta, indent=1), cache / "config.json")
 
 
 def _cfg_to_json(cfg: HookedTransformerConfig) -> dict:
@@ -340,14 +321,10 @@ def load_smollm2(
                                     device="cpu")
         state_dict = _state_dict_from_hf(hf, cfg)
         del hf
-        cache.mkdir(parents=True, exist_ok=True)
-        tok_tmp = Path(tempfile.mkdtemp(dir=cache, prefix="tokenizer.partial"))
-        tokenizer.save_pretrained(str(tok_tmp))
-        if (cache / "tokenizer").exists():
-            import shutil
+        from .io import atomic_dir
 
-            shutil.rmtree(cache / "tokenizer")
-        os.replace(tok_tmp, cache / "tokenizer")
+        with atomic_dir(cache / "tokenizer") as tok_tmp:
+            tokenizer.save_pretrained(str(tok_tmp))
         cfg_dict = _cfg_to_json(cfg)
         _write_cache(cache, state_dict, source, cfg_dict)
     else:
