@@ -306,7 +306,7 @@ def inference_layout(model: Any):
     """Inside: TransformerLens 3's MLP and unembedding matrices stored transposed (same values).
 
     Its gated MLP and unembedding compute `F.linear(x, W.T.contiguous())`, a copy of those
-    matrices in every forward call: 0.2 s on SmolLM2 on a CPU, as long as a 100-token forward,
+    matrices in every forward call, as long as a short forward on a CPU (benchmarks/README.md),
     so it dominates one-token decoding steps and small cached forwards. With `W.T` already
     contiguous the copy does not happen and the call computes the same product. Re-entrant;
     the layout is restored on exit; for inference only (no training step inside). A no-op on

@@ -204,7 +204,7 @@ def _gram(A: list[dict], B: list[dict], key) -> Tensor:
     """Per-unit Gram matrix `[L, n, len(A), len(B)]` of per-example gradients (float64 result)."""
     a = torch.stack([g[key] for g in A])  # [na, L, n, numel]
     b = torch.stack([g[key] for g in B])
-    # float32 products (float64 on 2 CPU cores is ~4x slower); sums of O(1e6) terms lose ~1e-6
+    # float32 products (float64 is several times slower on CPU); sums of O(1e6) terms lose ~1e-6
     # relative, far below the bootstrap spread they feed.
     return torch.einsum("ilun,jlun->luij", a, b).double()
 

@@ -51,10 +51,9 @@ class DiagnosisConfig:
 
     n_calibration: examples taken from each calibration set (the first n) for O.
     n_sensitivity: utility examples used for S (the first n of D_util; None = all n_calibration).
-        Default 16 (ours): on SmolLM2 the exact ablations of the candidates cost ~15 s per layer
-        and 8 examples of natural-length answers on 2 CPU cores, so 32 would double a diagnosis
-        that already exceeds 5 minutes; the report gives each top unit's CI so a reader sees
-        whether 16 sufficed.
+        Default 16 (ours): the exact ablations of the candidates, the diagnosis' largest cost,
+        grow with it, so 32 would double a diagnosis (benchmarks/README.md); the report gives each
+        top unit's CI so a reader sees whether 16 sufficed.
     batch_size: examples per batch (O is computed one example at a time whatever this is).
     include_end_of_turn: put the end-of-turn token in the diagnosis losses (default False, v2: both
         objectives teach "stop here", which made their gradients look aligned for a reason

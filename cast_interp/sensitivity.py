@@ -66,8 +66,8 @@ METHODS: tuple[str, ...] = ("exact", "attribution")
 
 # Peak activation memory we allow one stacked exact pass to take when choosing heads_per_pass (ours).
 _PASS_MEMORY_BYTES = 1 << 30
-# Stacked tokens per pass on CPU (ours): SmolLM2 on 2 cores, 8 x 82 tokens per copy, ran 3 copies
-# per pass ~15% faster than 9 (and than 1).
+# Stacked tokens per pass on CPU (ours): on SmolLM2, 3 copies of 8 x 82 tokens per pass ran faster
+# than 9 or 1 (benchmarks/README.md).
 _CPU_PASS_TOKENS = 2048
 
 

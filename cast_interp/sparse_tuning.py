@@ -41,7 +41,7 @@ keeps a run's curves is checked against float32 seeds (`precision_checks.check_c
 Choices that are ours, not the paper's, recorded in `TuningConfig`: `scope="attention"` (only
 attention parameters train by default: the units' slices plus the per-layer `b_O`, which belongs
 to no unit; MLPs, embeddings and norms stay frozen) and the defaults of lr / steps / schedule,
-chosen so one arm trains SmolLM2-135M-Instruct to refuse in about a minute on two CPU cores.
+chosen so one arm trains SmolLM2-135M-Instruct to refuse quickly on a CPU (benchmarks/README.md).
 """
 
 from __future__ import annotations
