@@ -391,13 +391,32 @@ def _n(limit: Optional[int], size: int) -> int:
     return size if limit is None else min(limit, size)
 
 
-def attribution_seconds(cfg: RunConfig, *, cost: Optional[dict] = None, n_units: int = 270) -> dict:
+def _units_total(cfg: RunConfig, n_units: Optional[int], where: str) -> int:
+    """Units of `cfg.unit` in `cfg.model` (all layers): `n_units` if given, else from the model
+    registry's shape of its family (`registry.models.n_units_of`; SmolLM2: 270 heads, 90 groups)."""
+    if n_units is not None:
+        check_int("n_units", n_units, 1)
+        return n_units
+    from .registry.models import n_units_of, resolve
+
+    n = n_units_of(cfg.model, cfg.unit)
+    if n is None:
+        raise ValueError(f"{where}: model family {resolve(cfg.model).name!r} of {cfg.model!r} "
+                         f"registers no shape for unit={cfg.unit!r} (n_layers, n_heads, n_kv_heads): "
+                         "pass n_units=, the number of units of that kind in the model.")
+    return n
+
+
+def attribution_seconds(cfg: RunConfig, *, cost: Optional[dict] = None,
+                        n_units: Optional[int] = None) -> dict:
     """Estimated stage-4 time (SmolLM2, 2 free CPU cores), whether or not `cfg.attribute` is on
     (`cast-interp attribute` on the run costs the same): {"total", "per_arm", "n_evaluations",
     "reference"}. Exact reverts are counted without the overlap of candidates and spread sample,
-    so this is an upper bound on their number (132 of at most 139 in the committed run)."""
+    so this is an upper bound on their number (132 of at most 139 in the committed run).
+    `n_units`: units of `cfg.unit` in the model (default: from the model registry)."""
     from .sparse_tuning import k_from_fraction
 
+    n_units = _units_total(cfg, n_units, "attribution_seconds")
     c, at = {**COST_S, **(cost or {})}, ATTRIBUTION_COST_AT
     scale = (cfg.attribution_examples / at["examples"]
              * (at["prompt_tokens"] + cfg.attribution_max_new_tokens)
@@ -413,17 +432,21 @@ def attribution_seconds(cfg: RunConfig, *, cost: Optional[dict] = None, n_units:
             "n_evaluations": n_evals, "reference": reference}
 
 
-def estimate_seconds(cfg: RunConfig, *, cost: Optional[dict] = None) -> dict:
+def estimate_seconds(cfg: RunConfig, *, cost: Optional[dict] = None,
+                     n_units: Optional[int] = None) -> dict:
     """Estimated wall time of a run on the bundled data (SmolLM2, 2 free CPU cores), by stage.
 
     A linear model: pieces x (steps x a step + curve points x validation examples + evaluation
     of the test prompts), plus diagnosis, self-reference answers and the original's evaluation,
     with the per-unit seconds of `COST_S` (pass `cost` to use other measurements), and stage 4
-    when `cfg.attribute` (`attribution_seconds`, returned either way). Returns {"total",
-    "diagnosis", "self_reference", "attribution", "per_piece", "n_pieces", "pieces", "original"}.
+    when `cfg.attribute` (`attribution_seconds`, returned either way). `n_units`: units of
+    `cfg.unit` in the model, which size k (default: from the model registry's shape of
+    `cfg.model`'s family). Returns {"total", "diagnosis", "self_reference", "attribution",
+    "per_piece", "n_pieces", "pieces", "original"}.
     """
     from .registry.metrics import METRIC_REGISTRY
 
+    n_units = _units_total(cfg, n_units, "estimate_seconds")
     c = {**COST_S, **(cost or {})}
     n = {s: _n(cfg.n_eval, BUNDLED_TEST_SIZES[s]) for s in ("harmful", "benign", "over_refusal")}
     n["task"] = _n(cfg.n_task, 95)
@@ -436,13 +459,13 @@ def estimate_seconds(cfg: RunConfig, *, cost: Optional[dict] = None) -> dict:
                 if cfg.eval_every else 1)
     curve = n_points * cfg.n_val * c["val_pair"]
     train = cfg.steps * c["train_step"] * cfg.batch_size / 8
-    pieces = plan_pieces(cfg, 270)
+    pieces = plan_pieces(cfg, n_units)
     piece_s = [train + curve + free + (gen if _generates(cfg, p.train_seed) else 0.0)
                for p in pieces]
     n_mix = math.ceil(cfg.steps * cfg.batch_size * cfg.benign_mix) if cfg.benign_mix else 0
     self_ref = (cfg.n_val + n_mix) * c["generate_32"] * cfg.self_reference_tokens / 32
     original = free + (gen if _generates(cfg, None) else 0.0) + curve / n_points
-    attribution = attribution_seconds(cfg, cost=c)
+    attribution = attribution_seconds(cfg, cost=c, n_units=n_units)
     total = (c["diagnosis"] + self_ref + original + sum(piece_s)
              + (attribution["total"] if cfg.attribute else 0.0))
     return {"total": total, "diagnosis": c["diagnosis"], "self_reference": self_ref,

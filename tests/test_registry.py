@@ -210,6 +210,35 @@ def test_a_family_declares_its_architecture_bias_free():
         unregister_model_family("new-arch")
 
 
+def test_a_family_carries_its_shape_and_the_cost_model_counts_its_units():
+    from cast_interp import pipeline
+    from cast_interp.registry.models import n_units_of
+
+    # The built-in families: SmolLM2 30 layers x 9 query heads (3 key/value groups), Gemma-3-270m
+    # 18 x 4 (1 group); a folder or a hub name fixes no shape.
+    assert (n_units_of("smollm2-135m-instruct"), n_units_of("smollm2", "group")) == (270, 90)
+    assert (n_units_of("gemma-3-270m"), n_units_of("gemma-3-270m", "group")) == (72, 18)
+    assert n_units_of("tiny") == 8 and n_units_of("tiny-gqa", "group") is None
+    assert n_units_of("gpt2") is None
+    register_model_family("shaped", lambda name, **kw: None, names=("shaped-1b",), n_layers=3,
+                          n_heads=6, n_kv_heads=2)
+    try:
+        assert (n_units_of("shaped-1b"), n_units_of("shaped-1b", "group")) == (18, 6)
+        # Stage 4 evaluates 2k candidates, 10 spread units per kind, 5 joint sets and 20 draws;
+        # k = 10% of the model's heads: 27 of SmolLM2's 270, 2 of the registered family's 18.
+        cfg = RunConfig(k_fractions=[0.1], attribution_spread=10, attribution_draws=20)
+        assert pipeline.attribution_seconds(cfg)["n_evaluations"] == 54 + 20 + 5 + 20
+        shaped = RunConfig(**{**cfg.to_dict(), "model": "shaped-1b"})
+        assert pipeline.attribution_seconds(shaped)["n_evaluations"] == 4 + 20 + 5 + 20
+        assert pipeline.estimate_seconds(shaped) == pipeline.estimate_seconds(cfg, n_units=18)
+    finally:
+        unregister_model_family("shaped")
+    with pytest.raises(ValueError, match="registers no shape.*pass n_units="):
+        pipeline.estimate_seconds(RunConfig(model="gpt2"))
+    with pytest.raises(ValueError, match="n_kv_heads .3. must divide n_heads .4."):
+        register_model_family("odd", lambda name, **kw: None, n_layers=2, n_heads=4, n_kv_heads=3)
+
+
 def test_registries_refuse_clashes_and_unknown_names():
     with pytest.raises(ValueError, match="already registered"):
         register_arm("cast", second_by_c)

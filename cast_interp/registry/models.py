@@ -10,7 +10,9 @@ The family carries what the rest of the toolkit must not guess:
   Llama-3-style `<|eot_id|>` is not EOS: loss masks and generation must use it;
 - `bias_free`, `architectures`: attention without Q/K/V biases (TL 3 keeps zero tensors for them,
   which must never train; `backend.has_attn_bias`);
-- `chat_template`: the prompt format when the tokenizer has none (base models).
+- `chat_template`: the prompt format when the tokenizer has none (base models);
+- `n_layers`, `n_heads`, `n_kv_heads`: the shape, where the family fixes one (None: it varies by
+  name, as in a folder or a hub name); the cost model counts units with it (`n_units_of`).
 
 A new family is one call (the loader returns the model with its tokenizer):
 
@@ -22,7 +24,8 @@ A new family is one call (the loader returns the model with its tokenizer):
 
     register_model_family("mine", load_mine, names=("mine-1b",), n_ctx=4096,
                           end_of_turn="<|eot_id|>", bias_free=True,
-                          architectures=("LlamaForCausalLM",))
+                          architectures=("LlamaForCausalLM",), n_layers=16, n_heads=32,
+                          n_kv_heads=8)
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ class ModelFamily:
     architectures: tuple[str, ...] = ()
     chat_template: Optional[str] = None
     detect: Optional[Callable[[Any], bool]] = None
+    n_layers: Optional[int] = None
+    n_heads: Optional[int] = None
+    n_kv_heads: Optional[int] = None
 
     def loader(self, uses_bridge: bool) -> Loader:
         return self.load_tl4 if uses_bridge and self.load_tl4 is not None else self.load
@@ -83,6 +89,8 @@ def register_model_family(name: str, load: Loader, *, names: tuple[str, ...] = (
                           architectures: tuple[str, ...] = (),
                           chat_template: Optional[str] = None,
                           detect: Optional[Callable[[Any], bool]] = None,
+                          n_layers: Optional[int] = None, n_heads: Optional[int] = None,
+                          n_kv_heads: Optional[int] = None,
                           replace: bool = False) -> ModelFamily:
     """Add a model family: `load_model` dispatches its names to `load`, and the toolkit reads its
     constants. A family or a name already registered is a ValueError unless `replace`."""
@@ -99,8 +107,14 @@ def register_model_family(name: str, load: Loader, *, names: tuple[str, ...] = (
         raise ValueError(f"Model name(s) {clash} already belong to family {taken[clash[0]]!r}.")
     if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
         raise ValueError(f"n_ctx must be a positive int (tokens), got {n_ctx!r}.")
+    for what, v in (("n_layers", n_layers), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{what} must be a positive int or None, got {v!r}.")
+    if n_kv_heads is not None and (n_heads is None or n_heads % n_kv_heads):
+        raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads}).")
     fam = ModelFamily(name, load, names, matches, load_tl4, n_ctx, end_of_turn, bias_free,
-                      tuple(architectures), chat_template, detect)
+                      tuple(architectures), chat_template, detect, n_layers=n_layers,
+                      n_heads=n_heads, n_kv_heads=n_kv_heads)
     MODEL_FAMILIES[name] = fam
     if HUB in MODEL_FAMILIES and name != HUB:  # the fallback stays last
         MODEL_FAMILIES[HUB] = MODEL_FAMILIES.pop(HUB)
@@ -172,6 +186,17 @@ def n_ctx_of(family: str) -> int:
     return get_family(family).n_ctx or DEFAULT_N_CTX
 
 
+def n_units_of(model_name: str, kind: str = "head") -> Optional[int]:
+    """Units of `kind` ("head": query heads, "group": key/value groups) in all layers of the model
+    `model_name` loads, from its family's shape, without loading it; None when the family fixes no
+    shape (a folder, a hub name)."""
+    fam = resolve(model_name)
+    per_layer = fam.n_heads if kind == "head" else fam.n_kv_heads
+    if fam.n_layers is None or per_layer is None:
+        return None
+    return fam.n_layers * per_layer
+
+
 # --------------------------------------------------------------------------------------------------
 # The built-in families (their loaders live in model.py / hf_models.py)
 # --------------------------------------------------------------------------------------------------
@@ -224,14 +249,16 @@ def _gemma_template() -> str:
 register_model_family("smollm2", _load_smollm2,
                       names=("smollm2-135m-instruct", "smollm2", "smollm2-135m"), n_ctx=2048,
                       end_of_turn="<|im_end|>", bias_free=True,
-                      architectures=("LlamaForCausalLM",))
+                      architectures=("LlamaForCausalLM",), n_layers=30, n_heads=9, n_kv_heads=3)
 # Gemma 3 supports 32k; 2048 as for SmolLM2 (ours; its sliding window, 512, applies within it).
 # A base model: its prompt format is `hf_models.GEMMA3_BASE_TEMPLATE`, whose answers end with EOS.
 register_model_family("gemma-3", _load_gemma3,
                       names=("gemma-3-270m", "gemma3-270m", "gemma-3-270m-base"), n_ctx=2048,
-                      bias_free=True, architectures=("Gemma3ForCausalLM",))
+                      bias_free=True, architectures=("Gemma3ForCausalLM",), n_layers=18, n_heads=4,
+                      n_kv_heads=1)
+# Its key/value heads differ by name (4 for "tiny", 2 for "tiny-gqa"): no n_kv_heads.
 register_model_family("tiny", _load_tiny, names=("tiny", "tiny-gqa"), n_ctx=512, bias_free=True,
-                      architectures=("LlamaForCausalLM",))
+                      architectures=("LlamaForCausalLM",), n_layers=2, n_heads=4)
 # Llama 3 (and 3.x) instruct models end a turn with <|eot_id|>, not their EOS (<|end_of_text|>).
 # They load as a local folder or a hub name; their tokenizer is recognised by that token.
 register_model_family("llama-3", _load_directory, end_of_turn="<|eot_id|>", bias_free=True,
