@@ -11,6 +11,8 @@ The layout follows the method, stage by stage:
     conflict_map.py            stage 1: the conflict map C(u), `ConflictMap`, nulls
     diagnose.py                stage 1 end to end
     regime.py                  v3: the sweep of full tuning that finds a tax before arms compare
+    verdict.py                 v3: the map against random / layer-matched / graded head sets at
+                               matched safety (verdict_report.py: its report and figures)
     sparse_tuning.py           stage 2: safety fine-tuning that skips units, budget-matched arms
     safety.py, utility.py      stage 3: the refusal judge and safety metrics; utility and task accuracy
     evaluate.py                stage 3: both, per prompt, as one `EvalResult`
@@ -34,8 +36,11 @@ from .model import load_model, tiny_model
 from .pipeline import RunConfig, run_experiment
 from .regime import SweepConfig, run_regime_sweep, write_sweep_report
 from .sparse_tuning import TuningConfig, safety_finetune
+from .verdict import VerdictConfig, run_verdict, summarize_verdict
+from .verdict_report import write_verdict_report
 
 __all__ = ["ChatBatch", "ChatDataset", "ChatExample", "load_bundled", "load_dataset",
            "make_batches", "load_model", "tiny_model", "ConflictMap", "DiagnosisConfig", "diagnose",
            "TuningConfig", "safety_finetune", "EvalConfig", "evaluate", "OriginalLogprobs",
-           "RunConfig", "run_experiment", "SweepConfig", "run_regime_sweep", "write_sweep_report"]
+           "RunConfig", "run_experiment", "SweepConfig", "run_regime_sweep", "write_sweep_report",
+           "VerdictConfig", "run_verdict", "summarize_verdict", "write_verdict_report"]

@@ -208,6 +208,29 @@ def _cmd_regime(args) -> int:
     return 0
 
 
+def _cmd_verdict(args) -> int:
+    from .io import check_out_dir
+    from .model import load_model
+    from .verdict import VerdictConfig, run_verdict
+    from .verdict_report import write_verdict_report
+
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not (out / "verdict.json").exists():
+        raise ValueError(f"--out {out} is a non-empty folder that holds no verdict run; give a new "
+                         "or empty folder (nothing was changed).")
+    if args.report_only:
+        if not (out / "verdict.json").exists():
+            raise ValueError(f"--out {out} holds no verdict run (no verdict.json): run it first.")
+        print(write_verdict_report(out).read_text())
+        return 0
+    check_out_dir(out)  # a file, or not writable: refused before the model loads
+    cfg = VerdictConfig.from_preset(args.preset, model=args.model, datasets=args.datasets)
+    model = load_model(cfg.model, device=args.device)
+    run_verdict(model, cfg, out, max_pieces=args.max_pieces)
+    print(write_verdict_report(out).read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cast-interp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -321,6 +344,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--report-only", action="store_true",
                    help="rewrite report.md and the figure from the sweep's files")
     g.set_defaults(fn=_cmd_regime)
+
+    v = sub.add_parser("verdict", help="the v3 verdict: CAST's map against random, layer-matched "
+                                       "and graded head sets at matched safety, in the v3 regime")
+    v.add_argument("--preset", choices=("smoke", "cpu", "cpu-full"), default="cpu",
+                   help="smoke: tiny model, seconds; cpu: a quick look (one map, one seed, 4 random "
+                        "sets); cpu-full: the verdict (2 maps, 2 seeds, 20 random sets, "
+                        "layer-matched and graded sets)")
+    v.add_argument("--model", default=None, help="default: the preset's (SmolLM2)")
+    v.add_argument("--device", default=None)
+    v.add_argument("--out", required=True, help="run folder (resumable)")
+    v.add_argument("--datasets", default=None,
+                   help="public datasets folder (default: ../shared/datasets or "
+                        "$CAST_SHARED_DATASETS when present; 'bundled' forces the bundled sets)")
+    v.add_argument("--max-pieces", type=int, default=None,
+                   help="stop after training this many new pieces (resume later)")
+    v.add_argument("--report-only", action="store_true",
+                   help="rewrite report.md and the figures from the run's files")
+    v.set_defaults(fn=_cmd_verdict)
     return p
 
 

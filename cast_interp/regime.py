@@ -85,6 +85,11 @@ class RegimeData:
     benign_test: ChatDataset
     mc_items: list = field(default_factory=list)
     source: str = "bundled"
+    # The verdict's diagnosis splits (`regime_data(n_safety_cal=, n_benign_diag=, n_over_diag=)`),
+    # disjoint from training and from every validation and test prompt; None in the sweep.
+    safety_cal: Optional[ChatDataset] = None
+    benign_diag: Optional[ChatDataset] = None
+    over_diag: Optional[ChatDataset] = None
 
     def describe(self) -> dict:
         sets = {k: v.describe() for k, v in vars(self).items() if isinstance(v, ChatDataset)}
@@ -113,7 +118,8 @@ def regime_data(
     model: Model, *, datasets: Union[str, Path, None] = None, n_val: int = 32, n_over_val: int = 64,
     n_benign_test: int = 64, n_over_test: Optional[int] = None, max_safety_tokens: int = 64,
     answer_tokens: int = 64, n_mc_per_subject: int = 50, split_seed: int = 0,
-    cache_dir: Union[str, Path, None] = None,
+    cache_dir: Union[str, Path, None] = None, n_harmful_test: Optional[int] = None,
+    n_safety_cal: int = 0, n_benign_diag: int = 0, n_over_diag: int = 0,
 ) -> RegimeData:
     """The sweep's data, from the public datasets folder when present (`shared_datasets_dir`),
     else from the bundled sets (smaller; recorded as `source="bundled"`; `datasets="bundled"`
@@ -125,10 +131,20 @@ def regime_data(
     validation split, minus any prompt in training. Over-refusal: XSTest safe and CoCoNot contrast
     (and the bundled over-refusal set). Benign: Alpaca prompts (bundled benign when absent) with the
     model's own greedy answers (`answer_tokens`). Validation comes first after a seeded shuffle.
+
+    The verdict's diagnosis splits (0: none, as in the sweep): `n_safety_cal` safety pairs taken
+    out of training (D_safe), `n_benign_diag` benign prompts after the benign test split and
+    `n_over_diag` over-refusal prompts between the over-refusal validation and test splits, both
+    with the model's own answers (D_util, general or benign-but-sensitive). `n_harmful_test` caps
+    the held-out harmful test split.
     """
     for name, v in (("n_val", n_val), ("n_over_val", n_over_val), ("n_benign_test", n_benign_test),
                     ("max_safety_tokens", max_safety_tokens), ("answer_tokens", answer_tokens)):
         check_int(name, v, 1)
+    for name, v in (("n_safety_cal", n_safety_cal), ("n_benign_diag", n_benign_diag),
+                    ("n_over_diag", n_over_diag)):
+        check_int(name, v, 0)
+    check_int("n_harmful_test", n_harmful_test, 1, none_ok=True)
     root = (None if datasets == "bundled" else
             shared_datasets_dir(datasets) if datasets is not None else shared_datasets_dir())
     bundled_train = with_refusals(load_bundled("harmful", "train"), seed=split_seed)
@@ -155,21 +171,44 @@ def regime_data(
         source = "bundled"
     train = dedup_against(train, name="safety-train")
     train = truncate_responses(model, train, max_safety_tokens)
+    safety_cal = None
+    if n_safety_cal:
+        train = _shuffled(train, split_seed + 3)
+        safety_cal, train = _cut(train, n_safety_cal, "n_safety_cal")
+        safety_cal = ChatDataset("safety-cal", safety_cal.examples, train.source)
+        train = ChatDataset("safety-train", train.examples, train.source)
     harmful = _shuffled(dedup_against(harmful, train, name="harmful-heldout"), split_seed)
     over = _shuffled(dedup_against(over, train, harmful, name="over-refusal"), split_seed + 1)
     benign = _shuffled(dedup_against(benign, train, harmful, over, name="benign"), split_seed + 2)
     h_val, h_test = _cut(harmful, n_val, "n_val")
+    if n_harmful_test is not None:
+        h_test = h_test.take(n_harmful_test)
     o_val, o_test = _cut(over, n_over_val, "n_over_val")
+    o_diag = None
+    if n_over_diag:
+        o_diag, rest = _cut(o_test, n_over_diag, "n_over_diag")
+        o_test = ChatDataset(o_test.name, rest.examples, o_test.source)
     if n_over_test is not None:
         o_test = o_test.take(n_over_test)
-    benign = benign.take(n_val + n_benign_test)
+    benign = benign.take(n_val + n_benign_test + n_benign_diag)
     cache = Path(cache_dir) if cache_dir is not None else None
     benign = self_reference(model, ChatDataset(benign.name, [type(e)(e.prompt, None, e.category)
                                                              for e in benign], benign.source),
                             max_new_tokens=answer_tokens,
                             cache_path=cache / "self_reference_benign.jsonl" if cache else None)
     b_val, b_test = _cut(benign, n_val, "n_val")
-    return RegimeData(train, h_val, h_test, o_val, o_test, b_val, b_test, mc, source)
+    b_diag = None
+    if n_benign_diag:
+        first, rest = _cut(b_test, n_benign_test, "n_benign_test")
+        b_test, b_diag = (ChatDataset(b_test.name, first.examples, b_test.source),
+                          ChatDataset("benign-diag", rest.examples, b_test.source))
+    if o_diag is not None:
+        o_diag = self_reference(model, ChatDataset("over-refusal-diag", o_diag.examples,
+                                                   o_diag.source),
+                                max_new_tokens=answer_tokens,
+                                cache_path=cache / "self_reference_over_diag.jsonl" if cache else None)
+    return RegimeData(train, h_val, h_test, o_val, o_test, b_val, b_test, mc, source,
+                      safety_cal, b_diag, o_diag)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -192,6 +193,48 @@ def _full(scores, k, **_):
     return []
 
 
+def _layer_matched(scores, k, *, shape, seed, tie_seed, **_):
+    """Random units with CAST's count in every layer (the top-k by C's layer profile): a chance
+    set that cannot differ from CAST by which layers it touches."""
+    cast = ranked(scores["C"], k, largest=True, tie_seed=tie_seed)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for layer in sorted({l for l, _ in cast}):
+        n = sum(1 for l, _ in cast if l == layer)
+        out += [(layer, int(u)) for u in torch.randperm(shape[1], generator=g)[:n]]
+    return sorted(out)
+
+
+def c_quantile_bins(C: Float[Tensor, "n_layers n_units"], n_bins: int, *,
+                    tie_seed: int) -> list[list[Unit]]:
+    """Units split by C into `n_bins` bins of (nearly) equal size, lowest C first; ties in the
+    map's seeded order (NaN never binned)."""
+    if int(n_bins) != n_bins or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}.")
+    n = C.shape[1]
+    order = stats.rank_order(C.flatten(), seed=tie_seed, largest=False)
+    order = [int(i) for i in order if bool(torch.isfinite(C.flatten()[int(i)]))]
+    edges = np.linspace(0, len(order), int(n_bins) + 1).round().astype(int)
+    return [[(i // n, i % n) for i in order[a:b]] for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _graded(scores, k, *, seed, tie_seed, bin=None, n_bins=None, **_):
+    """k random units from C-quantile bin `bin` of `n_bins` (0 = lowest C): the graded design,
+    whose sets span the map's range so utility cost can be regressed on C."""
+    if bin is None or n_bins is None:
+        raise ValueError("The 'graded' arm needs bin= and n_bins= (select_arm_units(..., bin=b, "
+                         "n_bins=n)).")
+    bins = c_quantile_bins(scores["C"], n_bins, tie_seed=tie_seed)
+    if not 0 <= int(bin) < len(bins):
+        raise UnitError(f"bin={bin} is out of range: there are {len(bins)} bins (0..{len(bins) - 1}).")
+    pool = bins[int(bin)]
+    if len(pool) < k:
+        raise UnitError(f"C bin {bin} of {n_bins} holds {len(pool)} units, fewer than k={k}: use "
+                        "fewer bins or a smaller k.")
+    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:k]
+    return sorted(pool[int(i)] for i in pick)
+
+
 # The built-in arms (ours: "bottom", "top_o", "top_s", "layer_band" are the controls of METHOD v2).
 register_arm("full", _full, label="full tuning", colour="#000000", marker="s", z_order=3,
              baseline=False, needs_map=False, budget=lambda k, per_layer: 0)
@@ -203,6 +246,10 @@ register_arm("bottom", _by_score("C", largest=False), label="bottom-k by C", col
              marker="v")
 register_arm("top_o", _by_score("O"), label="top-k by O only", colour="#CC79A7", marker="^")
 register_arm("top_s", _by_score("S"), label="top-k by S only", colour="#E69F00", marker="D")
+register_arm("layer_matched", _layer_matched, label="random, CAST's heads per layer",
+             colour="#56B4E9", marker="h", baseline=False)
+register_arm("graded", _graded, label="random within a C-quantile bin", colour="#999999",
+             marker=".", baseline=False)
 register_arm("layer_band", _layer_band, label="layer band", colour="#56B4E9", marker="P",
              needs_map=False, budget=lambda k, per_layer: -(-k // per_layer) * per_layer)
 
@@ -236,13 +283,15 @@ def _scores(conflict_map: Any, unit: str) -> dict[str, Tensor]:
 
 def select_arm_units(arm: str, conflict_map: Any, k: Union[int, float], *, unit: str = "head",
                      seed: int = 0, model: Any = None,
-                     start_layer: Optional[int] = None) -> list[Unit]:
+                     start_layer: Optional[int] = None, **options: Any) -> list[Unit]:
     """The units an arm skips at budget k (a count, or a fraction of all units of the kind).
 
     Arms (`ARM_REGISTRY`): "cast" top-k by C; "full" none (k ignored); "random" a sample of k
     units drawn with the draw seed `seed` (independent of the training seed); "bottom" bottom-k by
     C; "top_o" / "top_s" top-k by O / S alone; "layer_band" whole consecutive layers
-    (`layer_band_heads`, rounded up); and any arm added with `register_arm`.
+    (`layer_band_heads`, rounded up); "layer_matched" random units with CAST's count per layer;
+    "graded" random units of one C-quantile bin (`bin=`, `n_bins=` in `options`); and any arm
+    added with `register_arm` (`options` are passed to its selector).
     NaN scores are never selected; ties are broken by the map's seeded order (`ConflictMap.seed`).
     `unit`: "head" (query heads) or "group" (key/value groups, GQA; scores from the map's groups).
     `conflict_map` is a `ConflictMap`, or for heads anything with `O`, `S`, `C` tensors
@@ -275,7 +324,7 @@ def select_arm_units(arm: str, conflict_map: Any, k: Union[int, float], *, unit:
                          "(a ConflictMap from the diagnosis stage).")
     out = [(int(l), int(u)) for l, u in spec.select(
         scores, k, shape=shape, seed=seed, tie_seed=int(getattr(conflict_map, "seed", 0)),
-        start_layer=start_layer)]
+        start_layer=start_layer, **options)]
     bad = [x for x in out if not (0 <= x[0] < shape[0] and 0 <= x[1] < shape[1])]
     if bad or len(set(out)) != len(out):
         raise UnitError(f"Arm {arm!r} selected {'units outside the ' if bad else 'repeated units '}"
