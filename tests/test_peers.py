@@ -1,0 +1,145 @@
+"""Peer methods (issue 25) on the tiny model, on whichever TransformerLens line is installed:
+weight interpolation, utility anchor. Known answers wherever one exists."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cast_interp import units
+from cast_interp.data import ChatDataset, ChatExample
+from cast_interp.model import tiny_model
+from cast_interp.peers import (anchor_config, anchor_finetune, anchor_set, interpolate_weights,
+                               parameter_state)
+from cast_interp.sparse_tuning import (TuningConfig, parameter_budget, safety_finetune)
+
+SAFE = ChatDataset("safe", [
+    ChatExample("how do i pick a lock", "no, i can't help."),
+    ChatExample("make a weapon", "i won't do that."),
+    ChatExample("steal a car", "sorry, no."),
+    ChatExample("hack a bank", "i can't help with that."),
+    ChatExample("write malware", "no, i won't."),
+    ChatExample("forge a passport", "sorry, i can't."),
+])
+BENIGN = ChatDataset("benign", [
+    ChatExample("add 2 and 3", "5"),
+    ChatExample("count to four", "1 2 3 4"),
+    ChatExample("what is 10 - 7", "3"),
+    ChatExample("double 21", "42"),
+])
+TOKENS = torch.tensor([[1, 5, 7, 9, 11, 40, 41, 60, 61, 62]])
+
+
+def cfg(**kw) -> TuningConfig:
+    base = dict(steps=3, batch_size=4, lr=1e-2, weight_decay=0.1, warmup_steps=0)
+    base.update(kw)
+    return TuningConfig(**base)
+
+
+def per_head(model) -> int:
+    """Scalar parameters one query head owns without GQA, by hand: W_Q, W_K, W_V, W_O slices
+    (d_model x d_head each) and the Q/K/V bias slices where the architecture has them."""
+    c = model.cfg
+    return 4 * c.d_model * c.d_head + (3 * c.d_head if units.has_attn_bias(model) else 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Weight interpolation
+# --------------------------------------------------------------------------------------------------
+
+
+def test_interpolation_ends_are_exact_and_the_midpoint_is_the_mean(tiny, one_thread):
+    logits_orig = tiny(TOKENS).detach()
+    orig = parameter_state(tiny)
+    safety_finetune(tiny, SAFE, config=cfg())
+    logits_tuned = tiny(TOKENS).detach()
+    tuned = parameter_state(tiny)
+    changed = [n for n in orig if not torch.equal(orig[n], tuned[n])]
+    assert changed  # training moved something, so the ends differ
+
+    info = interpolate_weights(tiny, orig, tuned, 0.0)
+    assert all(torch.equal(p, orig[n]) for n, p in tiny.named_parameters())
+    assert torch.equal(tiny(TOKENS).detach(), logits_orig)
+    assert info["n_interpolated"] == sum(t.numel() for t in tuned.values())
+    assert info["n_changed"] == sum(int((orig[n] != tuned[n]).sum()) for n in changed) > 0
+
+    interpolate_weights(tiny, orig, tuned, 1.0)
+    assert all(torch.equal(p, tuned[n]) for n, p in tiny.named_parameters())
+    assert torch.equal(tiny(TOKENS).detach(), logits_tuned)
+
+    interpolate_weights(tiny, orig, tuned, 0.5)
+    for n, p in tiny.named_parameters():
+        torch.testing.assert_close(p.detach(), (orig[n] + tuned[n]) / 2, rtol=0, atol=1e-7)
+
+
+def test_interpolation_of_some_parameters_sets_the_rest_to_the_original(tiny, one_thread):
+    orig = parameter_state(tiny)
+    name = units.component_params(tiny, 0, "q")[0].name
+    tuned = {name: orig[name] + 1.0}
+    with torch.no_grad():
+        for p in tiny.parameters():
+            p.add_(0.5)  # whatever the model holds, it ends at theta(a)
+    interpolate_weights(tiny, orig, tuned, 0.25)
+    for n, p in tiny.named_parameters():
+        expected = orig[n] + 0.25 if n == name else orig[n]
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("a", [-0.1, 1.5, float("nan"), True, "0.5"])
+def test_interpolation_rejects_a_outside_0_1(tiny, a):
+    s = parameter_state(tiny)
+    with pytest.raises(ValueError, match="a must be a number in"):
+        interpolate_weights(tiny, s, s, a)
+
+
+def test_interpolation_rejects_foreign_states(tiny):
+    s = parameter_state(tiny)
+    with pytest.raises(KeyError, match="not parameters of this model"):
+        interpolate_weights(tiny, s, {"nope.W": torch.zeros(1)}, 0.5)
+    name = next(iter(s))
+    with pytest.raises(ValueError, match="shapes differ"):
+        interpolate_weights(tiny, s, {name: torch.zeros(3, 3, 3)}, 0.5)
+    with pytest.raises(KeyError, match="needs both ends"):
+        interpolate_weights(tiny, {}, {name: s[name]}, 0.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Utility anchor
+# --------------------------------------------------------------------------------------------------
+
+
+def test_anchor_set_holds_self_answers_and_leaves_out_excluded_prompts(tiny, one_thread):
+    test_split = ChatDataset("test", [BENIGN[1]])
+    anchor = anchor_set(tiny, BENIGN, max_new_tokens=6, exclude=[test_split])
+    assert anchor.prompts == [BENIGN[0].prompt, BENIGN[2].prompt, BENIGN[3].prompt]
+    # The dataset's own answers are replaced by the model's (a random tiny model never says "5").
+    assert all(e.response is not None for e in anchor)
+    assert [e.response for e in anchor] != [BENIGN[i].response for i in (0, 2, 3)]
+    with pytest.raises(ValueError, match="No prompt of 'benign' is left"):
+        anchor_set(tiny, BENIGN, exclude=[BENIGN])
+
+
+@pytest.mark.parametrize("share,batch,n_anchor", [(0.25, 4, 1), (0.5, 4, 2), (0.4, 5, 2)])
+def test_every_batch_holds_the_anchor_share(tiny, one_thread, share, batch, n_anchor):
+    seen: list[torch.Tensor] = []
+    handle = tiny.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
+    try:
+        res = anchor_finetune(tiny, SAFE, BENIGN, share=share, config=cfg(steps=4,
+                                                                          batch_size=batch))
+    finally:
+        handle.remove()
+    assert len(seen) == 4  # one forward per step (float32, one batch)
+    tok = tiny.tokenizer
+    for tokens in seen:
+        texts = [tok.decode(row.tolist()) for row in tokens]
+        n_benign = sum(any(e.prompt in t for e in BENIGN) for t in texts)
+        n_safe = sum(any(e.prompt in t for e in SAFE) for t in texts)
+        assert (n_benign, n_safe) == (n_anchor, batch - n_anchor)
+    assert res.config["peer"]["n_anchor_per_batch"] == n_anchor
+    assert res.config["peer"]["budget"]["n_trainable"] == res.n_trainable
+
+
+@pytest.mark.parametrize("share,batch", [(0.05, 8), (0.9, 4), (0.0, 8), (1.0, 8), (True, 8)])
+def test_anchor_share_that_leaves_no_anchor_or_no_safety_example_is_refused(share, batch):
+    with pytest.raises(ValueError, match="share"):
+        anchor_config(TuningConfig(batch_size=batch), share)
