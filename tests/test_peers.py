@@ -1,7 +1,10 @@
 """Peer methods (issue 25) on the tiny model, on whichever TransformerLens line is installed:
-weight interpolation, utility anchor. Known answers wherever one exists."""
+weight interpolation, utility anchor, layer freezes, activation-based head choice. Known answers
+wherever one exists."""
 
 from __future__ import annotations
+
+import random
 
 import pytest
 import torch
@@ -9,9 +12,12 @@ import torch
 from cast_interp import units
 from cast_interp.data import ChatDataset, ChatExample
 from cast_interp.model import tiny_model
-from cast_interp.peers import (anchor_config, anchor_finetune, anchor_set, interpolate_weights,
-                               parameter_state)
-from cast_interp.sparse_tuning import (TuningConfig, parameter_budget, safety_finetune)
+from cast_interp.peers import (activation_arm_units, anchor_config, anchor_finetune, anchor_set,
+                               head_activation_shift, interpolate_weights, parameter_state)
+from cast_interp.registry.arms import baseline_names, get_arm
+from cast_interp.sparse_tuning import (TuningConfig, parameter_budget, safety_finetune,
+                                       select_arm_units)
+from cast_interp.units import UnitError
 
 SAFE = ChatDataset("safe", [
     ChatExample("how do i pick a lock", "no, i can't help."),
@@ -143,3 +149,102 @@ def test_every_batch_holds_the_anchor_share(tiny, one_thread, share, batch, n_an
 def test_anchor_share_that_leaves_no_anchor_or_no_safety_example_is_refused(share, batch):
     with pytest.raises(ValueError, match="share"):
         anchor_config(TuningConfig(batch_size=batch), share)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Layer freezes at CAST's parameter count
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k,n_layers_frozen", [(1, 1), (3, 1), (4, 1), (5, 2)])
+def test_layer_freeze_arms_freeze_whole_layers_from_either_end(tiny, k, n_layers_frozen):
+    H = tiny.cfg.n_heads  # tiny: 2 layers x 4 heads
+    bottom = select_arm_units("bottom_layers", None, k, model=tiny)
+    top = select_arm_units("top_layers", None, k, model=tiny)
+    assert bottom == [(l, h) for l in range(n_layers_frozen) for h in range(H)]
+    assert top == [(l, h) for l in range(2 - n_layers_frozen, 2) for h in range(H)]
+    for arm in ("bottom_layers", "top_layers"):
+        assert get_arm(arm).max_units(k, H) == n_layers_frozen * H
+        assert arm not in baseline_names()
+    # At k = one layer's heads, the freeze matches CAST's parameter count exactly.
+    if k == H:
+        cast_like = [(0, 0), (0, 3), (1, 1), (1, 2)]
+        assert (parameter_budget(tiny, bottom)["n_frozen"] == parameter_budget(tiny, top)["n_frozen"]
+                == parameter_budget(tiny, cast_like)["n_frozen"] == H * per_head(tiny))
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. Activation-based head choice
+# --------------------------------------------------------------------------------------------------
+
+
+def _marker_sets():
+    """Harmful-like prompts with the byte "Z" at every other position; harmless ones without."""
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxy"
+
+    def text(marker: bool) -> str:
+        return "".join("Z" if marker and i % 2 else rng.choice(letters) for i in range(40))
+
+    return (ChatDataset("marked", [ChatExample(text(True)) for _ in range(6)]),
+            ChatDataset("plain", [ChatExample(text(False)) for _ in range(6)]))
+
+
+def _plant(model, layer: int, head: int) -> None:
+    """Head (layer, head) attends uniformly (zero Q/K) and writes, through V, the direction of the
+    "Z" embedding: its output tracks how many "Z"s a prompt holds, and little else."""
+    zid = model.tokenizer("Z", add_special_tokens=False)["input_ids"]
+    _, cache = model.run_with_cache(torch.tensor([zid]))
+    u = cache[f"blocks.{layer}.hook_resid_pre"][0, -1]
+    u = u / u.norm()
+    with torch.no_grad():
+        for comp in "qk":
+            for p in units.component_params(model, layer, comp):
+                p.unit(head).zero_()
+        w = units.component_params(model, layer, "v")[0].unit(head)
+        w.copy_((u[:, None] if w.shape[0] == model.cfg.d_model else u[None, :]).expand_as(w) * 10)
+
+
+@pytest.mark.parametrize("normalize", ["pooled_sd", "none"])
+def test_a_planted_head_is_ranked_first(one_thread, normalize):
+    model = tiny_model(seed=0, n_ctx=512)
+    marked, plain = _marker_sets()
+    planted = (0, 3)
+    before = head_activation_shift(model, marked, plain, normalize=normalize)
+    assert before.flatten().argmax() != planted[0] * 4 + planted[1]
+    _plant(model, *planted)
+    score = head_activation_shift(model, marked, plain, normalize=normalize)
+    assert score.shape == (2, 4)
+    top2 = score.flatten().topk(2).values
+    assert score.flatten().argmax() == planted[0] * 4 + planted[1]
+    assert top2[0] > 2 * top2[1]
+    assert activation_arm_units("act_skip", score, 1, model=model) == [planted]
+
+
+def test_activation_arms_freeze_the_stated_counts(tiny, one_thread):
+    marked, plain = _marker_sets()
+    score = head_activation_shift(tiny, marked, plain)
+    top3 = sorted((int(i) // 4, int(i) % 4) for i in score.flatten().topk(3).indices)
+    skip = activation_arm_units("act_skip", score, 3, model=tiny)
+    tune = activation_arm_units("act_tune", score, 3, model=tiny)
+    assert skip == top3
+    assert len(tune) == 8 - 3 and set(tune) == set(units.all_units(tiny)) - set(top3)
+    assert parameter_budget(tiny, skip)["n_frozen"] == 3 * per_head(tiny)
+    assert parameter_budget(tiny, tune)["n_frozen"] == 5 * per_head(tiny)
+    # The same through the registry (options pass through select_arm_units).
+    assert select_arm_units("act_skip", None, 3, model=tiny, act_scores=score) == skip
+    assert "act_skip" not in baseline_names() and "act_tune" not in baseline_names()
+
+
+def test_activation_arms_reject_missing_or_foreign_scores(tiny):
+    with pytest.raises(ValueError, match="pass act_scores="):
+        select_arm_units("act_skip", None, 2, model=tiny)
+    with pytest.raises(UnitError, match="act_scores has shape"):
+        select_arm_units("act_tune", None, 2, model=tiny, act_scores=torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="act_tune with k=0"):
+        activation_arm_units("act_tune", torch.zeros(2, 4), 0, model=tiny)
+    marked, plain = _marker_sets()
+    with pytest.raises(ValueError, match="normalize="):
+        head_activation_shift(tiny, marked, plain, normalize="z")
+    with pytest.raises(ValueError, match="at least 2 per set"):
+        head_activation_shift(tiny, marked[:1], plain)

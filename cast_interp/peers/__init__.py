@@ -30,8 +30,11 @@ skip_heads=units, config=cfg.tuning(seed), on_step=on_step)` (the same keywords 
                                          model=model)
 """
 
+from .activation import (ACTIVATION_ARMS, activation_arm_units, head_activation_shift,
+                         head_outputs)
 from .anchor import ANCHOR_SHARES, anchor_config, anchor_finetune, anchor_set
 from .interpolation import INTERPOLATION_ALPHAS, interpolate_weights, parameter_state
 
-__all__ = ["ANCHOR_SHARES", "anchor_config", "anchor_finetune", "anchor_set",
+__all__ = ["ACTIVATION_ARMS", "activation_arm_units", "head_activation_shift", "head_outputs",
+           "ANCHOR_SHARES", "anchor_config", "anchor_finetune", "anchor_set",
            "INTERPOLATION_ALPHAS", "interpolate_weights", "parameter_state"]

@@ -254,6 +254,50 @@ register_arm("layer_band", _layer_band, label="layer band", colour="#56B4E9", ma
              needs_map=False, budget=lambda k, per_layer: -(-k // per_layer) * per_layer)
 
 
+# Peer arms (issue 25; not run as baselines of the v2 pipeline). Whole layers from the bottom or
+# the top at CAST's budget (k rounded up to whole layers, as the layer band), and the activation
+# arms, which rank heads by `peers.head_activation_shift` (passed as `act_scores=`).
+def _edge_layers(top: bool) -> Selector:
+    def select(scores, k, *, shape, **_):
+        n_band = -(-k // shape[1])
+        return layer_band_heads(shape, k, start_layer=shape[0] - n_band if top else 0)
+    return select
+
+
+def _activation_scores(shape, act_scores) -> Tensor:
+    if act_scores is None:
+        raise ValueError("The act_tune / act_skip arms rank heads by their activation shift: pass "
+                         "act_scores= (peers.head_activation_shift(model, harmful, harmless)).")
+    t = torch.as_tensor(act_scores, dtype=torch.float32)
+    if tuple(t.shape) != tuple(shape):
+        raise UnitError(f"act_scores has shape {tuple(t.shape)} but the unit grid is "
+                        f"{tuple(shape)}: score query heads of this model (unit='head').")
+    return t
+
+
+def _act_skip(scores, k, *, shape, tie_seed, act_scores=None, **_):
+    """Freeze the k heads whose output shifts most between harmful and harmless prompts."""
+    return ranked(_activation_scores(shape, act_scores), k, largest=True, tie_seed=tie_seed)
+
+
+def _act_tune(scores, k, *, shape, tie_seed, act_scores=None, **_):
+    """Tune only those k heads: freeze every other one (N - k units)."""
+    top = set(ranked(_activation_scores(shape, act_scores), k, largest=True, tie_seed=tie_seed))
+    return [(l, u) for l in range(shape[0]) for u in range(shape[1]) if (l, u) not in top]
+
+
+_WHOLE_LAYERS = lambda k, per_layer: -(-k // per_layer) * per_layer  # noqa: E731
+register_arm("bottom_layers", _edge_layers(top=False), label="bottom layers frozen",
+             colour="#882255", marker="<", baseline=False, needs_map=False, budget=_WHOLE_LAYERS)
+register_arm("top_layers", _edge_layers(top=True), label="top layers frozen", colour="#44AA99",
+             marker=">", baseline=False, needs_map=False, budget=_WHOLE_LAYERS)
+register_arm("act_skip", _act_skip, label="skip top-k by activation shift", colour="#AA4499",
+             marker="H", baseline=False, needs_map=False)
+# Its budget is N - k frozen units (N, the grid, is not known to `budget`): not a baseline.
+register_arm("act_tune", _act_tune, label="tune only top-k by activation shift",
+             colour="#332288", marker="p", baseline=False, needs_map=False)
+
+
 # --------------------------------------------------------------------------------------------------
 # Selection (`sparse_tuning.select_arm_units` is this function)
 # --------------------------------------------------------------------------------------------------
@@ -290,8 +334,10 @@ def select_arm_units(arm: str, conflict_map: Any, k: Union[int, float], *, unit:
     units drawn with the draw seed `seed` (independent of the training seed); "bottom" bottom-k by
     C; "top_o" / "top_s" top-k by O / S alone; "layer_band" whole consecutive layers
     (`layer_band_heads`, rounded up); "layer_matched" random units with CAST's count per layer;
-    "graded" random units of one C-quantile bin (`bin=`, `n_bins=` in `options`); and any arm
-    added with `register_arm` (`options` are passed to its selector).
+    "graded" random units of one C-quantile bin (`bin=`, `n_bins=` in `options`); the peer arms
+    "bottom_layers" / "top_layers" (whole layers from the bottom / top, k rounded up) and
+    "act_skip" / "act_tune" (top-k by `act_scores=` frozen / everything else frozen, see
+    `peers.activation`); and any arm added with `register_arm` (`options` go to its selector).
     NaN scores are never selected; ties are broken by the map's seeded order (`ConflictMap.seed`).
     `unit`: "head" (query heads) or "group" (key/value groups, GQA; scores from the map's groups).
     `conflict_map` is a `ConflictMap`, or for heads anything with `O`, `S`, `C` tensors
