@@ -1,6 +1,6 @@
 """Peer methods (issue 25) on the tiny model, on whichever TransformerLens line is installed:
-weight interpolation, utility anchor, layer freezes, activation-based head choice. Known answers
-wherever one exists."""
+weight interpolation, utility anchor, layer freezes, LoRA, gradient projection, activation-based
+head choice. Known answers wherever one exists."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ import pytest
 import torch
 
 from cast_interp import units
-from cast_interp.data import ChatDataset, ChatExample
+from cast_interp.data import ChatDataset, ChatExample, make_batches
 from cast_interp.model import tiny_model
-from cast_interp.peers import (activation_arm_units, anchor_config, anchor_finetune, anchor_set,
-                               head_activation_shift, interpolate_weights, parameter_state)
+from cast_interp.objectives import response_nll
+from cast_interp.peers import (LoraAdapters, LoraConfig, UnitBlocks, activation_arm_units,
+                               anchor_config, anchor_finetune, anchor_set, head_activation_shift,
+                               interpolate_weights, lora_finetune, merge_lora, merged,
+                               parameter_state, project_gradient, projected_finetune)
 from cast_interp.registry.arms import baseline_names, get_arm
 from cast_interp.sparse_tuning import (TuningConfig, parameter_budget, safety_finetune,
-                                       select_arm_units)
+                                       select_arm_units, trainable_parameters)
 from cast_interp.units import UnitError
 
 SAFE = ChatDataset("safe", [
@@ -169,8 +172,247 @@ def test_layer_freeze_arms_freeze_whole_layers_from_either_end(tiny, k, n_layers
     # At k = one layer's heads, the freeze matches CAST's parameter count exactly.
     if k == H:
         cast_like = [(0, 0), (0, 3), (1, 1), (1, 2)]
-        assert (parameter_budget(tiny, bottom)["n_frozen"] == parameter_budget(tiny, top)["n_frozen"]
-                == parameter_budget(tiny, cast_like)["n_frozen"] == H * per_head(tiny))
+        frozen = [parameter_budget(tiny, s)["n_frozen"] for s in (bottom, top, cast_like)]
+        assert frozen == [H * per_head(tiny)] * 3
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. LoRA
+# --------------------------------------------------------------------------------------------------
+
+
+def _randomise_b(adapters: LoraAdapters, scale: float = 0.5) -> None:
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for b in adapters.B.values():
+            b.copy_(torch.randn(b.shape, generator=g) * scale)
+
+
+def test_lora_with_zero_b_is_the_original_model_exactly(tiny, one_thread):
+    ref = tiny(TOKENS).detach()
+    adapters = LoraAdapters(tiny, LoraConfig(rank=4, components=["q", "k", "v", "o"]))
+    assert all(bool((b == 0).all()) for b in adapters.B.values())
+    with adapters.attached(tiny):
+        assert torch.equal(tiny(TOKENS).detach(), ref)
+    _randomise_b(adapters)  # the hooks do act: a non-zero B moves the logits
+    with adapters.attached(tiny):
+        assert not torch.allclose(tiny(TOKENS).detach(), ref, atol=1e-3)
+    assert torch.equal(tiny(TOKENS).detach(), ref)  # detached: the model itself never changed
+
+
+@pytest.mark.parametrize("n_kv", [None, 2])
+@pytest.mark.parametrize("components", [["q", "v"], ["q", "k", "v", "o"]])
+def test_merged_lora_computes_what_the_hooked_model_computes(one_thread, n_kv, components):
+    model = tiny_model(seed=0, n_ctx=512, n_key_value_heads=n_kv)
+    adapters = LoraAdapters(model, LoraConfig(rank=3, components=components), seed=2)
+    _randomise_b(adapters)
+    with adapters.attached(model):
+        hooked = model(TOKENS).detach()
+    before = parameter_state(model)
+    info = merge_lora(model, adapters)
+    assert info["merged"] == [f"L{l}{c}" for l in range(2) for c in components]
+    merged_logits = model(TOKENS).detach()
+    assert (merged_logits - before_logits(model, before)).abs().max() > 1e-2  # the merge moved it
+    torch.testing.assert_close(merged_logits, hooked, rtol=0, atol=1e-5)
+
+
+def before_logits(model, state):
+    """Logits of `model` with `state` loaded (then the current weights are put back)."""
+    now = parameter_state(model)
+    interpolate_weights(model, state, state, 0.0)
+    out = model(TOKENS).detach()
+    interpolate_weights(model, now, now, 0.0)
+    return out
+
+
+def test_merged_context_restores_the_weights_bit_for_bit(tiny):
+    before = parameter_state(tiny)
+    adapters = LoraAdapters(tiny, LoraConfig(rank=2))
+    _randomise_b(adapters)
+    with merged(tiny, adapters):
+        assert any(not torch.equal(p, before[n]) for n, p in tiny.named_parameters())
+    assert all(torch.equal(p, before[n]) for n, p in tiny.named_parameters())
+
+
+def test_lora_training_keeps_the_base_weights_and_records_its_budget(tiny, one_thread):
+    before = parameter_state(tiny)
+    c = tiny.cfg
+    moved_in_on_step = []
+
+    def on_step(step, loss):  # sees the adapters merged into the weights
+        moved_in_on_step.append(any(not torch.equal(p, before[n])
+                                    for n, p in tiny.named_parameters()))
+
+    res, adapters = lora_finetune(tiny, SAFE, lora=LoraConfig(rank=8), config=cfg(steps=4),
+                                  merge=False, on_step=on_step)
+    assert all(torch.equal(p, before[n]) for n, p in tiny.named_parameters())
+    assert moved_in_on_step == [True] * 4
+    # rank 8 on Q and V of 2 layers, by hand: r * (d_in + d_out) per adapter.
+    n = 2 * (8 * (c.d_model + c.n_heads * c.d_head) + 8 * (c.d_model + c.n_heads * c.d_head))
+    assert res.n_trainable == adapters.n_parameters == n == 2048
+    assert res.config["peer"]["budget"]["n_trainable"] == n
+    assert res.config["peer"]["lora"] == {"rank": 8, "alpha": 16.0, "components": ["q", "v"],
+                                          "layers": None}
+    assert res.losses[-1] < res.losses[0]
+    # Paired with full tuning: the same batches for the same training seed.
+    full = safety_finetune(tiny_model(seed=0, n_ctx=512), SAFE, config=cfg(steps=4))
+    assert res.batch_fingerprints == full.batch_fingerprints
+
+
+def test_lora_merge_at_the_end_changes_only_the_adapted_weights(tiny, one_thread):
+    before = parameter_state(tiny)
+    res, adapters = lora_finetune(tiny, SAFE, config=cfg(steps=2))
+    adapted = {units.component_params(tiny, l, comp)[0].name for l in range(2) for comp in "qv"}
+    for n, p in tiny.named_parameters():
+        assert torch.equal(p, before[n]) == (n not in adapted), n
+    assert res.config["peer"]["merged"] is True
+
+
+def test_lora_trains_in_bf16_with_float32_adapters(tiny, one_thread):
+    before = parameter_state(tiny)
+    res, adapters = lora_finetune(tiny, SAFE, config=cfg(steps=2, precision="bf16"), merge=False)
+    assert all(p.dtype == torch.float32 for p in adapters.parameters())
+    assert all(torch.isfinite(torch.tensor(res.losses)))
+    assert any(bool((b != 0).any()) for b in adapters.B.values())
+    assert all(torch.equal(p, before[n]) for n, p in tiny.named_parameters())
+
+
+@pytest.mark.parametrize("kw,msg", [({"rank": 0}, "rank must be"), ({"alpha": 0}, "alpha must"),
+                                    ({"components": ["x"]}, "components must"),
+                                    ({"components": []}, "components must"),
+                                    ({"layers": [-1]}, "layers must")])
+def test_lora_config_rejects_bad_settings(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        LoraConfig(**kw)
+
+
+def test_lora_rejects_layers_the_model_lacks_and_configs_it_cannot_run(tiny):
+    with pytest.raises(ValueError, match="do not exist"):
+        LoraAdapters(tiny, LoraConfig(layers=[5]))
+    with pytest.raises(ValueError, match="benign_mix=0"):
+        lora_finetune(tiny, SAFE, config=cfg(benign_mix=0.25))
+    other = LoraAdapters(tiny_model(seed=0, n_ctx=512, n_key_value_heads=2))
+    with pytest.raises(ValueError, match="built for"):
+        merge_lora(tiny, other)
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Gradient projection
+# --------------------------------------------------------------------------------------------------
+
+
+def test_projection_known_answer():
+    g, info = project_gradient([torch.tensor([1.0, 0.0])], [torch.tensor([-1.0, 1.0])])
+    # g_s . g_u = -1, |g_u|^2 = 2: g = (1, 0) - (-1/2)(-1, 1) = (0.5, 0.5).
+    assert torch.equal(g[0], torch.tensor([0.5, 0.5]))
+    assert info["conflict"] and info["dot"] == -1.0
+    g, info = project_gradient([torch.tensor([1.0, 0.0])], [torch.tensor([1.0, 1.0])])
+    assert torch.equal(g[0], torch.tensor([1.0, 0.0])) and not info["conflict"]
+
+
+def _real_grads(model, skip=()):
+    params, masks = trainable_parameters(model, skip)
+    out = []
+    for data in (SAFE, BENIGN):
+        batch = make_batches(model, data, batch_size=len(data))[0]
+        grads = torch.autograd.grad(response_nll(model, batch), params)
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        out.append([g.masked_fill(masks[name_of[id(p)]], 0.0) if name_of[id(p)] in masks else g
+                    for p, g in zip(params, grads)])
+    return params, out[0], out[1]
+
+
+def _dot(a, b):
+    return sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("n_kv", [None, 2])
+def test_projected_real_gradient_never_opposes_utility(one_thread, n_kv):
+    model = tiny_model(seed=0, n_ctx=512, n_key_value_heads=n_kv)
+    params, g_s, g_u = _real_grads(model)
+    # -g_u is the real gradient of -L_util: of g_u and -g_u exactly one conflicts with g_s.
+    outcomes = []
+    for u in (g_u, [-x for x in g_u]):
+        g, info = project_gradient(g_s, u)
+        scale = _dot(g_s, g_s) ** 0.5 * _dot(u, u) ** 0.5
+        assert _dot(g, u) >= -1e-6 * scale
+        if info["conflict"]:
+            assert abs(_dot(g, u)) <= 1e-6 * scale  # exactly orthogonal where it was projected
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(g, g_s))
+        outcomes.append(info["conflict"])
+    assert sorted(outcomes) == [False, True]
+
+    blocks = UnitBlocks(model, params)
+    n_units = 8 + (4 if n_kv else 0)  # heads, plus key/value groups under GQA
+    assert len(blocks) == n_units + (1 if "rest" in blocks.labels else 0)
+    flags = []
+    for u in (g_u, [-x for x in g_u]):
+        g, info = blocks.project(g_s, u)
+        flags.append(info["conflict"])
+        for views, conflict in zip(blocks.units, info["conflict"]):
+            a = [p.unit(i, g[j]) for j, p, i in views]
+            s = [p.unit(i, g_s[j]) for j, p, i in views]
+            b = [p.unit(i, u[j]) for j, p, i in views]
+            scale = (_dot(s, s) * _dot(b, b)) ** 0.5
+            assert _dot(a, b) >= -1e-6 * scale
+            if not conflict:
+                assert all(torch.equal(x, y) for x, y in zip(a, s))
+    # A block's dot product flips sign with g_u: it conflicts under exactly one of the two.
+    assert all(a != b for a, b in zip(*flags)) and any(flags[0] + flags[1])
+
+
+def test_projection_with_utility_equal_to_safety_is_safety_finetune(one_thread):
+    """Utility batches = safety batches (same data, seed and size): g_u = g_s never conflicts, so
+    the loop must reproduce safety_finetune bit for bit (batches, optimizer, clipping, freezing)."""
+    c = cfg(steps=4, seed=3, batch_size=3)
+    skip = [(0, 1), (1, 2)]
+    a, b = tiny_model(seed=0, n_ctx=512), tiny_model(seed=0, n_ctx=512)
+    ra = projected_finetune(a, SAFE, SAFE, config=c, skip_heads=skip, utility_seed=3)
+    rb = safety_finetune(b, SAFE, config=c, skip_heads=skip)
+    assert ra.config["peer"]["conflict"] == [False] * 4
+    assert ra.batch_fingerprints == rb.batch_fingerprints
+    assert ra.losses == rb.losses
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert (ra.n_trainable, ra.n_frozen_in_scope) == (rb.n_trainable, rb.n_frozen_in_scope)
+
+
+@pytest.mark.parametrize("mode", ["global", "unit"])
+def test_projected_finetune_records_and_freezes(tiny, one_thread, mode):
+    before = parameter_state(tiny)
+    skip = [(0, 2)]
+    res = projected_finetune(tiny, SAFE, BENIGN, mode=mode, skip_heads=skip, config=cfg(steps=3))
+    peer = res.config["peer"]
+    assert peer["mode"] == mode and len(peer["conflict"]) == len(peer["utility_losses"]) == 3
+    assert peer["budget"] == parameter_budget(tiny, skip)
+    assert res.n_frozen_in_scope == per_head(tiny)
+    for comp in "qkvo":  # the skipped head's own slices never change
+        for p in units.component_params(tiny, 0, comp):
+            assert torch.equal(p.unit(2), p.unit(2, before[p.name]))
+    assert any(not torch.equal(p, before[n]) for n, p in tiny.named_parameters())
+
+
+def test_projection_trains_in_bf16_with_float32_master_weights(tiny, one_thread):
+    before = parameter_state(tiny)
+    res = projected_finetune(tiny, SAFE, BENIGN, skip_heads=[(1, 0)],
+                             config=cfg(steps=2, precision="bf16"))
+    assert res.config["compute"]["master_weights"] == "float32"
+    assert all(p.dtype == torch.float32 for p in tiny.parameters())
+    assert all(torch.isfinite(torch.tensor(res.losses + res.config["peer"]["utility_losses"])))
+    for p in units.component_params(tiny, 1, "q"):
+        assert torch.equal(p.unit(0), p.unit(0, before[p.name]))
+    assert any(not torch.equal(p, before[n]) for n, p in tiny.named_parameters())
+
+
+def test_projection_rejects_bad_settings(tiny):
+    with pytest.raises(ValueError, match="mode="):
+        projected_finetune(tiny, SAFE, BENIGN, mode="layer")
+    with pytest.raises(ValueError, match="benign_mix=0"):
+        projected_finetune(tiny, SAFE, BENIGN, config=cfg(benign_mix=0.5))
+    with pytest.raises(ValueError, match="group_by_length=False"):
+        projected_finetune(tiny, SAFE, BENIGN, config=cfg(group_by_length=True))
+    with pytest.raises(ValueError, match="g_s has 1 tensors but g_u has 2"):
+        project_gradient([torch.zeros(2)], [torch.zeros(2), torch.zeros(2)])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -34,7 +34,11 @@ from .activation import (ACTIVATION_ARMS, activation_arm_units, head_activation_
                          head_outputs)
 from .anchor import ANCHOR_SHARES, anchor_config, anchor_finetune, anchor_set
 from .interpolation import INTERPOLATION_ALPHAS, interpolate_weights, parameter_state
+from .lora import LoraAdapters, LoraConfig, lora_finetune, merge_lora, merged
+from .projection import (PROJECTION_MODES, UnitBlocks, project_gradient, projected_finetune)
 
 __all__ = ["ACTIVATION_ARMS", "activation_arm_units", "head_activation_shift", "head_outputs",
            "ANCHOR_SHARES", "anchor_config", "anchor_finetune", "anchor_set",
-           "INTERPOLATION_ALPHAS", "interpolate_weights", "parameter_state"]
+           "INTERPOLATION_ALPHAS", "interpolate_weights", "parameter_state",
+           "LoraAdapters", "LoraConfig", "lora_finetune", "merge_lora", "merged",
+           "PROJECTION_MODES", "UnitBlocks", "project_gradient", "projected_finetune"]

@@ -1,4 +1,4 @@
-"""Weight interpolation (model averaging, WiSE-FT): theta(a) = (1 - a) theta_original + a theta_tuned.
+"""Weight interpolation (model averaging, WiSE-FT): theta(a) = (1 - a) theta_orig + a theta_tuned.
 
 Lin et al. ("Mitigating the Alignment Tax of RLHF", arXiv 2309.06256) found that averaging the
 tuned weights with the original gave the best trade-off of every method they tried; WiSE-FT
