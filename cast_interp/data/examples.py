@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Iterator, Literal, Optional, Sequence
 
-
-
 Split = Literal["calibration", "train", "test"]
 BundledKind = Literal["harmful", "benign", "over_refusal"]
 

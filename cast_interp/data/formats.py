@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Literal, Optional, Sequence, Union
 
-
 from .examples import ChatDataset, ChatExample, DataError, _nonempty, load_bundled
 
 PROMPT_COLUMNS = ("prompt", "instruction", "goal", "Goal", "question", "input", "text")

@@ -14,7 +14,6 @@ from .. import distributed
 from ..io import json_field, read_json, to_jsonable
 from .config import ADDITIVE_FIELDS, PIPELINE_VERSION, RunConfig
 
-
 _T0 = time.time()
 
 
