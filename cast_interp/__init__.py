@@ -1,9 +1,10 @@
 """cast_interp: CAST (head-level diagnosis of safety-utility conflicts, surgical safety fine-tuning)
 on TransformerLens: its 3.x `HookedTransformer` or its 4.x `TransformerBridge`, the same code.
 
-The layout follows the method, stage by stage:
+The layout follows the method, stage by stage (a folder is a package; its `__init__` lists its
+modules and exports every public name):
 
-    data.py, model.py          D_safe / D_util and the hooked model
+    data/, model.py            D_safe / D_util and the hooked model
     backend.py, hf_models.py   what differs between TransformerLens 3 and 4; bridge models (TL 4)
     units.py                   what a query head and a key/value group own (every stage's units)
     conflict.py                stage 1: Optimization Conflict O(u) = 1 - cos(g_safe, g_util)
@@ -13,17 +14,17 @@ The layout follows the method, stage by stage:
     regime.py                  v3: the sweep of full tuning that finds a tax before arms compare
     verdict.py                 v3: the map against random / layer-matched / graded head sets at
                                matched safety (verdict_report.py: its report and figures)
-    sparse_tuning.py           stage 2: safety fine-tuning that skips units, budget-matched arms
+    sparse_tuning/             stage 2: safety fine-tuning that skips units, budget-matched arms
     safety.py, utility.py      stage 3: the refusal judge and safety metrics; utility and task accuracy
     evaluate.py                stage 3: both, per prompt, as one `EvalResult`
-    attribution.py             stage 4: which units caused the utility drop
+    attribution/               stage 4: which units caused the utility drop
     stats.py                   paired bootstrap CIs, nulls, seeded ranks (shared by every stage)
     inference.py               v3 verdict: CAST against random sets (sets x seeds x prompts),
                                rank ranges, matched-safety reads, the graded slope
-    figures.py, report.py      the paper figures; the run's report and its inference
+    figures/, report/          the paper figures; the run's report and its inference
     head_attention.py          looking inside the flagged heads (where they attend)
     planted.py                 tiny models with a planted conflict (known answers, teaching)
-    pipeline.py, cli.py        the whole experiment, `cast-interp`
+    pipeline/, cli.py          the whole experiment, `cast-interp`
 """
 
 __version__ = "0.2.0"

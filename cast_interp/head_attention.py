@@ -19,7 +19,7 @@ template on benign ones behaves differently from one that does the same everywhe
 - `attention_pattern` / `plot_attention_pattern`: the full pattern of a few heads on one prompt.
 
 Attention weights are a description, not an explanation: where a head looks is not what it writes
-(ablations and attribution, `sensitivity.py` / `attribution.py`, measure effects).
+(ablations and attribution, `sensitivity.py` / `attribution/`, measure effects).
 """
 
 from __future__ import annotations

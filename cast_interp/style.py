@@ -3,7 +3,7 @@ arm, colour maps, panel letters, units.
 
 Sizes follow the ACL two-column format (column 7.7 cm, text width 16 cm): a figure drawn at
 `ONE_COLUMN` or `TWO_COLUMN` inches is placed at 100% and its fonts print at the sizes below
-(8-9 pt; legends never under 8 pt). Every figure function in `figures.py` (and the run figures that
+(8-9 pt; legends never under 8 pt). Every figure function in `figures/` (and the run figures that
 `report.run_figures` draws with them) uses `rc()`, `arm_style()` and these constants, so changing a
 font or a colour here changes it everywhere.
 

@@ -1,8 +1,8 @@
 """Interactive views for notebooks: a conflict map you can hover, a head's attention you can read.
 
 Optional: the `viz` extra (`pip install "cast_interp[viz]"`: plotly, circuitsvis). Without it every
-view falls back to the static matplotlib figure of `figures.py` / `head_attention.py`, so a notebook runs
-either way and `import cast_interp` never needs the extra.
+view falls back to the static matplotlib figure of `figures` / `head_attention.py`, so a notebook
+runs either way and `import cast_interp` never needs the extra.
 
 - `head_table(cmap, k)`: one row per unit (layer, index, O with its 95% CI, S with its CI in
   nats/token, C, rank by C, skipped or not): the numbers every view shows.

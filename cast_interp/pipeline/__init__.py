@@ -19,7 +19,7 @@
    report can compare arms at equal safety.
 3. Evaluation (stage 3) of the original and of every piece on the held-out test sets, per prompt.
 4. Post-hoc attribution (stage 4) of the full-tuning arm on the first training seed (optional).
-Then `report.py` computes every comparison as a paired difference with a 95% CI over seeds and
+Then `report` computes every comparison as a paired difference with a 95% CI over seeds and
 prompts, CAST's rank among the random draws, and the matched-safety comparison, and writes
 `report.md` and the figures.
 

@@ -26,7 +26,7 @@ module turns them into the comparisons METHOD v2 asks for (stage 3, "Inference")
 
 `report_markdown` writes the tables; `run_figures` draws the figures from the saved files alone:
 safety and utility cost along training per arm with seed bands, paired differences vs random with
-CIs, the end-point trade-off with CIs, plus the diagnosis and training-loss figures of `figures.py`.
+CIs, the end-point trade-off with CIs, plus the diagnosis and training-loss figures of `figures`.
 All statistics here are ours (the paper gives none).
 
 The package:
