@@ -395,6 +395,31 @@ def run_piece(model: Model, piece: VerdictPiece, units: list, cfg: VerdictConfig
             "test_time_s": t_test[0]}
 
 
+def _claim(path: Path) -> Optional[Path]:
+    """Claim a piece for this process (a file holding its pid, created exclusively): None when a
+    live process holds it. A claim left by a process that is gone is taken over."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+                os.kill(pid, 0)
+                return None  # alive
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                path.unlink(missing_ok=True)  # its owner is gone
+                continue
+            except PermissionError:
+                return None  # alive, another user's
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return path
+    return None
+
+
 def run_verdict(model: Model, cfg: VerdictConfig, out_dir: Union[str, Path], *,
                 progress: bool = True, max_pieces: Optional[int] = None) -> dict:
     """Run (or resume) the verdict into `out_dir`; returns `summarize_verdict`'s summary.
@@ -403,10 +428,13 @@ def run_verdict(model: Model, cfg: VerdictConfig, out_dir: Union[str, Path], *,
     (the untrained model on both splits), `pieces/<name>.json` (one per finished piece, written
     atomically with its key). A finished piece with the same key is skipped on resume; a different
     config or data in `out_dir` is an error (nothing is changed). `max_pieces` stops after that
-    many newly trained pieces (the run resumes later).
+    many newly trained pieces (the run resumes later). Several processes may work on one folder
+    at once (one per core): each claims a piece (`pieces/<name>.claim`, its pid) before training
+    it and skips pieces another live process holds.
     """
     from .io import check_out_dir
 
+    check_int("max_pieces", max_pieces, 0, none_ok=True)
     out = Path(out_dir)
     check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -452,11 +480,17 @@ def run_verdict(model: Model, cfg: VerdictConfig, out_dir: Union[str, Path], *,
             continue
         if max_pieces is not None and trained >= max_pieces:
             break
-        if progress:
-            print(f"[verdict] piece {i + 1}/{len(pieces)} {piece.name}", flush=True)
-        model.load_state_dict(original_state)
-        rec = run_piece(model, piece, units, cfg, data, curve, test, progress=progress)
-        atomic_write_json({"key": key, **rec}, path)
+        claim = _claim(path.with_suffix(".claim"))
+        if claim is None:  # another worker on this folder is training it
+            continue
+        try:
+            if progress:
+                print(f"[verdict] piece {i + 1}/{len(pieces)} {piece.name}", flush=True)
+            model.load_state_dict(original_state)
+            rec = run_piece(model, piece, units, cfg, data, curve, test, progress=progress)
+            atomic_write_json({"key": key, **rec}, path)
+        finally:
+            claim.unlink(missing_ok=True)
         trained += 1
     model.load_state_dict(original_state)
     return summarize_verdict(out, write=True)

@@ -185,3 +185,22 @@ def test_smoke_verdict_end_to_end(tmp_path, one_thread):
     assert cli_main(["verdict", "--out", str(out), "--report-only"]) == 0
     (tmp_path / "f.txt").write_text("x")
     assert cli_main(["verdict", "--preset", "smoke", "--out", str(tmp_path / "f.txt")]) == 2
+
+
+def test_piece_claims_keep_two_workers_apart(tmp_path):
+    """A claimed piece is skipped by another worker while its owner lives; a claim whose process
+    is gone is taken over."""
+    import os
+    import subprocess
+
+    from cast_interp.verdict import _claim
+
+    path = tmp_path / "pieces" / "random_d0_t0.claim"
+    mine = _claim(path)
+    assert mine == path and path.read_text() == str(os.getpid())
+    assert _claim(path) is None  # held by a live process (this one)
+    path.unlink()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    path.write_text(str(dead.pid))  # a finished process's claim
+    assert _claim(path) == path and path.read_text() == str(os.getpid())
