@@ -35,7 +35,8 @@ from .diagnose import DiagnosisConfig, diagnose
 from .evaluate import EvalConfig, OriginalLogprobs, evaluate
 from .model import load_model, tiny_model
 from .pipeline import RunConfig, run_experiment
-from .regime import SweepConfig, run_regime_sweep, write_sweep_report
+from .regime import SweepConfig, run_regime_sweep
+from .regime_report import write_sweep_report
 from .sparse_tuning import TuningConfig, safety_finetune
 from .verdict import VerdictConfig, run_verdict, summarize_verdict
 from .verdict_report import write_verdict_report

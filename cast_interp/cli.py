@@ -190,7 +190,8 @@ def _cmd_figures(args) -> int:
 def _cmd_regime(args) -> int:
     from .io import check_out_dir
     from .model import load_model
-    from .regime import CPU_SWEEP, SweepConfig, run_regime_sweep, write_sweep_report
+    from .regime import CPU_SWEEP, SweepConfig, run_regime_sweep
+    from .regime_report import write_sweep_report
 
     out = Path(args.out)
     if out.is_dir() and any(out.iterdir()) and not (out / "sweep.json").exists():

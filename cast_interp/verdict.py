@@ -42,7 +42,7 @@ import torch
 from . import backend
 from .backend import Model
 from .checks import check_int, check_number
-from .io import atomic_write_json, atomic_write_text, read_json, to_jsonable
+from .io import atomic_write_json, read_json, to_jsonable
 from .model import model_id
 
 VERDICT_FORMAT = 1

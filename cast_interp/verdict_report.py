@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 
-from .io import atomic_write_text, read_json
+from .io import atomic_write_text
 
 
 def _ci(d: Optional[dict], digits: int = 3, key: str = "diff") -> str:
@@ -47,6 +47,7 @@ def plot_verdict(summary: dict, out: Union[str, Path]) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .figures import save_figure
     from .style import ARMS
 
     out = Path(out)
@@ -81,7 +82,7 @@ def plot_verdict(summary: dict, out: Union[str, Path]) -> list[Path]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     p = out / "verdict_curves.png"
-    fig.savefig(p, dpi=130)
+    save_figure(fig, p)
     plt.close(fig)
     written.append(p)
 
@@ -100,7 +101,7 @@ def plot_verdict(summary: dict, out: Union[str, Path]) -> list[Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         p = out / "verdict_random_sets.png"
-        fig.savefig(p, dpi=130)
+        save_figure(fig, p)
         plt.close(fig)
         written.append(p)
 
@@ -124,7 +125,7 @@ def plot_verdict(summary: dict, out: Union[str, Path]) -> list[Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         p = out / "verdict_graded.png"
-        fig.savefig(p, dpi=130)
+        save_figure(fig, p)
         plt.close(fig)
         written.append(p)
     return written

@@ -29,9 +29,8 @@ from cast_interp.regime import (
     regime_data,
     run_regime_sweep,
     setting_name,
-    sweep_table,
-    write_sweep_report,
 )
+from cast_interp.regime_report import sweep_table, write_sweep_report
 
 
 # ---------------------------------------------------------------------------------------------- data
