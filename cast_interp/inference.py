@@ -278,6 +278,10 @@ def compare_to_random_sets(cast, sets, *, n_boot: int = 2000, ci: float = 0.95, 
     df_pred = _satterthwaite(contrib_pred, dfs)
     low, high = _stretched(d_draws, diff, ci, df_mean)
     pred_low, pred_high = _stretched(pred, diff, ci, df_pred)
+    # A new set's difference varies at least as much as the average set's: with few seeds the
+    # mean's df (seed terms) can be smaller than the prediction's (the set term adds df), and its
+    # stretch wider; the prediction interval is then never narrower than the mean's CI.
+    pred_low, pred_high = min(pred_low, low), max(pred_high, high)
     rel, rel_low, rel_high = math.nan, math.nan, math.nan
     if mean_b != 0:
         rel = diff / mean_b

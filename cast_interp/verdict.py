@@ -452,7 +452,7 @@ def run_verdict(model: Model, cfg: VerdictConfig, out_dir: Union[str, Path], *,
     else:
         atomic_write_json(meta, f)
     timings = read_json(out / "timings.json") if (out / "timings.json").exists() else {}
-    timings["data_s"] = time.perf_counter() - t0
+    timings.setdefault("data_s", time.perf_counter() - t0)  # the first start builds the data
 
     t = time.perf_counter()
     maps = verdict_maps(model, cfg, data, out, progress)

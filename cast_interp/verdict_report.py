@@ -194,8 +194,8 @@ def verdict_markdown(summary: dict) -> str:
                   f"[{g['low']:+.3f}, {g['high']:+.3f}] nats per unit of percentile, permutation "
                   f"p = {g['p']:.3f}, Spearman {g['spearman']:+.2f}. "
                   + ("The slope's CI excludes 0." if sig else
-                     "No detectable slope (" + _verdict_line(
-                         {"low": g["low"], "high": g["high"]}) + ")."), ""]
+                     f"No detectable slope (its CI excludes slopes beyond "
+                     f"±{max(abs(g['low']), abs(g['high'])):.3g})."), ""]
     lines += ["## 4. Secondary comparisons", "",
               "| comparison | difference [95% CI] | PI vs a new set | rank | verdict |",
               "|---|---|---|---|---|"]

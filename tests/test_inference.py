@@ -322,3 +322,20 @@ def test_share_or_difference_known_inputs():
     assert share_or_difference(num, {"estimate": 0.05})["kind"] == "difference"  # no CI: unknown
     with pytest.raises(ValueError, match="estimate"):
         share_or_difference({"low": 0.0}, {"estimate": 1.0})
+
+
+def test_prediction_interval_never_narrower_than_the_mean_ci():
+    """CAST reacts to the two seeds and the sets do not (a seed term in the difference, df 1) while
+    sets differ a little: the mean's CI is stretched by t(df ~ 1); the prediction interval for a
+    new set must still contain it."""
+    from cast_interp.inference import compare_to_random_sets
+
+    rng = np.random.default_rng(3)
+    n_sets, n_seeds, n_prompts = 20, 2, 64
+    seed_eff = np.array([-0.05, 0.05])[None, :, None]
+    sets = 3.5 + 0.03 * rng.standard_normal((n_sets, 1, 1)) \
+        + 0.01 * rng.standard_normal((n_sets, n_seeds, n_prompts))
+    cast = 3.5 + seed_eff[0] + 0.01 * rng.standard_normal((n_seeds, n_prompts))
+    r = compare_to_random_sets(cast, sets, n_boot=1000, seed=0)
+    assert r["df"] < r["df_pred"]  # the case where the stretch used to invert them
+    assert r["pred_low"] <= r["low"] <= r["diff"] <= r["high"] <= r["pred_high"]
