@@ -34,6 +34,9 @@ from ..backend import Model
 from ..data import ChatBatch, ChatDataset, make_batches
 from ..objectives import NonFiniteLossError, response_nll
 from ..sparse_tuning import TuningConfig
+# safety_finetune's own batch order, schedule and optimizer: every method sees the same batches
+from ..sparse_tuning.batches import _collate, _split_examples, _Stream  # noqa: F401
+from ..sparse_tuning.train import _lr_factor as lr_factor, _make_optimizer as make_optimizer  # noqa: F401
 
 Example = tuple[Tensor, Tensor, int]  # (tokens [len], loss_mask [len], prompt length)
 
@@ -58,45 +61,6 @@ def check_config(config: Optional[TuningConfig], method: str) -> TuningConfig:
 # --------------------------------------------------------------------------------------------------
 # Batches: safety_finetune's seeded order (benign share 0)
 # --------------------------------------------------------------------------------------------------
-
-
-def _split_examples(batches: Sequence[ChatBatch]) -> list[Example]:
-    """Single examples of right-padded batches, cut after their last loss token."""
-    out = []
-    for b in batches:
-        for i in range(len(b)):
-            where = b.loss_mask[i].nonzero()
-            if len(where) == 0:
-                continue  # no response: contributes nothing to the loss
-            end = int(where[-1]) + 1
-            out.append((b.tokens[i, :end].cpu(), b.loss_mask[i, :end].cpu(), b.prompt_lengths[i]))
-    return out
-
-
-def _collate(examples: list[Example], pad: int) -> ChatBatch:
-    width = max(len(t) for t, _, _ in examples)
-    tokens = torch.full((len(examples), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.bool)
-    for i, (t, m, _) in enumerate(examples):
-        tokens[i, :len(t)] = t
-        mask[i, :len(m)] = m
-    return ChatBatch(tokens, mask, [n for _, _, n in examples])
-
-
-class _Stream:
-    """Indices 0..n-1 in a fresh seeded permutation each epoch (every example once per epoch)."""
-
-    def __init__(self, n: int, generator: torch.Generator):
-        self.n, self.gen, self.order, self.pos = n, generator, [], 0
-
-    def take(self, k: int) -> list[int]:
-        out = []
-        while len(out) < k:
-            if self.pos == len(self.order):
-                self.order, self.pos = torch.randperm(self.n, generator=self.gen).tolist(), 0
-            out.append(self.order[self.pos])
-            self.pos += 1
-        return out
 
 
 class Batches:
@@ -134,26 +98,6 @@ class Batches:
 # --------------------------------------------------------------------------------------------------
 # Schedule, optimizer, one step's gradients
 # --------------------------------------------------------------------------------------------------
-
-
-def lr_factor(step: int, cfg: TuningConfig) -> float:
-    """Multiplier of cfg.lr at `step` (0-based): linear warmup, then constant/linear/cosine to 0
-    (`safety_finetune`'s schedule)."""
-    warm = min(cfg.warmup_steps, cfg.steps - 1)
-    if step < warm:
-        return (step + 1) / (warm + 1)
-    if cfg.schedule == "constant":
-        return 1.0
-    frac = (step - warm) / max(cfg.steps - warm, 1)  # never 1: the last step still moves weights
-    if cfg.schedule == "linear":
-        return 1.0 - frac
-    return 0.5 * (1.0 + math.cos(math.pi * frac))
-
-
-def make_optimizer(params: list[Parameter], cfg: TuningConfig) -> torch.optim.Optimizer:
-    # foreach=False: the per-parameter loop is bit-reproducible (as safety_finetune's).
-    kind = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-    return kind[cfg.optimizer](params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
 
 
 def global_norm(grads: Sequence[Optional[Tensor]]) -> Tensor:
