@@ -207,3 +207,29 @@ def test_interpolation_waits_for_its_source_and_max_pieces_resumes(tmp_path, one
         "cast_t0", "full_t0", "interp_cast_t0"]
     assert (out / "states" / "cast_t0.safetensors").exists()
     assert s["interpolation_check"]["interp_cast_t0"] <= 1e-6
+
+
+def test_interpolation_waits_while_another_worker_holds_its_source(tmp_path, one_thread):
+    """A source claimed by a live process (another worker) is skipped and its interpolation waits
+    (polling) instead of ending the run; once that process is gone its claim is taken over and
+    both pieces run."""
+    import subprocess
+    import threading
+
+    from cast_interp.model import tiny_model
+
+    cfg = PeersConfig.from_preset("smoke", methods=["full", "cast", "interp"],
+                                  interp_sources=["cast"], train_seeds=[0], alphas=[0.5, 1.0])
+    out = tmp_path / "p"
+    done = out / "pieces" / "full_t0.json"
+    # the other worker holds CAST's piece until this run has trained full tuning, and a second more
+    other = subprocess.Popen(["sh", "-c", f"while [ ! -f '{done}' ]; do sleep 0.1; done; sleep 1"])
+    threading.Thread(target=other.wait, daemon=True).start()  # reaped when it ends: no zombie
+    claim = out / "pieces" / "cast_t0.claim"
+    claim.parent.mkdir(parents=True)
+    claim.write_text(str(other.pid))
+    run_peers(tiny_model(seed=0, n_ctx=512), cfg, out, progress=False, poll_s=0.2)
+    assert other.poll() is not None  # run_peers returned only after the other worker ended
+    assert sorted(p.stem for p in (out / "pieces").glob("*.json")) == [
+        "cast_t0", "full_t0", "interp_cast_t0"]
+    assert not claim.exists()
