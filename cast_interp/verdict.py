@@ -172,7 +172,7 @@ VERDICT_PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"model": "tiny", "datasets": "bundled", "steps": 4, "batch_size": 4, "lr": 1e-3,
               "precision": "bf16", "precision_check": True, "k_fraction": 0.25,
               "n_random": 3, "n_layer_matched": 2, "n_bins": 2, "n_per_bin": 1, "curve_every": 1,
-              "val_dtype": "float32", "test_checkpoints": [2, 4], "n_val": 4, "n_over_val": 4,
+              "val_dtype": "float32", "test_checkpoints": [1, 2, 3, 4], "n_val": 4, "n_over_val": 4,
               "n_harmful_test": 8, "n_over_test": 8, "n_benign_test": 4, "n_calibration": 4,
               "n_sensitivity": 4, "n_over_diag": 4, "answer_tokens": 8, "n_boot": 200},
     # A quick look: one map, one seed, 4 random sets (no rank: fewer than 20 sets).

@@ -229,7 +229,7 @@ def verdict_markdown(summary: dict) -> str:
                 "graded (all sets)" if arm.startswith("graded") else arm))
         by_arm.setdefault(arm, []).append(v)
     for arm, vs in by_arm.items():
-        vs = [x for x in vs if math.isfinite(x)]
+        vs = [x for x in vs if x is not None and math.isfinite(x)]  # NaN: not readable
         if vs:
             lines.append(f"| {arm} ({len(vs)}) | {np.mean(vs):+.3f} |")
     lines += ["", "## 7. Time (2 CPU cores)", "",
