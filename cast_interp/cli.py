@@ -232,6 +232,25 @@ def _cmd_verdict(args) -> int:
     return 0
 
 
+def _cmd_peers(args) -> int:
+    from .io import check_out_dir
+    from .model import load_model
+    from .peers import PeersConfig, run_peers, write_peers_report
+
+    out = Path(args.out)
+    if args.report_only:
+        if not (out / "peers.json").exists():
+            raise ValueError(f"--out {out} holds no peer comparison: run it first.")
+        print(write_peers_report(out).read_text())
+        return 0
+    check_out_dir(out)  # a file, or not writable: refused before the model loads
+    cfg = PeersConfig.from_preset(args.preset, model=args.model, datasets=args.datasets)
+    model = load_model(cfg.model, device=args.device)
+    run_peers(model, cfg, out, max_pieces=args.max_pieces)
+    print(write_peers_report(out).read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cast-interp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -363,6 +382,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--report-only", action="store_true",
                    help="rewrite report.md and the figures from the run's files")
     v.set_defaults(fn=_cmd_verdict)
+
+    q = sub.add_parser("peers", help="peer methods (interpolation, anchor, layer freezes, LoRA, "
+                                     "gradient projection, activation choice) beside CAST at "
+                                     "matched safety, in the v3 regime")
+    q.add_argument("--preset", choices=("smoke", "peers"), default="peers")
+    q.add_argument("--model", default=None, help="default: the preset's (SmolLM2)")
+    q.add_argument("--device", default=None)
+    q.add_argument("--out", required=True, help="run folder (resumable; one process per core)")
+    q.add_argument("--datasets", default=None, help="as for `verdict`")
+    q.add_argument("--max-pieces", type=int, default=None)
+    q.add_argument("--report-only", action="store_true")
+    q.set_defaults(fn=_cmd_peers)
     return p
 
 

@@ -233,3 +233,17 @@ def test_interpolation_waits_while_another_worker_holds_its_source(tmp_path, one
     assert sorted(p.stem for p in (out / "pieces").glob("*.json")) == [
         "cast_t0", "full_t0", "interp_cast_t0"]
     assert not claim.exists()
+
+
+def test_peers_cli_smoke(tmp_path, one_thread):
+    """`cast-interp peers --preset smoke` runs end to end and writes its report; --report-only
+    redraws it; a file as --out or an empty folder for --report-only is a one-line error."""
+    from cast_interp.cli import main as cli_main
+
+    out = tmp_path / "p"
+    assert cli_main(["peers", "--preset", "smoke", "--out", str(out)]) == 0
+    assert "## " in (out / "report.md").read_text()
+    assert cli_main(["peers", "--out", str(out), "--report-only"]) == 0
+    (tmp_path / "f.txt").write_text("x")
+    assert cli_main(["peers", "--preset", "smoke", "--out", str(tmp_path / "f.txt")]) == 2
+    assert cli_main(["peers", "--out", str(tmp_path / "empty"), "--report-only"]) == 2
