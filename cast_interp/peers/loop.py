@@ -117,6 +117,19 @@ def clip_(grads: Sequence[Optional[Tensor]], norm: Tensor, max_norm: Optional[fl
                     g.mul_(clip)
 
 
+def update_(optimizer: torch.optim.Optimizer, params: Sequence[Parameter],
+            grads: Sequence[Optional[Tensor]], norm: Tensor, cfg: TuningConfig) -> list[Tensor]:
+    """One optimizer step with `grads` (finite, global norm `norm`) clipped as `safety_finetune`
+    clips; returns the weights from before it (the last state with a finite loss and gradient)."""
+    last_good = [p.detach().clone() for p in params]
+    clip_(grads, norm, cfg.max_grad_norm)
+    for p, g in zip(params, grads):
+        p.grad = g
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return last_good
+
+
 class Compute:
     """A step's loss and float32 gradients at `cfg.precision`.
 

@@ -45,8 +45,8 @@ from ..data import ChatBatch, ChatDataset
 from ..io import check_fields
 from ..model import model_id
 from ..sparse_tuning import TuningConfig, TuningResult, batch_fingerprint, parameter_budget
-from .loop import (Batches, Compute, Recorder, check_config, clip_, frozen_model, global_norm,
-                   lr_factor, make_optimizer, nonfinite)
+from .loop import (Batches, Compute, Recorder, check_config, frozen_model, global_norm,
+                   lr_factor, make_optimizer, nonfinite, update_)
 
 COMPONENTS = ("q", "k", "v", "o")
 
@@ -334,12 +334,7 @@ def lora_finetune(
             norm = global_norm(grads)
             if not bool(torch.isfinite(norm)):
                 raise bad(f"The adapters' gradient norm is {float(norm)} at step {step}", step)
-            last_good = [p.detach().clone() for p in params]
-            clip_(grads, norm, cfg.max_grad_norm)
-            for p, g in zip(params, grads):
-                p.grad = g
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            last_good = update_(optimizer, params, grads, norm, cfg)
             if not all(bool(torch.isfinite(p).all()) for p in params):
                 raise bad(f"The update at step {step} made the adapters NaN/inf", step)
             log["losses"].append(loss)

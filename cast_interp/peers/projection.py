@@ -37,8 +37,8 @@ from ..data import ChatBatch, ChatDataset
 from ..model import model_id
 from ..sparse_tuning import (TuningConfig, TuningResult, batch_fingerprint, parameter_budget,
                              trainable_parameters)
-from .loop import (Batches, Compute, Recorder, check_config, clip_, frozen_model, global_norm,
-                   lr_factor, make_optimizer, nonfinite)
+from .loop import (Batches, Compute, Recorder, check_config, frozen_model, global_norm,
+                   lr_factor, make_optimizer, nonfinite, update_)
 
 ProjectionMode = Literal["global", "unit"]
 PROJECTION_MODES: tuple[str, ...] = get_args(ProjectionMode)
@@ -259,12 +259,7 @@ def projected_finetune(
             norm = global_norm(g)
             if not bool(torch.isfinite(norm)):
                 raise bad(f"The projected gradient's norm is {float(norm)} at step {step}", step)
-            last_good = [p.detach().clone() for p in params]
-            clip_(g, norm, cfg.max_grad_norm)
-            for p, gi in zip(params, g):
-                p.grad = gi
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            last_good = update_(optimizer, params, g, norm, cfg)
             with torch.no_grad():
                 for (i, m), snap in zip(masked, snapshots):
                     params[i].copy_(torch.where(m, snap, params[i]))  # undo decay of frozen slices
