@@ -617,3 +617,18 @@ class RunLock:
             except FileNotFoundError:
                 pass
             self.mine = False
+
+
+def package_versions() -> dict:
+    """The versions a result depends on: Python, torch, TransformerLens, transformers and
+    cast_interp (None where a package is not installed as a distribution)."""
+    import platform
+    from importlib.metadata import version
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("transformer-lens", "transformers", "cast_interp"):
+        try:
+            out[pkg] = version(pkg)
+        except Exception:  # not installed as a distribution
+            out[pkg] = None
+    return out

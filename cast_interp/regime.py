@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -58,7 +57,7 @@ from .data import (
     truncate_responses,
     with_refusals,
 )
-from .io import atomic_write_json, read_json, to_jsonable
+from .io import atomic_write_json, package_versions, read_json, to_jsonable
 from .model import model_id
 
 PRIMARY = "over_refusal_score"
@@ -356,19 +355,6 @@ def setting_name(scope: str, lr: float) -> str:
     return f"{scope}_lr{lr:.0e}".replace("e-0", "e-")
 
 
-def _versions() -> dict:
-    import transformer_lens  # noqa: F401
-    from importlib.metadata import version
-
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("transformer-lens", "transformers", "cast_interp"):
-        try:
-            out[pkg] = version(pkg)
-        except Exception:  # not installed as a distribution
-            out[pkg] = None
-    return out
-
-
 def run_regime_sweep(
     model: Model, cfg: SweepConfig, out_dir: Union[str, Path], *, datasets=None,
     progress: bool = True,
@@ -393,7 +379,7 @@ def run_regime_sweep(
                        cache_dir=out)
     t_data = time.perf_counter() - t0
     meta = {"format": REGIME_FORMAT, "config": cfg.to_dict(), "data": data.describe(),
-            "model": model_id(model), "versions": _versions(),
+            "model": model_id(model), "versions": package_versions(),
             "primary": PRIMARY, "endpoints": endpoints()}
     sweep_file = out / "sweep.json"
     if sweep_file.exists():

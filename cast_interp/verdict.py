@@ -28,141 +28,59 @@ its CI and permutation p (`inference.graded_slope`). Everything else is secondar
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, ClassVar, Optional, Sequence, Union
 
 import numpy as np
-import torch
 
-from . import backend
 from .backend import Model
-from .checks import check_int, check_number
-from .io import atomic_write_json, read_json, to_jsonable
+from .checks import check_int
+from .harness import (MAPS, CurveEvaluator, RegimeSettings, claim_piece, config_key,
+                      conflict_maps, run_data, test_evaluator)
+from .io import atomic_write_json, package_versions, read_json, to_jsonable
 from .model import model_id
 
 VERDICT_FORMAT = 1
 PRIMARY = "over_refusal_score"
-MAPS = ("general", "sensitive")
 METHODS = ("full", "cast", "random", "layer_matched", "graded")
 
 
 @dataclass
-class VerdictConfig:
-    """Settings of a v3 verdict run (saved in `verdict.json`; `from_dict` refuses unknown keys).
+class VerdictConfig(RegimeSettings):
+    """Settings of a v3 verdict run (saved in `verdict.json`): `harness.RegimeSettings` (the
+    regime, data, curves, diagnosis and inference sizes) and the design.
 
-    Tuning: `steps`, `batch_size`, `lr`, `warmup_steps`, `scope` (the v3 regime, constant lr after
-    warmup, benign share 0) and `precision` of the training step ("bf16": mixed precision, float32
-    master weights; `precision_check` adds full tuning in float32 on every seed to check it).
-    Design: `k_fraction` of the query heads frozen by every arm; `train_seeds` shared by every
-    arm; `n_random` random sets (each on every seed); `n_layer_matched` layer-matched sets and
-    `n_bins` x `n_per_bin` graded sets, on the first `extra_seeds` training seeds.
-    Curves: validation every `curve_every` steps on `n_val` harmful and `n_over_val` over-refusal
-    prompts (`val_dtype` of that pass: "bfloat16" makes the curves cheap; the test split, where the
-    endpoints are read, is always float32); test at `test_checkpoints`.
-    Maps: `maps` computed on `n_calibration` examples per set, S on `n_sensitivity`.
+    `precision_check` adds full tuning in float32 on every seed (checks the bf16 steps). Every arm
+    freezes `k_fraction` of the query heads; `n_random` random sets (each on every training seed);
+    `n_layer_matched` layer-matched sets and `n_bins` x `n_per_bin` graded sets, on the first
+    `extra_seeds` training seeds. `maps`: the conflict maps computed (CAST's arm per map).
     """
 
+    KIND: ClassVar[str] = "verdict"
+
     preset: str = "cpu"
-    model: str = "smollm2-135m-instruct"
-    datasets: Optional[str] = None       # None: ../shared/datasets when present; "bundled"
-    steps: int = 16
-    batch_size: int = 8
-    lr: float = 5e-5
-    warmup_steps: int = 2
-    scope: str = "attention"
-    precision: str = "bf16"
     precision_check: bool = False
-    k_fraction: float = 0.1
-    train_seeds: list = field(default_factory=lambda: [0, 1])
     n_random: int = 20
     n_layer_matched: int = 10
     n_bins: int = 5
     n_per_bin: int = 4
     extra_seeds: int = 1
     maps: list = field(default_factory=lambda: list(MAPS))
-    curve_every: int = 2
-    val_dtype: str = "bfloat16"
-    test_checkpoints: list = field(default_factory=lambda: [10, 16])
-    n_val: int = 32
-    n_over_val: int = 32
-    n_harmful_test: Optional[int] = 64
-    n_over_test: Optional[int] = 128
-    n_benign_test: int = 32
-    n_calibration: int = 32
-    n_sensitivity: int = 8
-    n_over_diag: int = 48
-    max_safety_tokens: int = 64
-    answer_tokens: int = 64
-    n_levels: int = 3
-    n_boot: int = 2000
-    split_seed: int = 0
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        for name, lo in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("n_random", 0),
-                         ("n_layer_matched", 0), ("n_bins", 1), ("n_per_bin", 0),
-                         ("extra_seeds", 1), ("curve_every", 1), ("n_val", 2), ("n_over_val", 2),
-                         ("n_benign_test", 2), ("n_calibration", 2), ("n_sensitivity", 2),
-                         ("n_over_diag", 2), ("n_levels", 1), ("n_boot", 100)):
+        super().__post_init__()
+        for name, lo in (("n_random", 0), ("n_layer_matched", 0), ("n_bins", 1),
+                         ("n_per_bin", 0), ("extra_seeds", 1)):
             check_int(name, getattr(self, name), lo)
-        check_number("lr", self.lr, lo=0, hi=1, lo_open=True)
-        if not (isinstance(self.k_fraction, float) and 0 < self.k_fraction < 1):
-            raise ValueError(f"k_fraction must be a fraction in (0, 1), got {self.k_fraction!r}.")
-        seeds = list(self.train_seeds)
-        if not seeds or len(set(seeds)) != len(seeds) or any(
-                not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
-            raise ValueError(f"train_seeds must be distinct ints >= 0, got {self.train_seeds!r}.")
-        self.train_seeds = seeds
         bad = [m for m in self.maps if m not in MAPS]
         if bad or not self.maps or self.maps[0] != "general":
             raise ValueError(f"maps must start with 'general' and hold names from {list(MAPS)}, "
                              f"got {self.maps!r}.")
-        self.maps, self.test_checkpoints = list(self.maps), sorted(int(c) for c in
-                                                                   self.test_checkpoints)
-        if len(self.test_checkpoints) < 2 or not all(
-                1 <= c <= self.steps for c in self.test_checkpoints):
-            raise ValueError(f"test_checkpoints must be at least 2 steps in 1..{self.steps} "
-                             f"(matched safety is read between two trained checkpoints), got "
-                             f"{self.test_checkpoints!r}.")
-        for name, choices in (("precision", ("float32", "bf16")), ("scope", ("attention", "all")),
-                              ("val_dtype", ("float32", "bfloat16"))):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {list(choices)}, got "
-                                 f"{getattr(self, name)!r}.")
-        if self.preset not in VERDICT_PRESETS:
-            raise ValueError(f"preset must be one of {sorted(VERDICT_PRESETS)}, got "
-                             f"{self.preset!r}.")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VerdictConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"Unknown VerdictConfig field(s) {unknown}: written by another "
-                             "version of cast_interp. Start a new run directory.")
-        return cls(**d)
-
-    @classmethod
-    def from_preset(cls, preset: str = "cpu", **overrides) -> "VerdictConfig":
-        if preset not in VERDICT_PRESETS:
-            raise ValueError(f"Unknown preset {preset!r}; choose from {sorted(VERDICT_PRESETS)}.")
-        return cls(preset=preset, **{**VERDICT_PRESETS[preset],
-                                     **{k: v for k, v in overrides.items() if v is not None}})
-
-    def tuning(self, seed: int, precision: Optional[str] = None):
-        from .sparse_tuning import TuningConfig
-
-        return TuningConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-                            schedule="constant", warmup_steps=self.warmup_steps, scope=self.scope,
-                            benign_mix=0.0, seed=seed, precision=precision or self.precision)
+        self.maps = list(self.maps)
 
 
 # Sized on 2 CPU cores (SmolLM2): see the README's verdict section for the measured times and what
@@ -182,6 +100,7 @@ VERDICT_PRESETS: dict[str, dict[str, Any]] = {
     # seed 0 after them (the run resumes; pieces run in this order).
     "cpu-full": {"precision_check": True},
 }
+VerdictConfig.PRESETS = VERDICT_PRESETS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,95 +187,9 @@ def mean_c_percentile(units: Sequence[Sequence[int]], cmap) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-class CurveEvaluator:
-    """Safety and the primary utility endpoint on the validation split (generation-free), in
-    `dtype` (a bf16 copy of the model per call when "bfloat16")."""
-
-    def __init__(self, data, *, dtype: str = "float32", batch_size: int = 16):
-        self.harmful, self.over = data.harmful_val, data.over_val
-        self.dtype, self.batch_size = dtype, batch_size
-
-    def __call__(self, model: Model) -> dict[str, list]:
-        from .safety import refusal_logprobs
-
-        m = model if self.dtype == "float32" else backend.copy_in_dtype(model, torch.bfloat16)
-        with torch.no_grad(), backend.inference_layout(m):
-            return {"refusal_score": refusal_logprobs(m, self.harmful,
-                                                      batch_size=self.batch_size).float().tolist(),
-                    "over_refusal_score": refusal_logprobs(
-                        m, self.over, batch_size=self.batch_size).float().tolist()}
-
-
-def _versions() -> dict:
-    from .regime import _versions as v
-
-    return v()
-
-
-def _key(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(to_jsonable(obj), sort_keys=True).encode()).hexdigest()[:12]
-
-
-def verdict_data(model: Model, cfg: VerdictConfig, cache_dir: Union[str, Path, None] = None):
-    """`regime.regime_data` with the verdict's sizes and its diagnosis splits."""
-    from .regime import regime_data
-
-    return regime_data(model, datasets=cfg.datasets, n_val=cfg.n_val, n_over_val=cfg.n_over_val,
-                       n_benign_test=cfg.n_benign_test, n_over_test=cfg.n_over_test,
-                       n_harmful_test=cfg.n_harmful_test, max_safety_tokens=cfg.max_safety_tokens,
-                       answer_tokens=cfg.answer_tokens, n_mc_per_subject=0,
-                       split_seed=cfg.split_seed, cache_dir=cache_dir,
-                       n_safety_cal=cfg.n_calibration, n_benign_diag=cfg.n_calibration,
-                       n_over_diag=cfg.n_over_diag)
-
-
-def compliant(ds):
-    """The examples whose (self-reference) answer the refusal judge does not call a refusal: the
-    benign-but-sensitive D_util keeps what the model does when it helps."""
-    from .data import ChatDataset
-    from .safety import is_refusal
-
-    return ChatDataset(ds.name + "-compliant", [e for e in ds if not is_refusal(e.response or "")],
-                       ds.source)
-
-
-def verdict_maps(model: Model, cfg: VerdictConfig, data, out: Path, progress: bool = True) -> dict:
-    """{map name: ConflictMap}, each computed once into `out/diagnosis/<name>` and re-used."""
-    from .conflict_map import ConflictMap
-    from .diagnose import DiagnosisConfig, diagnose
-
-    util = {"general": data.benign_diag, "sensitive": compliant(data.over_diag)}
-    maps = {}
-    for name in cfg.maps:
-        d = out / "diagnosis" / name
-        key = _key({"cfg": [cfg.n_calibration, cfg.n_sensitivity, cfg.seed, cfg.model],
-                    "safe": data.safety_cal.fingerprint(), "util": util[name].fingerprint()})
-        if (d / "conflict_map.json").exists():
-            cm = ConflictMap.load(d)
-            if cm.config.get("verdict_key") == key:
-                maps[name] = cm
-                continue
-        if progress:
-            print(f"[verdict] diagnosis: the {name} map ({len(util[name])} D_util examples)",
-                  flush=True)
-        dcfg = DiagnosisConfig(n_calibration=cfg.n_calibration, n_sensitivity=cfg.n_sensitivity,
-                               seed=cfg.seed, utility_reference="dataset")
-        cm = diagnose(model, data.safety_cal, util[name], dcfg, progress=False)
-        cm.config["verdict_key"] = key
-        cm.save(d)
-        maps[name] = ConflictMap.load(d)
-    return maps
-
-
 # --------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------
-
-
-def test_evaluator(model: Model, data, batch_size: int = 16):
-    from .regime import RegimeEvaluator
-
-    return RegimeEvaluator(model, data, "test", batch_size=batch_size)
 
 
 def run_piece(model: Model, piece: VerdictPiece, units: list, cfg: VerdictConfig, data,
@@ -395,31 +228,6 @@ def run_piece(model: Model, piece: VerdictPiece, units: list, cfg: VerdictConfig
             "test_time_s": t_test[0]}
 
 
-def _claim(path: Path) -> Optional[Path]:
-    """Claim a piece for this process (a file holding its pid, created exclusively): None when a
-    live process holds it. A claim left by a process that is gone is taken over."""
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                pid = int(path.read_text().strip() or 0)
-                os.kill(pid, 0)
-                return None  # alive
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                path.unlink(missing_ok=True)  # its owner is gone
-                continue
-            except PermissionError:
-                return None  # alive, another user's
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return path
-    return None
-
-
 def run_verdict(model: Model, cfg: VerdictConfig, out_dir: Union[str, Path], *,
                 progress: bool = True, max_pieces: Optional[int] = None) -> dict:
     """Run (or resume) the verdict into `out_dir`; returns `summarize_verdict`'s summary.
@@ -439,9 +247,9 @@ def run_verdict(model: Model, cfg: VerdictConfig, out_dir: Union[str, Path], *,
     check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    data = verdict_data(model, cfg, out)
+    data = run_data(model, cfg, out)
     meta = {"format": VERDICT_FORMAT, "config": cfg.to_dict(), "data": data.describe(),
-            "model": model_id(model), "versions": _versions(), "primary": PRIMARY}
+            "model": model_id(model), "versions": package_versions(), "primary": PRIMARY}
     meta = json.loads(json.dumps(to_jsonable(meta)))
     f = out / "verdict.json"
     if f.exists():
@@ -455,7 +263,7 @@ def run_verdict(model: Model, cfg: VerdictConfig, out_dir: Union[str, Path], *,
     timings.setdefault("data_s", time.perf_counter() - t0)  # the first start builds the data
 
     t = time.perf_counter()
-    maps = verdict_maps(model, cfg, data, out, progress)
+    maps = conflict_maps(model, cfg, data, out, cfg.maps, progress=progress)
     timings.setdefault("diagnosis_s", time.perf_counter() - t)
     original_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     curve = CurveEvaluator(data, dtype=cfg.val_dtype)
@@ -472,7 +280,7 @@ def run_verdict(model: Model, cfg: VerdictConfig, out_dir: Union[str, Path], *,
     pieces = plan_verdict(cfg)
     for i, piece in enumerate(pieces):
         units = piece_units(piece, maps, k, cfg, model)
-        key = _key({"tuning": cfg.tuning(piece.seed, piece.precision).to_dict(),
+        key = config_key({"tuning": cfg.tuning(piece.seed, piece.precision).to_dict(),
                     "units": units, "data": meta["data"], "curve": [cfg.curve_every, cfg.val_dtype],
                     "test": cfg.test_checkpoints, "model": meta["model"]})
         path = out / "pieces" / f"{piece.name}.json"
@@ -480,7 +288,7 @@ def run_verdict(model: Model, cfg: VerdictConfig, out_dir: Union[str, Path], *,
             continue
         if max_pieces is not None and trained >= max_pieces:
             break
-        claim = _claim(path.with_suffix(".claim"))
+        claim = claim_piece(path.with_suffix(".claim"))
         if claim is None:  # another worker on this folder is training it
             continue
         try:

@@ -1,4 +1,4 @@
-"""The peer comparison harness (`peers/harness.py`, issue 25): its plan, its matched-safety reading
+"""The peer comparison harness (`peers/config.py`, `run.py`, `summary.py`; issue 25): its plan, its matched-safety reading
 and the `smoke` preset end to end on the tiny model with the bundled data (no ../shared needed)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from cast_interp.peers import (PEER_METHODS, PeerPiece, PeersConfig, estimate_peers_seconds,
                                plan_peers, run_peers, write_peers_report)
-from cast_interp.peers.harness import best_method, common_levels
+from cast_interp.peers import best_method, common_levels
 
 
 def test_plan_counts_per_method():

@@ -17,8 +17,8 @@ from cast_interp.verdict import (
     mean_c_percentile,
     plan_verdict,
     run_verdict,
-    verdict_data,
 )
+from cast_interp.harness import run_data
 
 
 class _Map:
@@ -106,7 +106,7 @@ def test_config_checks():
 
 def test_diagnosis_splits_are_disjoint_from_training_and_test(tiny):
     cfg = VerdictConfig.from_preset("smoke")
-    data = verdict_data(tiny, cfg)
+    data = run_data(tiny, cfg)
     assert data.source == "bundled"
     sets = {k: {e.prompt for e in v} for k, v in vars(data).items()
             if hasattr(v, "examples")}
@@ -124,12 +124,13 @@ def test_checkpoint_evaluation_equals_a_direct_run(tmp_path, one_thread):
     """A piece's step-2 test record (of a 4-step run) equals training 2 steps and evaluating
     (constant lr after the same warmup: the warmup ends inside both runs)."""
     from cast_interp.model import tiny_model
-    from cast_interp.verdict import CurveEvaluator, run_piece, test_evaluator
+    from cast_interp.harness import CurveEvaluator, test_evaluator
+    from cast_interp.verdict import run_piece
 
     cfg = VerdictConfig.from_preset("smoke", n_random=0, n_layer_matched=0, n_per_bin=0,
                                     warmup_steps=1)
     model = tiny_model(seed=0, n_ctx=512)
-    data = verdict_data(model, cfg, tmp_path)
+    data = run_data(model, cfg, tmp_path)
     test = test_evaluator(model, data)
     units = [(0, 1)]
     rec = run_piece(model, VerdictPiece("random", 0, draw=0), units, cfg, data,
@@ -193,14 +194,14 @@ def test_piece_claims_keep_two_workers_apart(tmp_path):
     import os
     import subprocess
 
-    from cast_interp.verdict import _claim
+    from cast_interp.harness import claim_piece
 
     path = tmp_path / "pieces" / "random_d0_t0.claim"
-    mine = _claim(path)
+    mine = claim_piece(path)
     assert mine == path and path.read_text() == str(os.getpid())
-    assert _claim(path) is None  # held by a live process (this one)
+    assert claim_piece(path) is None  # held by a live process (this one)
     path.unlink()
     dead = subprocess.Popen(["true"])
     dead.wait()
     path.write_text(str(dead.pid))  # a finished process's claim
-    assert _claim(path) == path and path.read_text() == str(os.getpid())
+    assert claim_piece(path) == path and path.read_text() == str(os.getpid())

@@ -10,8 +10,11 @@ other things; each is here as a tested function that a verdict piece can call in
     projection.py      safety gradient projected off the utility gradient where they conflict
     activation.py      heads ranked by how far harmful prompts move their output (ALPS-like)
     loop.py            what LoRA's and projection's loops share with `safety_finetune`
-    harness.py         all of them as pieces of the v3 verdict's harness, compared at matched
-                       safety (`run_peers`, `summarize_peers`; report.py: `write_peers_report`)
+    config.py          the comparison's design: `PeersConfig` (the v3 regime of `harness.py`, as
+                       the verdict's), the plan, the arms' names, the cost model
+    run.py             all of them as pieces of the v3 harness (`run_peers`)
+    summary.py         compared at matched safety (`summarize_peers`; report.py:
+                       `write_peers_report`)
 
 Layer freezes ("bottom_layers", "top_layers") and the activation arms ("act_tune", "act_skip")
 are head sets, registered in `registry/arms.py` and trained by `safety_finetune(skip_heads=...)`.
@@ -38,8 +41,10 @@ from .anchor import ANCHOR_SHARES, anchor_config, anchor_finetune, anchor_set
 from .interpolation import INTERPOLATION_ALPHAS, interpolate_weights, parameter_state
 from .lora import LoraAdapters, LoraConfig, lora_finetune, merge_lora, merged
 from .projection import (PROJECTION_MODES, UnitBlocks, project_gradient, projected_finetune)
-from .harness import (PEER_METHODS, PEERS_PRESETS, PeerPiece, PeersConfig, estimate_peers_seconds,
-                      plan_peers, run_peers, summarize_peers)
+from .config import (PEER_METHODS, PEERS_PRESETS, PeerPiece, PeersConfig, estimate_peers_seconds,
+                     plan_peers)
+from .run import run_peers
+from .summary import best_method, common_levels, summarize_peers
 from .report import write_peers_report
 
 __all__ = ["ACTIVATION_ARMS", "activation_arm_units", "head_activation_shift", "head_outputs",
@@ -48,4 +53,5 @@ __all__ = ["ACTIVATION_ARMS", "activation_arm_units", "head_activation_shift", "
            "LoraAdapters", "LoraConfig", "lora_finetune", "merge_lora", "merged",
            "PROJECTION_MODES", "UnitBlocks", "project_gradient", "projected_finetune",
            "PEER_METHODS", "PEERS_PRESETS", "PeerPiece", "PeersConfig", "estimate_peers_seconds",
-           "plan_peers", "run_peers", "summarize_peers", "write_peers_report"]
+           "plan_peers", "run_peers", "summarize_peers", "best_method", "common_levels",
+           "write_peers_report"]

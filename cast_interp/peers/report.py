@@ -1,4 +1,4 @@
-"""The peer comparison's report and figures, from `harness.summarize_peers`'s summary (no model).
+"""The peer comparison's report and figures, from `summary.summarize_peers`'s summary (no model).
 
 `write_peers_report(out_dir)` writes `report.md`, `figures/peers_pareto.png` (safety gained against
 utility cost, every arm's curve: along training, or along a for an interpolation) and
@@ -225,7 +225,7 @@ def peers_markdown(summary: dict) -> str:
 
 def write_peers_report(out_dir: Union[str, Path]) -> Path:
     """Summarize the run's files, draw its figures and write `report.md`; returns its path."""
-    from .harness import summarize_peers
+    from .summary import summarize_peers
 
     out = Path(out_dir)
     summary = summarize_peers(out, write=True)
