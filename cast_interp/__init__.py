@@ -12,8 +12,12 @@ modules and exports every public name):
     conflict_map.py            stage 1: the conflict map C(u), `ConflictMap`, nulls
     diagnose.py                stage 1 end to end
     regime.py                  v3: the sweep of full tuning that finds a tax before arms compare
+    harness.py                 v3: what the verdict and the peer comparison share (regime settings,
+                               data, maps, checkpoint evaluators, worker claims)
     verdict.py                 v3: the map against random / layer-matched / graded head sets at
                                matched safety (verdict_report.py: its report and figures)
+    peers/                     v3: the peer methods (interpolation, anchor, LoRA, projection,
+                               layer freezes, activation choice) compared with CAST
     sparse_tuning/             stage 2: safety fine-tuning that skips units, budget-matched arms
     safety.py, utility.py      stage 3: the refusal judge and safety metrics; utility and task accuracy
     evaluate.py                stage 3: both, per prompt, as one `EvalResult`
@@ -34,6 +38,7 @@ from .data import ChatBatch, ChatDataset, ChatExample, load_bundled, load_datase
 from .diagnose import DiagnosisConfig, diagnose
 from .evaluate import EvalConfig, OriginalLogprobs, evaluate
 from .model import load_model, tiny_model
+from .peers import PeersConfig, run_peers, summarize_peers, write_peers_report
 from .pipeline import RunConfig, run_experiment
 from .regime import SweepConfig, run_regime_sweep
 from .regime_report import write_sweep_report
@@ -45,4 +50,5 @@ __all__ = ["ChatBatch", "ChatDataset", "ChatExample", "load_bundled", "load_data
            "make_batches", "load_model", "tiny_model", "ConflictMap", "DiagnosisConfig", "diagnose",
            "TuningConfig", "safety_finetune", "EvalConfig", "evaluate", "OriginalLogprobs",
            "RunConfig", "run_experiment", "SweepConfig", "run_regime_sweep", "write_sweep_report",
-           "VerdictConfig", "run_verdict", "summarize_verdict", "write_verdict_report"]
+           "VerdictConfig", "run_verdict", "summarize_verdict", "write_verdict_report",
+           "PeersConfig", "run_peers", "summarize_peers", "write_peers_report"]
