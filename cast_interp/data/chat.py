@@ -27,7 +27,7 @@ class ChatBatch:
     use content tokens (METHOD v2). Right padding needs no attention mask under causal attention, so a
     batch is run as `model(batch.tokens)`.
 
-    `content_mask=None` (for callers that build batches without it, e.g. `sparse_tuning._collate`)
+    `content_mask=None` (for callers that build batches without it, e.g. `sparse_tuning.batches.collate`)
     means "the same as `loss_mask`": such a batch does not know which of its loss tokens are
     end-of-turn tokens, so build diagnosis batches with `make_batches`.
 

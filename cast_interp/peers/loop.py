@@ -2,8 +2,8 @@
 
 LoRA and gradient projection cannot run inside `safety_finetune` (one trains adapters outside the
 model, the other needs two gradients per step), so they have loops of their own. To keep the
-comparison paired (METHOD v2: arms on one training seed see the same batches), these pieces copy
-what `safety_finetune` does, line for line where it matters:
+comparison paired (METHOD v2: arms on one training seed see the same batches), these pieces do
+what `safety_finetune` does, with its own functions where they exist:
 
 - `Batches`: the data order. With a `TuningConfig`'s `seed` and `batch_size` and no benign share,
   each step's batch is exactly `safety_finetune`'s (same `batch_fingerprint`s; a test checks it).
@@ -15,8 +15,8 @@ what `safety_finetune` does, line for line where it matters:
   before each step, gradients cast back to float32; "bf16-autocast").
 - `Recorder`: the monitor's curve and `on_step`, called on the model as it would be evaluated.
 
-(`sparse_tuning`'s helpers are private there and may move, so the few lines needed are copied,
-not imported; the pairing test in tests/test_peers.py fails if the two drift apart.)
+(The batch order, schedule, optimizer and bf16 working copy are `sparse_tuning`'s own functions,
+imported; the pairing test in tests/test_peers.py fails if the loops drift apart.)
 """
 
 from __future__ import annotations
@@ -29,14 +29,16 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter
 
-from .. import backend
 from ..backend import Model
 from ..data import ChatBatch, ChatDataset, make_batches
 from ..objectives import NonFiniteLossError, response_nll
 from ..sparse_tuning import TuningConfig
 # safety_finetune's own batch order, schedule and optimizer: every method sees the same batches
-from ..sparse_tuning.batches import _collate, _split_examples, _Stream  # noqa: F401
-from ..sparse_tuning.train import _lr_factor as lr_factor, _make_optimizer as make_optimizer  # noqa: F401
+from ..sparse_tuning.batches import SeededStream, collate, split_examples
+from ..sparse_tuning.train import lr_factor, make_optimizer, working_copy
+
+__all__ = ["Batches", "Compute", "Recorder", "check_config", "clip_", "frozen_model",
+           "global_norm", "lr_factor", "make_optimizer", "nonfinite", "update_"]
 
 Example = tuple[Tensor, Tensor, int]  # (tokens [len], loss_mask [len], prompt length)
 
@@ -74,10 +76,10 @@ class Batches:
     def __init__(self, model: Model, data: Union[ChatDataset, Sequence[ChatBatch]],
                  batch_size: int, seed: int, what: str = "safety"):
         if isinstance(data, ChatDataset):
-            self.examples = _split_examples(make_batches(model, data, batch_size=32))
+            self.examples = split_examples(make_batches(model, data, batch_size=32))
             self.describe = data.describe()
         elif isinstance(data, (list, tuple)) and all(isinstance(b, ChatBatch) for b in data):
-            self.examples = _split_examples(data)
+            self.examples = split_examples(data)
             self.describe = {"name": f"{what} batches", "n_batches": len(data),
                              "n": len(self.examples)}
         else:
@@ -87,12 +89,12 @@ class Batches:
             raise ValueError(f"The {what} data has no example with response tokens: nothing to "
                              "train on.")
         self.batch_size = batch_size
-        self.stream = _Stream(len(self.examples), torch.Generator().manual_seed(seed))
+        self.stream = SeededStream(len(self.examples), torch.Generator().manual_seed(seed))
         tok = model.tokenizer
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def next(self) -> ChatBatch:
-        return _collate([self.examples[i] for i in self.stream.take(self.batch_size)], self.pad)
+        return collate([self.examples[i] for i in self.stream.take(self.batch_size)], self.pad)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,18 +144,9 @@ class Compute:
     """
 
     def __init__(self, model: Model, cfg: TuningConfig, trainable: Sequence[Parameter] = ()):
-        self.model, self.precision, self.work = model, cfg.precision, model
-        self.pairs: dict[int, Parameter] = {}
-        if cfg.precision != "float32" and any(p.dtype != torch.float32 for p in trainable):
-            raise ValueError(f"precision={cfg.precision!r} keeps float32 master weights, but the "
-                             "model's trainable weights are not float32: load it in float32.")
-        if cfg.precision == "bf16":
-            name_of = {id(p): n for n, p in model.named_parameters()}
-            self.work = backend.copy_in_dtype(model, torch.bfloat16)
-            working = dict(self.work.named_parameters())
-            for w in working.values():
-                w.requires_grad_(False)
-            self.pairs = {id(p): working[name_of[id(p)]] for p in trainable}
+        self.model, self.precision = model, cfg.precision
+        self.work, pairs = working_copy(model, list(trainable), cfg.precision)
+        self.pairs: dict[int, Parameter] = {id(p): w for p, w in pairs}
 
     def loss_and_grads(self, batch: ChatBatch,
                        wrt: Sequence[Tensor]) -> tuple[float, list[Optional[Tensor]]]:

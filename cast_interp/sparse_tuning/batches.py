@@ -14,7 +14,7 @@ from ..data import ChatBatch, ChatDataset, make_batches
 from .config import TuningConfig
 
 
-def _split_examples(batches: Sequence[ChatBatch]) -> list[tuple[Tensor, Tensor, int]]:
+def split_examples(batches: Sequence[ChatBatch]) -> list[tuple[Tensor, Tensor, int]]:
     """Single examples (tokens, loss_mask, prompt_length) of right-padded batches, padding cut.
 
     The last response token (end-of-turn) ends an example, so trailing padding is dropped exactly.
@@ -30,7 +30,7 @@ def _split_examples(batches: Sequence[ChatBatch]) -> list[tuple[Tensor, Tensor, 
     return out
 
 
-def _collate(examples: list[tuple[Tensor, Tensor, int]], pad: int) -> ChatBatch:
+def collate(examples: list[tuple[Tensor, Tensor, int]], pad: int) -> ChatBatch:
     width = max(len(t) for t, _, _ in examples)
     tokens = torch.full((len(examples), width), pad, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.bool)
@@ -40,7 +40,7 @@ def _collate(examples: list[tuple[Tensor, Tensor, int]], pad: int) -> ChatBatch:
     return ChatBatch(tokens, mask, [n for _, _, n in examples])
 
 
-class _Stream:
+class SeededStream:
     """Indices 0..n-1 in a fresh seeded permutation each epoch (every example once per epoch)."""
 
     def __init__(self, n: int, generator: torch.Generator):
@@ -59,10 +59,10 @@ class _Stream:
 def _as_examples(model: Model, data: Union[ChatDataset, Sequence[ChatBatch]],
                  what: str) -> tuple[list[tuple[Tensor, Tensor, int]], dict]:
     if isinstance(data, ChatDataset):
-        examples = _split_examples(make_batches(model, data, batch_size=32))
+        examples = split_examples(make_batches(model, data, batch_size=32))
         desc = data.describe()
     elif isinstance(data, (list, tuple)) and all(isinstance(b, ChatBatch) for b in data):
-        examples = _split_examples(data)
+        examples = split_examples(data)
         desc = {"name": f"{what} batches", "n_batches": len(data), "n": len(examples)}
     else:
         raise TypeError(f"{what} data must be a ChatDataset or a list of ChatBatch, "
@@ -96,8 +96,8 @@ class _BatchSource:
         self.benign, self.benign_desc = (_as_examples(model, benign_data, "benign")
                                          if self.n_benign else ([], None))
         gen = torch.Generator().manual_seed(cfg.seed)
-        self.safe_stream = _Stream(len(self.safe), gen)
-        self.benign_stream = _Stream(len(self.benign), gen) if self.n_benign else None
+        self.safe_stream = SeededStream(len(self.safe), gen)
+        self.benign_stream = SeededStream(len(self.benign), gen) if self.n_benign else None
         tok = model.tokenizer
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
@@ -105,7 +105,7 @@ class _BatchSource:
         ex = [self.safe[i] for i in self.safe_stream.take(self.n_safe)]
         if self.benign_stream is not None:
             ex += [self.benign[i] for i in self.benign_stream.take(self.n_benign)]
-        return _collate(ex, self.pad)
+        return collate(ex, self.pad)
 
 
 LENGTH_GROUP_RATIO = 0.875  # ours: a micro-batch's shortest example is >= 7/8 of its longest

@@ -22,7 +22,7 @@ from .config import TuningConfig, TuningResult
 from .masks import parameter_budget, trainable_parameters
 
 
-def _lr_factor(step: int, cfg: TuningConfig) -> float:
+def lr_factor(step: int, cfg: TuningConfig) -> float:
     """Multiplier of cfg.lr at `step` (0-based): linear warmup, then constant/linear/cosine to 0."""
     warm = min(cfg.warmup_steps, cfg.steps - 1)
     if step < warm:
@@ -36,7 +36,7 @@ def _lr_factor(step: int, cfg: TuningConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def _make_optimizer(params: list[Parameter], cfg: TuningConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[Parameter], cfg: TuningConfig) -> torch.optim.Optimizer:
     # foreach=False: the per-parameter loop is bit-reproducible and as fast on CPU at this size.
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
@@ -71,6 +71,28 @@ def _global_norm(params: list[Parameter]) -> tuple[Tensor, list[Tensor]]:
     return torch.linalg.vector_norm(norms), grads
 
 
+def working_copy(model: Model, params: Sequence[Parameter], precision: str
+                 ) -> tuple[Model, list[tuple[Parameter, Parameter]]]:
+    """The model a training step runs on at `precision`, and (master, working copy) pairs of the
+    trainable `params`: the model itself and [] in "float32" and "bf16-autocast"; in "bf16" a
+    bfloat16 copy, none of whose parameters requires a gradient (the caller decides), paired with
+    the float32 masters it is refreshed from before each step. Shared by `safety_finetune` and the
+    peer methods' loops (`peers.loop.Compute`), so that both run the same step."""
+    if precision != "float32" and any(p.dtype != torch.float32 for p in params):
+        raise ValueError(f"precision={precision!r} keeps float32 master weights, but the model's "
+                         f"trainable weights are {sorted({str(p.dtype) for p in params})}: load "
+                         "it in float32.")
+    if precision != "bf16":
+        return model, []
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    work = backend.copy_in_dtype(model, torch.bfloat16)
+    working = dict(work.named_parameters())
+    for w in working.values():
+        w.requires_grad_(False)
+        w.grad = None
+    return work, [(p, working[name_of[id(p)]]) for p in params]
+
+
 class _StepCompute:
     """A training step's forward and backward at `cfg.precision`, leaving float32 gradients in
     `.grad` of the (float32) trainable `params`; the step's loss value is the token mean over the
@@ -85,22 +107,10 @@ class _StepCompute:
 
     def __init__(self, model: Model, params: list[Parameter], cfg: TuningConfig):
         self.model, self.precision, self.grouped = model, cfg.precision, cfg.group_by_length
-        self.work, self.pairs = model, []
         self.n_tokens = {"computed": 0, "real": 0}
-        if cfg.precision != "float32" and any(p.dtype != torch.float32 for p in params):
-            raise ValueError(f"precision={cfg.precision!r} keeps float32 master weights, but the "
-                             "model's trainable weights are "
-                             f"{sorted({str(p.dtype) for p in params})}: load it in float32.")
-        if cfg.precision == "bf16":
-            name_of = {id(p): n for n, p in model.named_parameters()}
-            self.work = backend.copy_in_dtype(model, torch.bfloat16)
-            working = dict(self.work.named_parameters())
-            for w in working.values():
-                w.requires_grad_(False)
-                w.grad = None
-            self.pairs = [(p, working[name_of[id(p)]]) for p in params]
-            for _, w in self.pairs:
-                w.requires_grad_(True)
+        self.work, self.pairs = working_copy(model, params, cfg.precision)
+        for _, w in self.pairs:
+            w.requires_grad_(True)
 
     def describe(self) -> dict:
         """What ran where (recorded in `TuningResult.config["compute"]`), with the share of the
@@ -230,7 +240,7 @@ def safety_finetune(
     compute = _StepCompute(model, params, cfg)  # before any work: a bf16 model fails here
 
     torch.manual_seed(cfg.seed)
-    optimizer = _make_optimizer(params, cfg)
+    optimizer = make_optimizer(params, cfg)
     trainable = {id(p) for p in params}
     old_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
@@ -291,7 +301,7 @@ def _train_loop(compute, cfg, source, optimizer, params, masked, snapshots, log,
     losses = log["losses"]
     for step in range(cfg.steps):
         batch = source.next()
-        lr = cfg.lr * _lr_factor(step, cfg)
+        lr = cfg.lr * lr_factor(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
