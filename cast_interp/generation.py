@@ -14,7 +14,7 @@ from torch import Tensor
 from . import backend
 from .backend import Model
 
-from .data import end_of_turn_id, format_prompt
+from .data import end_of_turn_id, format_prompt, pad_token_id
 
 
 @torch.no_grad()
@@ -35,7 +35,7 @@ def generate_tokens(
         return ([], []) if return_finished else []
     device = model.cfg.device
     eot = end_of_turn_id(model.tokenizer)
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else eot
+    pad = pad_token_id(model, fallback=eot)
     width = max(len(p) for p in prompt_ids)
     n_ctx = model.cfg.n_ctx
     if width + max_new_tokens > n_ctx:

@@ -37,7 +37,8 @@ from torch import Tensor
 from . import backend
 from .backend import Model
 
-from .data import ChatDataset, ChatExample, DataError, format_prompt, load_dataset
+from .data import (ChatDataset, ChatExample, DataError, format_prompt, load_dataset,
+                   pad_token_id)
 from .generation import generate
 
 DataLike = Union[ChatDataset, str, Sequence[str]]
@@ -72,11 +73,6 @@ def encode_prompt(model: Model, prompt: str) -> list[int]:
 def encode_text(model: Model, text: str) -> list[int]:
     """Token ids of a response text, tokenized on its own exactly as `make_batches` does."""
     return list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def pad_id(model: Model) -> int:
-    tok = model.tokenizer
-    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
 def logits_at(
@@ -424,7 +420,7 @@ def _prefix_logprobs(model: Model, prefixes: Sequence[Sequence[int]],
     for chunk in _prefix_batches(prefixes, batch_size, group_by_length):
         rest = [list(prefixes[i][len(shared):]) for i in chunk]
         b, width = len(chunk), max(len(r) for r in rest)
-        tokens = torch.full((b, width), pad_id(model), dtype=torch.long, device=device)
+        tokens = torch.full((b, width), pad_token_id(model), dtype=torch.long, device=device)
         attn = torch.zeros((b, width), dtype=torch.long, device=device)
         for r, x in enumerate(rest):
             tokens[r, width - len(x):] = torch.tensor(x, device=device)
@@ -483,7 +479,7 @@ def _trie_logprobs(model: Model, cache: Any, first: Float[Tensor, "b vocab"],
         parents = torch.tensor([row_of[(r, path[:-1])] for r, path in starts], device=device)
         cache = backend.cache_rows(cache, parents, frozen=False)
         width = max(len(e) for e in edges)
-        tokens = torch.full((len(edges), width), pad_id(model), dtype=torch.long, device=device)
+        tokens = torch.full((len(edges), width), pad_token_id(model), dtype=torch.long, device=device)
         attn = torch.zeros_like(tokens)
         for k, edge in enumerate(edges):
             tokens[k, : len(edge)] = torch.tensor([path[-1] for _, path in edge], device=device)

@@ -341,3 +341,28 @@ def test_chat_batch_content_mask_default_and_to(tiny):
     moved = batch.to("cpu")
     assert torch.equal(moved.content_mask, batch.content_mask)
     assert moved.n_content_tokens == 2 and moved.n_response_tokens == 3
+
+
+def test_one_pad_rule_for_every_batch_builder():
+    """pad_token_id: the tokenizer's pad token, else the fallback, else EOS; make_batches pads with
+    it (the training, scoring and generation batches use the same function)."""
+    from types import SimpleNamespace
+
+    from cast_interp.data import pad_token_id
+    from cast_interp.model import tiny_model
+
+    assert pad_token_id(SimpleNamespace(pad_token_id=7, eos_token_id=2)) == 7
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=2)) == 2
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=2), fallback=5) == 5
+    assert pad_token_id(SimpleNamespace(pad_token_id=0, eos_token_id=2), fallback=5) == 0
+    model = tiny_model(seed=0)
+    model_pad = pad_token_id(model)
+    assert model_pad == pad_token_id(model.tokenizer)
+    ds = ChatDataset("t", [ChatExample("hi", "ok"), ChatExample("a much longer prompt here", "ok")])
+    (batch,) = make_batches(model, ds, batch_size=2)
+    from cast_interp.data import example_lengths
+
+    lengths = example_lengths(batch).tolist()
+    short = lengths.index(min(lengths))
+    assert min(lengths) < batch.tokens.shape[1]  # the short row is padded
+    assert (batch.tokens[short, min(lengths):] == model_pad).all()

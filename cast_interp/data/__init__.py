@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args
 
 from .chat import (ChatBatch, check_fits, check_special_tokens, encode_example, end_of_turn_id,
-                   example_lengths, format_prompt, in_dataset_order, make_batches,
+                   example_lengths, format_prompt, in_dataset_order, make_batches, pad_token_id,
                    padded_token_share, special_token_ids, truncate_responses)
 from .examples import (SPLIT_FRACTIONS, SPLITS, BundledKind, ChatDataset, ChatExample, DataError,
                        Split, bundled_refusals, check_held_out, load_bundled, split_dataset,
@@ -52,7 +52,7 @@ __all__ = ["ChatExample", "ChatDataset", "DataError", "Split", "BundledKind", "l
            "load_gsm8k", "load_hf", "load_dataset", "SHARED_DATASETS_ENV", "shared_datasets_dir",
            "load_safety_pairs", "load_coconot", "load_mmlu_dir", "dedup_against", "ChatBatch",
            "example_lengths", "padded_token_share", "in_dataset_order", "format_prompt",
-           "end_of_turn_id", "special_token_ids", "check_special_tokens", "encode_example",
+           "end_of_turn_id", "pad_token_id", "special_token_ids", "check_special_tokens", "encode_example",
            "make_batches", "check_fits", "truncate_responses", "UtilityReference",
            "UTILITY_REFERENCES", "SELF_REFERENCE_FORMAT", "self_reference"]
 

@@ -27,9 +27,10 @@ class ChatBatch:
     use content tokens (METHOD v2). Right padding needs no attention mask under causal attention, so a
     batch is run as `model(batch.tokens)`.
 
-    `content_mask=None` (for callers that build batches without it, e.g. `sparse_tuning.batches.collate`)
-    means "the same as `loss_mask`": such a batch does not know which of its loss tokens are
-    end-of-turn tokens, so build diagnosis batches with `make_batches`.
+    `content_mask=None` (for callers that build batches without it, e.g.
+    `sparse_tuning.batches.collate`) means "the same as `loss_mask`": such a batch does not know
+    which of its loss tokens are end-of-turn tokens, so build diagnosis batches with
+    `make_batches`.
 
     `indices` (from `make_batches(..., group_by_length=True)`): the dataset index of each row, so
     per-prompt results can be put back in dataset order (`in_dataset_order`). None: the rows are
@@ -115,6 +116,15 @@ def format_prompt(tokenizer: Any, prompt: str, *, system_prompt: Optional[str] =
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     # Base models without a template: a plain instruction format (ours).
     return f"### Instruction:\n{prompt}\n\n### Response:\n"
+
+
+def pad_token_id(tokenizer_or_model: Any, fallback: Optional[int] = None) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else `fallback` (default EOS). Padding
+    is masked out of every loss and attention, so any id works; one rule keeps batches equal."""
+    tok = getattr(tokenizer_or_model, "tokenizer", tokenizer_or_model)
+    if tok.pad_token_id is not None:
+        return tok.pad_token_id
+    return tok.eos_token_id if fallback is None else fallback
 
 
 def end_of_turn_id(tokenizer: Any) -> int:
@@ -223,7 +233,7 @@ def make_batches(
         raise DataError(f"batch_size must be >= 1, got {batch_size}.")
     if require_response:
         dataset.require_responses()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     encoded = []
     for i, ex in enumerate(dataset):
         ids, n_prompt = encode_example(tokenizer, ex, system_prompt=system_prompt)

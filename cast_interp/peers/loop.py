@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from ..backend import Model
-from ..data import ChatBatch, ChatDataset, make_batches
+from ..data import ChatBatch, ChatDataset, make_batches, pad_token_id
 from ..objectives import NonFiniteLossError, response_nll
 from ..sparse_tuning import TuningConfig
 # safety_finetune's own batch order, schedule and optimizer: every method sees the same batches
@@ -90,8 +90,7 @@ class Batches:
                              "train on.")
         self.batch_size = batch_size
         self.stream = SeededStream(len(self.examples), torch.Generator().manual_seed(seed))
-        tok = model.tokenizer
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad = pad_token_id(model)
 
     def next(self) -> ChatBatch:
         return collate([self.examples[i] for i in self.stream.take(self.batch_size)], self.pad)

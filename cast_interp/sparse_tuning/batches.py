@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..backend import Model
-from ..data import ChatBatch, ChatDataset, make_batches
+from ..data import ChatBatch, ChatDataset, make_batches, pad_token_id
 from .config import TuningConfig
 
 
@@ -98,8 +98,7 @@ class _BatchSource:
         gen = torch.Generator().manual_seed(cfg.seed)
         self.safe_stream = SeededStream(len(self.safe), gen)
         self.benign_stream = SeededStream(len(self.benign), gen) if self.n_benign else None
-        tok = model.tokenizer
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad = pad_token_id(model)
 
     def next(self) -> ChatBatch:
         ex = [self.safe[i] for i in self.safe_stream.take(self.n_safe)]
