@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
@@ -26,7 +27,8 @@ import torch
 from . import backend
 from .backend import Model
 from .checks import check_int, check_number
-from .io import to_jsonable
+from .io import atomic_write_json, package_versions, read_json, to_jsonable
+from .regime import PRIMARY  # the v3 primary utility endpoint, declared with the sweep
 
 MAPS = ("general", "sensitive")
 PRECISIONS = ("float32", "bf16")
@@ -171,6 +173,50 @@ def run_data(model: Model, cfg: RegimeSettings, cache_dir: Union[str, Path, None
                        split_seed=cfg.split_seed, cache_dir=cache_dir,
                        n_safety_cal=cfg.n_calibration, n_benign_diag=cfg.n_calibration,
                        n_over_diag=cfg.n_over_diag)
+
+
+def start_run(model: Model, cfg: RegimeSettings, out: Path, *, meta_file: str, fmt: int,
+              what: str) -> tuple[Any, dict, dict]:
+    """Open (or resume) a run folder: its data (`run_data`, cached in `out`), its record `meta_file`
+    ({"format", "config", "data", "model", "versions", "primary"}: written at the first start;
+    a resume with another config or data is refused, naming `what` the folder holds) and its
+    `timings.json` so far. Returns (data, meta, timings)."""
+    from .model import model_id
+
+    t0 = time.perf_counter()
+    data = run_data(model, cfg, out)
+    meta = {"format": fmt, "config": cfg.to_dict(), "data": data.describe(),
+            "model": model_id(model), "versions": package_versions(), "primary": PRIMARY}
+    meta = json.loads(json.dumps(to_jsonable(meta)))
+    f = out / meta_file
+    if f.exists():
+        old = read_json(f)
+        if old.get("config") != meta["config"] or old.get("data") != meta["data"]:
+            raise ValueError(f"{out} holds a {what} with another config or data; use a new "
+                             "directory (nothing was changed).")
+    else:
+        atomic_write_json(meta, f)
+    timings = read_json(out / "timings.json") if (out / "timings.json").exists() else {}
+    timings.setdefault("data_s", time.perf_counter() - t0)  # the first start builds the data
+    return data, meta, timings
+
+
+def full_tuning_tax(full: list, original: dict, step: int, *, n_boot: int, seed: int) -> dict:
+    """The tax: full tuning's pieces (one per training seed) at `step` against the original, per
+    test prompt, over seeds (`stats.paired_difference`), for the primary endpoint, safety, KL and
+    NLL: {metric: paired difference}. Prompts with a non-finite value are left out."""
+    import numpy as np
+
+    from .stats import paired_difference
+
+    tax = {}
+    for metric in (PRIMARY, "refusal_score", "kl", "nll"):
+        a = np.stack([np.asarray(p["test"][str(step)][metric], float) for p in full])
+        b = np.broadcast_to(np.asarray(original["test"][metric], float), a.shape)
+        keep = np.isfinite(a).all(0) & np.isfinite(b).all(0)
+        tax[metric] = paired_difference(a[:, keep], np.array(b[:, keep]), n_boot=n_boot,
+                                        seed=seed, names=("full tuning", "original"))
+    return tax
 
 
 def compliant(ds):

@@ -39,13 +39,11 @@ import numpy as np
 
 from .backend import Model
 from .checks import check_int
-from .harness import (MAPS, CurveEvaluator, RegimeSettings, claim_piece, config_key,
-                      conflict_maps, run_data, test_evaluator)
-from .io import atomic_write_json, package_versions, read_json, to_jsonable
-from .model import model_id
+from .harness import (MAPS, PRIMARY, CurveEvaluator, RegimeSettings, claim_piece, config_key,
+                      conflict_maps, full_tuning_tax, start_run, test_evaluator)
+from .io import atomic_write_json, read_json, to_jsonable
 
 VERDICT_FORMAT = 1
-PRIMARY = "over_refusal_score"
 METHODS = ("full", "cast", "random", "layer_matched", "graded")
 
 
@@ -246,21 +244,8 @@ def run_verdict(model: Model, cfg: VerdictConfig, out_dir: Union[str, Path], *,
     out = Path(out_dir)
     check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    data = run_data(model, cfg, out)
-    meta = {"format": VERDICT_FORMAT, "config": cfg.to_dict(), "data": data.describe(),
-            "model": model_id(model), "versions": package_versions(), "primary": PRIMARY}
-    meta = json.loads(json.dumps(to_jsonable(meta)))
-    f = out / "verdict.json"
-    if f.exists():
-        old = read_json(f)
-        if old.get("config") != meta["config"] or old.get("data") != meta["data"]:
-            raise ValueError(f"{out} holds a verdict run with another config or data; use a new "
-                             "directory (nothing was changed).")
-    else:
-        atomic_write_json(meta, f)
-    timings = read_json(out / "timings.json") if (out / "timings.json").exists() else {}
-    timings.setdefault("data_s", time.perf_counter() - t0)  # the first start builds the data
+    data, meta, timings = start_run(model, cfg, out, meta_file="verdict.json",
+                                    fmt=VERDICT_FORMAT, what="verdict run")
 
     t = time.perf_counter()
     maps = conflict_maps(model, cfg, data, out, cfg.maps, progress=progress)
@@ -358,16 +343,8 @@ def summarize_verdict(out_dir: Union[str, Path], *, write: bool = True) -> dict:
 
     # 1. The tax: full tuning at its last step against the original, per prompt, over seeds.
     full = arm_pieces("full")
-    last = str(cfg.steps)
-    tax = {}
-    if full:
-        for metric in (PRIMARY, "refusal_score", "kl", "nll"):
-            a = np.stack([np.asarray(p["test"][last][metric], float) for p in full])
-            b = np.broadcast_to(np.asarray(original["test"][metric], float), a.shape)
-            keep = np.isfinite(a).all(0) & np.isfinite(b).all(0)
-            tax[metric] = paired_difference(a[:, keep], np.array(b[:, keep]), n_boot=cfg.n_boot,
-                                            seed=cfg.seed, names=("full tuning", "original"))
-    summary["tax"] = tax
+    summary["tax"] = (full_tuning_tax(full, original, cfg.steps, n_boot=cfg.n_boot, seed=cfg.seed)
+                      if full else {})
 
     # 2. Matched safety levels, common to full, CAST and the random sets (test split).
     curves = {n: test_curve(p, original) for n, p in pieces.items()}

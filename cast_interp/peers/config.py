@@ -52,7 +52,6 @@ from .lora import LoraConfig
 from .projection import PROJECTION_MODES
 
 PEERS_FORMAT = 1
-PRIMARY = "over_refusal_score"
 #: Every method of the plan, in running order (`PeersConfig.methods` picks a subset).
 PEER_METHODS = ("full", "cast", "interp", "anchor", "lora", "projection", "bottom_layers",
                 "top_layers", "act_tune", "act_skip", "cast_anchor")

@@ -15,12 +15,11 @@ import torch
 
 from ..backend import Model
 from ..checks import check_int, check_number
-from ..harness import (CurveEvaluator, claim_piece, config_key, conflict_maps, run_data,
+from ..harness import (PRIMARY, CurveEvaluator, claim_piece, config_key, conflict_maps, start_run,
                        test_evaluator)
-from ..io import (atomic_save_safetensors, atomic_write_json, package_versions, read_json,
-                  to_jsonable)
+from ..io import atomic_save_safetensors, atomic_write_json, read_json
 from ..model import model_id
-from .config import (PEERS_FORMAT, PRIMARY, PeerPiece, PeersConfig, _lora_label, _share_label,
+from .config import (PEERS_FORMAT, PeerPiece, PeersConfig, _lora_label, _share_label,
                      arm_family, plan_peers)
 from .interpolation import interpolate_weights, parameter_state
 from .lora import LoraConfig
@@ -244,21 +243,8 @@ def run_peers(model: Model, cfg: PeersConfig, out_dir: Union[str, Path], *,
         raise ValueError(f"{out} holds a verdict run (verdict.json): give the peer comparison its "
                          "own directory (nothing was changed).")
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    data = run_data(model, cfg, out)
-    meta = {"format": PEERS_FORMAT, "config": cfg.to_dict(), "data": data.describe(),
-            "model": model_id(model), "versions": package_versions(), "primary": PRIMARY}
-    meta = json.loads(json.dumps(to_jsonable(meta)))
-    f = out / "peers.json"
-    if f.exists():
-        old = read_json(f)
-        if old.get("config") != meta["config"] or old.get("data") != meta["data"]:
-            raise ValueError(f"{out} holds a peer comparison with another config or data; use a "
-                             "new directory (nothing was changed).")
-    else:
-        atomic_write_json(meta, f)
-    timings = read_json(out / "timings.json") if (out / "timings.json").exists() else {}
-    timings.setdefault("data_s", time.perf_counter() - t0)
+    data, meta, timings = start_run(model, cfg, out, meta_file="peers.json", fmt=PEERS_FORMAT,
+                                    what="peer comparison")
 
     t = time.perf_counter()
     maps = conflict_maps(model, cfg, data, out, cfg.maps, progress=progress)

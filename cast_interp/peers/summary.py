@@ -12,8 +12,9 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 
 from ..checks import check_number
+from ..harness import PRIMARY, full_tuning_tax
 from ..io import atomic_write_json, read_json, to_jsonable
-from .config import (PRIMARY, REQUIRED, PeersConfig, _share_label, arm_family, arm_label,
+from .config import (REQUIRED, PeersConfig, _share_label, arm_family, arm_label,
                      estimate_peers_seconds, plan_peers)
 
 # --------------------------------------------------------------------------------------------------
@@ -181,15 +182,7 @@ def summarize_peers(out_dir: Union[str, Path], *, write: bool = True) -> dict:
     # 1. The tax: full tuning at its last step against the original, per prompt, over seeds.
     full = [pieces[f"full_t{s}"] for s in seeds if f"full_t{s}" in pieces]
     last = str(cfg.steps)
-    tax = {}
-    if full:
-        for metric in (PRIMARY, "refusal_score", "kl", "nll"):
-            a = np.stack([np.asarray(p["test"][last][metric], float) for p in full])
-            b = np.broadcast_to(np.asarray(original["test"][metric], float), a.shape)
-            keep = np.isfinite(a).all(0) & np.isfinite(b).all(0)
-            tax[metric] = paired_difference(a[:, keep], np.array(b[:, keep]), **boot,
-                                            names=("full tuning", "original"))
-    summary["tax"] = tax
+    summary["tax"] = full_tuning_tax(full, original, cfg.steps, **boot) if full else {}
 
     # 2. Matched safety: levels common to the arms' test curves (interpolation: along a).
     curves = {n: piece_curve(p, original) for n, p in pieces.items()}
