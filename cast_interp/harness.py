@@ -309,6 +309,39 @@ class CurveEvaluator:
                         m, self.over, batch_size=self.batch_size).float().tolist()}
 
 
+class CheckpointRecorder:
+    """A piece's `on_step`: after every `curve_every`-th step (and the last) the validation curve
+    point `curve(model)`, at each of `test_checkpoints` the test record `test(model)`, timed apart
+    from training. `records()`: {"val": {step: {metric: [n]}}, "test": {...}, "curve_time_s",
+    "test_time_s"} (steps as strings, as JSON keys)."""
+
+    def __init__(self, model: Model, cfg: RegimeSettings, curve, test):
+        self.model, self.cfg, self.curve, self.test = model, cfg, curve, test
+        self.val: dict[int, dict] = {}
+        self.tst: dict[int, dict] = {}
+        self.curve_time_s = self.test_time_s = 0.0
+
+    def __call__(self, step: int, loss: float) -> None:
+        done = step + 1
+        if done % self.cfg.curve_every == 0 or done == self.cfg.steps:
+            t = time.perf_counter()
+            self.val[done] = self.curve(self.model)
+            self.curve_time_s += time.perf_counter() - t
+        if done in self.cfg.test_checkpoints:
+            t = time.perf_counter()
+            self.tst[done] = self.test(self.model)
+            self.test_time_s += time.perf_counter() - t
+
+    @property
+    def eval_time_s(self) -> float:
+        return self.curve_time_s + self.test_time_s
+
+    def records(self) -> dict:
+        return {"val": {str(k): v for k, v in self.val.items()},
+                "test": {str(k): v for k, v in self.tst.items()},
+                "curve_time_s": self.curve_time_s, "test_time_s": self.test_time_s}
+
+
 def test_evaluator(model: Model, data, batch_size: int = 16):
     """The float32 evaluation of the test split at a checkpoint (`regime.RegimeEvaluator`): refusal
     and over-refusal scores, KL and NLL on the original's own answers to benign test prompts."""

@@ -39,8 +39,9 @@ import numpy as np
 
 from .backend import Model
 from .checks import check_int
-from .harness import (MAPS, PRIMARY, CurveEvaluator, RegimeSettings, claim_piece, config_key,
-                      conflict_maps, full_tuning_tax, start_run, test_evaluator)
+from .harness import (MAPS, PRIMARY, CheckpointRecorder, CurveEvaluator, RegimeSettings,
+                      claim_piece, config_key, conflict_maps, full_tuning_tax, start_run,
+                      test_evaluator)
 from .io import atomic_write_json, read_json, to_jsonable
 
 VERDICT_FORMAT = 1
@@ -196,34 +197,19 @@ def run_piece(model: Model, piece: VerdictPiece, units: list, cfg: VerdictConfig
     {"val": {step: {metric: [n]}}, "test": {step: {...}}, "losses", "time_s"...}."""
     from .sparse_tuning import safety_finetune
 
-    val, tst = {}, {}
-    t_val, t_test = [0.0], [0.0]
-
-    def on_step(step: int, loss: float) -> None:
-        done = step + 1
-        if done % cfg.curve_every == 0 or done == cfg.steps:
-            t = time.perf_counter()
-            val[done] = curve(model)
-            t_val[0] += time.perf_counter() - t
-        if done in cfg.test_checkpoints:
-            t = time.perf_counter()
-            tst[done] = test(model)
-            t_test[0] += time.perf_counter() - t
-
+    rec = CheckpointRecorder(model, cfg, curve, test)
     t0 = time.perf_counter()
     res = safety_finetune(model, data.safety_train, skip_heads=units,
-                          config=cfg.tuning(piece.seed, piece.precision), on_step=on_step)
-    total = time.perf_counter() - t0
+                          config=cfg.tuning(piece.seed, piece.precision), on_step=rec)
+    train_s = time.perf_counter() - t0 - rec.eval_time_s
     if progress:
-        v = val[cfg.steps]
+        v = rec.val[cfg.steps]
         print(f"[verdict] {piece.name}: refusal {np.mean(v['refusal_score']):+.2f} over-refusal "
-              f"{np.mean(v['over_refusal_score']):+.2f} (train {total - t_val[0] - t_test[0]:.0f} s, "
-              f"curves {t_val[0]:.0f} s, test {t_test[0]:.0f} s)", flush=True)
+              f"{np.mean(v['over_refusal_score']):+.2f} (train {train_s:.0f} s, curves "
+              f"{rec.curve_time_s:.0f} s, test {rec.test_time_s:.0f} s)", flush=True)
     return {"piece": asdict(piece), "name": piece.name, "skip": [list(u) for u in units],
-            "n_trainable": res.n_trainable, "losses": res.losses,
-            "val": {str(k): v for k, v in val.items()}, "test": {str(k): v for k, v in tst.items()},
-            "train_time_s": total - t_val[0] - t_test[0], "curve_time_s": t_val[0],
-            "test_time_s": t_test[0]}
+            "n_trainable": res.n_trainable, "losses": res.losses, **rec.records(),
+            "train_time_s": train_s}
 
 
 def run_verdict(model: Model, cfg: VerdictConfig, out_dir: Union[str, Path], *,

@@ -15,8 +15,8 @@ import torch
 
 from ..backend import Model
 from ..checks import check_int, check_number
-from ..harness import (PRIMARY, CurveEvaluator, claim_piece, config_key, conflict_maps, start_run,
-                       test_evaluator)
+from ..harness import (PRIMARY, CheckpointRecorder, CurveEvaluator, claim_piece, config_key,
+                       conflict_maps, start_run, test_evaluator)
 from ..io import atomic_save_safetensors, atomic_write_json, read_json
 from ..model import model_id
 from .config import (PEERS_FORMAT, PeerPiece, PeersConfig, _lora_label, _share_label,
@@ -78,20 +78,7 @@ def run_peer_piece(model: Model, piece: PeerPiece, units: list, cfg: PeersConfig
 
     if not piece.trains:
         raise ValueError(f"{piece.name} trains nothing: run it with run_interp_piece.")
-    val, tst = {}, {}
-    t_val, t_test = [0.0], [0.0]
-
-    def on_step(step: int, loss: float) -> None:
-        done = step + 1
-        if done % cfg.curve_every == 0 or done == cfg.steps:
-            t = time.perf_counter()
-            val[done] = curve(model)
-            t_val[0] += time.perf_counter() - t
-        if done in cfg.test_checkpoints:
-            t = time.perf_counter()
-            tst[done] = test(model)
-            t_test[0] += time.perf_counter() - t
-
+    on_step = CheckpointRecorder(model, cfg, curve, test)
     tcfg = cfg.tuning(piece.seed)
     m, value = piece.method, _setting_value(cfg, piece)
     t0 = time.perf_counter()
@@ -111,21 +98,20 @@ def run_peer_piece(model: Model, piece: PeerPiece, units: list, cfg: PeersConfig
     peer = res.config.get("peer")
     budget = dict(peer["budget"]) if peer else parameter_budget(model, units, scope=cfg.scope)
     budget["n_trainable"] = int(res.n_trainable)
+    train_s = total - on_step.eval_time_s
     if progress:
-        v = val[cfg.steps]
+        v = on_step.val[cfg.steps]
         print(f"[peers] {piece.name}: refusal {np.mean(v['refusal_score']):+.2f} over-refusal "
-              f"{np.mean(v[PRIMARY]):+.2f} (train {total - t_val[0] - t_test[0]:.0f} s, curves "
-              f"{t_val[0]:.0f} s, test {t_test[0]:.0f} s)", flush=True)
+              f"{np.mean(v[PRIMARY]):+.2f} (train {train_s:.0f} s, curves "
+              f"{on_step.curve_time_s:.0f} s, test {on_step.test_time_s:.0f} s)", flush=True)
     peer_rec = None
     if peer:
         peer_rec = {k: v for k, v in peer.items() if k not in ("budget",)}
     return {"piece": asdict(piece), "name": piece.name, "arm": piece.arm,
             "family": arm_family(piece.arm), "skip": [list(u) for u in units],
             "n_trainable": int(res.n_trainable), "budget": budget, "losses": res.losses,
-            "lr": res.config["lr"], "peer": peer_rec,
-            "val": {str(k): v for k, v in val.items()}, "test": {str(k): v for k, v in tst.items()},
-            "train_time_s": total - t_val[0] - t_test[0], "curve_time_s": t_val[0],
-            "test_time_s": t_test[0], "wall_time_s": total}
+            "lr": res.config["lr"], "peer": peer_rec, **on_step.records(),
+            "train_time_s": train_s, "wall_time_s": total}
 
 
 def run_interp_piece(model: Model, piece: PeerPiece, cfg: PeersConfig, original: dict,
