@@ -479,7 +479,8 @@ def _trie_logprobs(model: Model, cache: Any, first: Float[Tensor, "b vocab"],
         parents = torch.tensor([row_of[(r, path[:-1])] for r, path in starts], device=device)
         cache = backend.cache_rows(cache, parents, frozen=False)
         width = max(len(e) for e in edges)
-        tokens = torch.full((len(edges), width), pad_token_id(model), dtype=torch.long, device=device)
+        tokens = torch.full((len(edges), width), pad_token_id(model), dtype=torch.long,
+                            device=device)
         attn = torch.zeros_like(tokens)
         for k, edge in enumerate(edges):
             tokens[k, : len(edge)] = torch.tensor([path[-1] for _, path in edge], device=device)
