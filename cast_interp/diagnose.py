@@ -21,10 +21,9 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 
@@ -37,7 +36,7 @@ from .data import (UTILITY_REFERENCES, ChatDataset, DataError, UtilityReference,
                    self_reference)
 from .model import model_id, weight_fingerprint
 from .checks import check_types
-from .io import check_fields
+from .config_io import config_from_dict, config_to_dict
 from .stats import count_from_fraction
 from .units import uses_gqa
 
@@ -102,6 +101,8 @@ class DiagnosisConfig:
     heads_per_pass: Optional[int] = None
     dtype: Literal["float32", "bfloat16"] = "float32"
 
+    FORMAT: ClassVar[str] = "diagnosis-config-1"
+
     def __post_init__(self) -> None:
         check_types(self)
         for name, lo in (("n_calibration", 1), ("batch_size", 1), ("max_new_tokens", 1),
@@ -128,12 +129,11 @@ class DiagnosisConfig:
             raise ValueError("n_bootstrap = 1 gives no interval: use 0 (none) or >= 2 (200 default).")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiagnosisConfig":
-        check_fields(cls, d)
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 def _sensitivity(model, batches, cfg: DiagnosisConfig, unit: str, O, progress: bool,

@@ -24,7 +24,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal, Optional, Sequence, Union
+from typing import ClassVar, Literal, Optional, Sequence, Union
 
 import torch
 
@@ -33,7 +33,8 @@ from .backend import Model
 
 from .data import ChatDataset
 from .checks import check_int, check_types
-from .io import atomic_write_json, check_fields, read_json
+from .config_io import config_from_dict, config_to_dict
+from .io import atomic_write_json, read_json
 from .registry.metrics import computed as _registered_metrics, metric_names
 from .safety import (  # noqa: F401  (re-exported)
     PUBLIC_REFUSAL_PREFIXES,
@@ -125,18 +126,15 @@ class EvalConfig:
             warnings.warn(f"max_new_tokens={self.max_new_tokens} < {MIN_NEW_TOKENS}: METHOD v2 "
                           "judges refusals on at least 32 generated tokens.", stacklevel=3)
 
+    FORMAT: ClassVar[str] = "eval-config-1"
+
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["openings"] = list(self.openings)
-        return d
+        return config_to_dict(self)  # openings as a list
 
     @classmethod
     def from_dict(cls, d: dict) -> "EvalConfig":
-        check_fields(cls, d)
-        d = dict(d)
-        if "openings" in d:
-            d["openings"] = tuple(d["openings"])
-        return cls(**d)
+        return config_from_dict(cls, d, convert=lambda d: {
+            **d, **({"openings": tuple(d["openings"])} if "openings" in d else {})})
 
 
 #: The built-in metric names in table order (generation-free endpoints first). The metrics

@@ -44,6 +44,7 @@ The package, by step:
 
     exact.py        reverting units (a weight swap, restored bit-exactly); losses from a cached layer
     first_order.py  the first-order estimate for every unit
+    config.py       `AttributionConfig`: how it is measured (examples, candidates, spread, draws)
     selection.py    what is measured exactly: halves A/B, candidates, spread sample, joint sets
     result.py       `AttributionResult` (save / load) and its summary
     analysis.py     shares, first order vs exact, random revert sets, Spearman with the map
@@ -52,15 +53,16 @@ The package, by step:
 
 from __future__ import annotations
 
+from .config import MIN_DRAWS, AttributionConfig, ExactScope
 from .exact import (FromLayer, changed_outside_units, changed_units, check_pair, per_example_nll,
                     revert_units)
 from .first_order import first_order
-from .measure import MIN_DRAWS, ExactScope, attribute
+from .measure import attribute
 from .result import (ATTRIBUTION_VERSION, FORMAT, FORMAT_VERSION, META_FILE, TENSORS_FILE,
                      AttributionResult)
 from .selection import split_halves, spread_sample
 
-__all__ = ["attribute", "AttributionResult", "first_order", "revert_units", "changed_units",
-           "changed_outside_units", "check_pair", "per_example_nll", "FromLayer", "split_halves",
+__all__ = ["attribute", "AttributionConfig", "AttributionResult", "first_order", "revert_units",
+           "changed_units", "changed_outside_units", "check_pair", "per_example_nll", "FromLayer", "split_halves",
            "spread_sample", "ExactScope", "MIN_DRAWS", "ATTRIBUTION_VERSION", "FORMAT",
            "FORMAT_VERSION", "TENSORS_FILE", "META_FILE"]

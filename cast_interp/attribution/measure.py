@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -20,14 +21,12 @@ from ..model import model_id
 from ..objectives import NonFiniteLossError
 from ..units import Unit, UnitError, UnitKind, all_units, n_units, uses_gqa
 from .analysis import _analyze
+from .config import MIN_DRAWS, AttributionConfig, ExactScope
 from .exact import (_Evaluator, _exact_singles, _tokens, changed_outside_units, changed_units,
                     check_pair, per_example_nll)
 from .first_order import first_order
 from .result import ATTRIBUTION_VERSION, AttributionResult
 from .selection import _count, _exact_sets, _joint_sets, _select_on_A, split_halves
-
-ExactScope = Literal["screened", "all"]
-MIN_DRAWS = 20
 
 
 # --------------------------------------------------------------------------------------------------
@@ -43,8 +42,6 @@ def _prepare_data(tuned, original, utility_data, safety_data, *, n_examples, uti
         if ds is not None and (not isinstance(ds, ChatDataset) or len(ds) == 0):
             raise DataError(f"{name} must be a non-empty ChatDataset (e.g. load_bundled(...)), got "
                             f"{type(ds).__name__}" + (" of length 0." if ds is not None else "."))
-    if utility_reference not in ("self", "dataset"):
-        raise ValueError(f"utility_reference must be 'self' or 'dataset', got {utility_reference!r}.")
     util = utility_data.take(n_examples)
     if utility_reference == "self":  # under torchrun: rank 0 generates (and caches), all get it
         util = distributed.main_only(lambda: self_reference(
@@ -116,22 +113,15 @@ def _assemble(data, ev, nll_orig, fo, fo_safe, ex_util, ex_safe, joint, rand, se
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_options(tuned, *, unit, exact, k, n_candidates, n_spread, n_draws, n_bootstrap,
-                   n_examples) -> tuple[tuple[str, ...], dict[str, int], dict[str, int]]:
-    """Clear errors for bad options; (kinds, k per kind, candidates per kind)."""
+def _check_options(tuned, cfg: AttributionConfig, *, unit, k
+                   ) -> tuple[tuple[str, ...], dict[str, int], dict[str, int]]:
+    """Clear errors for options that depend on the model; (kinds, k per kind, candidates per
+    kind). The options' own ranges are checked by `AttributionConfig`."""
     kinds = ("head", "group") if uses_gqa(tuned) else ("head",)
     if unit not in kinds:
         raise UnitError(f"unit must be one of {kinds} for this model, got {unit!r}"
                         + (": it has no GQA, so no key/value groups." if unit == "group" else "."))
-    if exact not in ("screened", "all"):
-        raise ValueError(f"exact must be 'screened' or 'all', got {exact!r}.")
-    if n_draws < MIN_DRAWS:
-        raise ValueError(f"n_draws must be >= {MIN_DRAWS} (METHOD v2): a percentile among fewer "
-                         f"random sets is too coarse to read; got {n_draws}.")
-    for name, v, lo in (("n_spread", n_spread, 1), ("n_bootstrap", n_bootstrap, 2),
-                        ("n_examples", n_examples, 4), ("n_candidates", n_candidates, 1)):
-        if v is not None and v < lo:
-            raise ValueError(f"{name} must be >= {lo}, got {v}.")
+    n_candidates = cfg.n_candidates
     L = tuned.cfg.n_layers
     sizes = {kind: L * n_units(tuned, kind) for kind in kinds}
     ks = {kind: _count(k if kind == unit else None, sizes[kind], "k") for kind in kinds}
@@ -146,6 +136,19 @@ def _check_options(tuned, *, unit, exact, k, n_candidates, n_spread, n_draws, n_
     return kinds, ks, cand
 
 
+def _config_with(config: Optional[AttributionConfig], options: dict) -> AttributionConfig:
+    """`config` (default `AttributionConfig()`) with `options` (its field names) replaced."""
+    cfg = config if config is not None else AttributionConfig()
+    if not isinstance(cfg, AttributionConfig):
+        raise TypeError(f"config must be an AttributionConfig, got {type(cfg).__name__}.")
+    known = {f.name for f in fields(AttributionConfig)}
+    bad = sorted(set(options) - known)
+    if bad:
+        raise TypeError(f"attribute() got unknown option(s) {bad}; its options are the fields of "
+                        f"AttributionConfig: {sorted(known)}.")
+    return replace(cfg, **options) if options else cfg
+
+
 def attribute(
     tuned: Model,
     original: Model,
@@ -155,27 +158,18 @@ def attribute(
     safety_data: Optional[ChatDataset] = None,
     unit: UnitKind = "head",
     k: Union[int, float, None] = None,
-    n_examples: Optional[int] = 16,
-    utility_reference: UtilityReference = "self",
-    max_new_tokens: int = 256,
+    config: Optional[AttributionConfig] = None,
     reference_cache: Optional[Union[str, Path]] = None,
-    exact: ExactScope = "screened",
-    n_candidates: Optional[int] = None,
-    n_spread: int = 30,
-    n_draws: int = MIN_DRAWS,
-    n_bootstrap: int = 1000,
-    ci: float = 0.95,
-    batch_size: int = 4,
-    seed: int = 0,
     label: str = "tuned",
     progress: bool = False,
+    **options: Any,
 ) -> AttributionResult:
     """Which units of `tuned` caused its utility drop relative to `original` (see module doc).
 
     Args:
         tuned, original: the same model after and before training (any arm: full, CAST, random).
             Neither is changed (tuned's weights are swapped and restored bit-exactly).
-        utility_data: benign prompts; the first `n_examples` (>= 4; None: all) are used.
+        utility_data: benign prompts; the first `config.n_examples` are used.
         conflict_map: the map of `original` (optional): its top-k by C is reverted jointly and placed
             among the random draws; Spearman(recovered, C/O/S) with CIs.
         safety_data: harmful prompts (refusals added by `data.with_refusals`); when given, the
@@ -184,32 +178,24 @@ def attribute(
         unit: the kind of unit selected, drawn at random and compared with the map ("head", or
             "group" under GQA). Per-unit numbers are computed for every kind the model has.
         k: units per selected, top-k and random set: a count or a fraction (default 0.1, ours).
-        utility_reference: "self" (default, as the diagnosis: `original`'s greedy answers to their
-            natural end, at most `max_new_tokens`, cached at `reference_cache`) or "dataset" (the
-            examples' answers as given, e.g. already made by `data.self_reference`).
-        exact: "screened" (default): exact reverts of the candidates and of the spread sample;
-            "all": of every unit (slow; the sum of exact singles is then complete).
-        n_candidates: units of the selected kind measured exactly from the top of the first-order
-            estimate on half A (default, ours: 2k). Must be >= k. Other kinds: the spread only.
-        n_spread: units per kind at evenly spaced first-order ranks, measured exactly (agreement).
-        n_draws: random k-sets (>= 20). n_bootstrap, ci: every CI, a bootstrap over examples
-            (and as many permutations for the Spearman p-values).
-        batch_size: examples per forward pass; each half is batched longest first, so small
-            batches waste little on padding (default 4, ours; a CPU pass gains nothing from more).
-        seed: the split, the random draws, the bootstraps and the tie-breaks.
+        config: how it is measured (`AttributionConfig`: examples, reference answers, exact scope,
+            candidates, spread, draws, bootstrap, batch size, seed); default `AttributionConfig()`.
+        reference_cache: where the self-reference answers are cached (None: not cached).
         label: names the tuned model in the result (e.g. "full", "cast", "random").
+        **options: fields of `AttributionConfig` that replace `config`'s, e.g. `n_examples=8`.
     """
+    cfg = _config_with(config, options)
     t_all, timings = time.perf_counter(), {}
     check_pair(tuned, original)
-    kinds, ks, n_cand = _check_options(tuned, unit=unit, exact=exact, k=k, n_candidates=n_candidates,
-                                       n_spread=n_spread, n_draws=n_draws, n_bootstrap=n_bootstrap,
-                                       n_examples=n_examples)
+    kinds, ks, n_cand = _check_options(tuned, cfg, unit=unit, k=k)
+    seed, n_draws = cfg.seed, cfg.n_draws
     if conflict_map is not None:  # the map describes the model before tuning
         conflict_map.check_model(original)
     t = time.perf_counter()
-    data = _prepare_data(tuned, original, utility_data, safety_data, n_examples=n_examples,
-                         utility_reference=utility_reference, max_new_tokens=max_new_tokens,
-                         reference_cache=reference_cache, batch_size=batch_size, seed=seed)
+    data = _prepare_data(tuned, original, utility_data, safety_data, n_examples=cfg.n_examples,
+                         utility_reference=cfg.utility_reference,
+                         max_new_tokens=cfg.max_new_tokens, reference_cache=reference_cache,
+                         batch_size=cfg.batch_size, seed=seed)
     rows_A = list(range(len(data["A"])))
     timings["data"] = time.perf_counter() - t
 
@@ -219,8 +205,8 @@ def attribute(
                if data["safe"] is not None else None)
     timings["first_order"] = time.perf_counter() - t
     changed = {kind: changed_units(tuned, original, kind) for kind in kinds}
-    sets = _exact_sets(fo, changed, rows_A, exact=exact, n_candidates=n_cand, n_spread=n_spread,
-                       seed=seed)
+    sets = _exact_sets(fo, changed, rows_A, exact=cfg.exact, n_candidates=n_cand,
+                       n_spread=cfg.n_spread, seed=seed)
     every = all_units(tuned, unit)
     rng = np.random.default_rng([seed, 2])
     draws = [sorted(every[i] for i in rng.choice(len(every), ks[unit], replace=False))
@@ -263,14 +249,16 @@ def attribute(
     per_example, maps = _assemble(data, ev, nll_orig, fo, fo_safe, ex_util, ex_safe, joint, rand,
                                   sets, changed)
     config = _config(tuned, original, data, label=label, unit=unit, k=ks[unit], n_draws=n_draws,
-                     exact=exact, n_candidates=n_cand, n_spread=n_spread, n_bootstrap=n_bootstrap,
-                     ci=ci, seed=seed, utility_reference=utility_reference,
-                     max_new_tokens=max_new_tokens, batch_size=batch_size, sets=sets,
-                     draws=draws, joint_sets=joint_sets, conflict_map=conflict_map)
+                     exact=cfg.exact, n_candidates=n_cand, n_spread=cfg.n_spread,
+                     n_bootstrap=cfg.n_bootstrap, ci=cfg.ci, seed=seed,
+                     utility_reference=cfg.utility_reference, max_new_tokens=cfg.max_new_tokens,
+                     batch_size=cfg.batch_size, sets=sets, draws=draws, joint_sets=joint_sets,
+                     conflict_map=conflict_map)
     res = AttributionResult(head=maps["head"], group=maps.get("group", {}),
                             per_example=per_example, config=config)
     t = time.perf_counter()
-    res.analysis = _analyze(res, conflict_map, k=ks, n_bootstrap=n_bootstrap, ci=ci, seed=seed)
+    res.analysis = _analyze(res, conflict_map, k=ks, n_bootstrap=cfg.n_bootstrap, ci=cfg.ci,
+                            seed=seed)
     timings["analysis"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all
     res.config.update(timings_s=timings, n_exact_evaluations=n_evals)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Optional, Sequence, get_args
+from typing import Any, ClassVar, Literal, Optional, Sequence, get_args
 
 from ..checks import check_int, check_number, check_types
+from ..config_io import config_from_dict, config_to_dict
 from ..io import atomic_write_json, check_fields, read_json, to_jsonable
 
 Optimizer = Literal["adamw", "adam", "sgd"]
@@ -41,10 +42,15 @@ def _check_kv_policy(kv_policy: Optional[str]) -> None:
 class TuningConfig:
     """Settings of one safety fine-tuning run (saved with its result).
 
-    The defaults (ours) are sized for the default pipeline on CPU: 12 AdamW steps of 8 bundled
-    harmful examples (about one epoch of the train split) at peak lr 2e-4, cosine decay, attention
-    only. Pure refusal SFT also over-refuses benign prompts (the alignment tax CAST is about);
-    `benign_mix` tempers it. Raise `steps` for more data.
+    The defaults (ours) are a standalone run on CPU: 12 AdamW steps of 8 bundled harmful examples
+    (about one epoch of the train split) at peak lr 2e-4, cosine decay, attention only, pure refusal
+    SFT (`benign_mix` 0). Pure refusal SFT also over-refuses benign prompts (the alignment tax CAST
+    is about); `benign_mix` tempers it. The pipeline's presets train 8 steps with a benign share
+    of 0.25 (`pipeline.config.PIPELINE_DEFAULTS`). Raise `steps` for more data.
+
+    `to_dict()` carries no `"format"` key, unlike the other stage configs: the peer and verdict
+    harnesses hash this dict into the keys of their finished pieces, which a new key would orphan.
+    `from_dict` accepts the key (`FORMAT`).
 
     Attributes:
         steps: optimizer steps; batches cycle through the data in a seeded shuffled order.
@@ -90,6 +96,8 @@ class TuningConfig:
     precision: Precision = "float32"
     group_by_length: bool = False
 
+    FORMAT: ClassVar[str] = "tuning-config-1"
+
     def __post_init__(self) -> None:
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("optimizer", self.optimizer, get_args(Optimizer))
@@ -109,12 +117,11 @@ class TuningConfig:
                              "fraction of each batch taken from benign data).")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return config_to_dict(self, with_format=False)  # hashed by peers and verdict: see above
 
     @classmethod
     def from_dict(cls, d: dict) -> "TuningConfig":
-        check_fields(cls, d)
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 @dataclass
