@@ -63,6 +63,6 @@ from .result import (ATTRIBUTION_VERSION, FORMAT, FORMAT_VERSION, META_FILE, TEN
 from .selection import split_halves, spread_sample
 
 __all__ = ["attribute", "AttributionConfig", "AttributionResult", "first_order", "revert_units",
-           "changed_units", "changed_outside_units", "check_pair", "per_example_nll", "FromLayer", "split_halves",
-           "spread_sample", "ExactScope", "MIN_DRAWS", "ATTRIBUTION_VERSION", "FORMAT",
-           "FORMAT_VERSION", "TENSORS_FILE", "META_FILE"]
+           "changed_units", "changed_outside_units", "check_pair", "per_example_nll", "FromLayer",
+           "split_halves", "spread_sample", "ExactScope", "MIN_DRAWS", "ATTRIBUTION_VERSION",
+           "FORMAT", "FORMAT_VERSION", "TENSORS_FILE", "META_FILE"]

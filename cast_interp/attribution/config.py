@@ -61,8 +61,8 @@ class AttributionConfig:
                              f"{self.utility_reference!r}.")
         check_types(self)
         if self.n_draws < MIN_DRAWS:
-            raise ValueError(f"n_draws must be >= {MIN_DRAWS} (METHOD v2): a percentile among fewer "
-                             f"random sets is too coarse to read; got {self.n_draws}.")
+            raise ValueError(f"n_draws must be >= {MIN_DRAWS} (METHOD v2): a percentile among "
+                             f"fewer random sets is too coarse to read; got {self.n_draws}.")
         check_int("n_examples", self.n_examples, 4, none_ok=True, what=" (None: all)")
         check_int("n_candidates", self.n_candidates, 1, none_ok=True, what=" (None: 2k)")
         for name, lo in (("n_spread", 1), ("n_bootstrap", 2), ("max_new_tokens", 1),

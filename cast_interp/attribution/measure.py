@@ -15,13 +15,13 @@ from torch import Tensor
 
 from .. import backend, distributed
 from ..backend import Model
-from ..data import (ChatDataset, DataError, UtilityReference, encode_example, make_batches,
-                    self_reference, with_refusals)
+from ..data import (ChatDataset, DataError, encode_example, make_batches, self_reference,
+                    with_refusals)
 from ..model import model_id
 from ..objectives import NonFiniteLossError
 from ..units import Unit, UnitError, UnitKind, all_units, n_units, uses_gqa
 from .analysis import _analyze
-from .config import MIN_DRAWS, AttributionConfig, ExactScope
+from .config import AttributionConfig
 from .exact import (_Evaluator, _exact_singles, _tokens, changed_outside_units, changed_units,
                     check_pair, per_example_nll)
 from .first_order import first_order
