@@ -118,7 +118,7 @@ def _cmd_diagnose(args) -> int:
 
 def _cmd_run(args) -> int:
     from . import distributed
-    from .pipeline import RunConfig, run_experiment
+    from .pipeline import RunConfig, RunDir, run_experiment
 
     cfg = RunConfig.from_preset(
         args.preset, out_dir=args.out, model=args.model, device=args.device, steps=args.steps,
@@ -132,7 +132,7 @@ def _cmd_run(args) -> int:
     distributed.setup(cfg.device, backend=args.dist_backend)  # under torchrun; else nothing
     run_experiment(cfg, overwrite=args.overwrite)
     if distributed.is_main():
-        print((Path(args.out) / "report.md").read_text())
+        print(RunDir(args.out).report.read_text())
     return 0
 
 
@@ -149,19 +149,20 @@ def _spec(values: Optional[list]):
 def _cmd_attribute(args) -> int:
     from . import distributed
     from .io import RunDirectory, check_run_dir, read_json
-    from .pipeline import RunConfig, RunMismatchError, run_experiment
+    from .pipeline import RunConfig, RunDir, RunMismatchError, run_experiment
 
-    run = Path(args.run)
-    path = run / "config.json"
+    run = RunDir(args.run)
+    path = run.config
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: pass the output directory of a "
                                 "`cast-interp run` (it holds config.json).")
-    check_run_dir(run, "run", flag="--run")
-    RunDirectory(run).verify(path)
-    if not (run / "results.json").exists() and not args.finish_run:
-        raise ValueError(f"{run} holds no results.json: its run did not finish, and `attribute` "
-                         "would run the whole experiment (model, data and all). Finish it with "
-                         "`cast-interp run`, or pass --finish-run to run the missing stages here.")
+    check_run_dir(run.root, "run", flag="--run")
+    RunDirectory(run.root).verify(path)
+    if not run.results.exists() and not args.finish_run:
+        raise ValueError(f"{run.root} holds no {run.results.name}: its run did not finish, and "
+                         "`attribute` would run the whole experiment (model, data and all). Finish "
+                         "it with `cast-interp run`, or pass --finish-run to run the missing stages "
+                         "here.")
     # The directory may have been moved or copied since the run; `replace` re-checks the options.
     names = ("examples", "candidates", "spread", "draws", "arms")
     options = {f"attribution_{n}": getattr(args, n) for n in names if getattr(args, n) is not None}
@@ -174,14 +175,15 @@ def _cmd_attribute(args) -> int:
         raise ValueError(f"{exc.reason}. `attribute` works on a run as it was made: start a new "
                          "run with `cast-interp run` instead.") from None
     if distributed.is_main():
-        print((run / "report.md").read_text())
+        print(run.report.read_text())
     return 0
 
 
 def _cmd_figures(args) -> int:
+    from .pipeline import RunDir
     from .report import run_figures
 
-    out = Path(args.out) if args.out else Path(args.run) / "figures"
+    out = Path(args.out) if args.out else RunDir(args.run).figures
     written = run_figures(args.run, out)
     print(f"{len(written)} figure files in {out}")
     return 0
@@ -271,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(d)
     d.add_argument("--safety-data", default="bundled:harmful:calibration")
     d.add_argument("--utility-data", default="bundled:benign:calibration")
-    d.add_argument("--n-calibration", type=int, default=None, help="default 16")
+    d.add_argument("--n-calibration", type=int, default=None, help="default 32")
     d.add_argument("--n-sensitivity", type=int, default=None, help="default 16")
     d.add_argument("--batch-size", type=int, default=None)
     d.add_argument("--ablation", choices=["mean", "zero", "resample"], default=None)

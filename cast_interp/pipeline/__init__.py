@@ -26,10 +26,11 @@ prompts, CAST's rank among the random draws, and the matched-safety comparison, 
 Validation splits (ours): the last `n_val` examples of the harmful and benign *train* splits are
 held out of training for the curves; the benign ones get the original model's own answers.
 
-Every finished piece is written atomically to `out_dir/arms/<piece>.json` with a key of the
-configuration fields it depends on (and its skipped units); a piece is re-used only when both
-match, so an interrupted run resumes where it stopped, more seeds or draws add pieces to a finished
-run, and a changed setting redoes the pieces it affects instead of mixing them in.
+Every finished piece is written atomically to its file in the run directory (`RunDir`) with a key
+of the settings it depends on (the stage configs and run settings it reads, hashed) and its skipped
+units; a piece is re-used only when both match, so an interrupted run resumes where it stopped,
+more seeds or draws add pieces to a finished run, and a changed setting redoes the pieces it
+affects instead of mixing them in.
 
 Under `torchrun` (`distributed.py`) the missing pieces are shared out round-robin over the ranks,
 each rank on its own device; rank 0 alone writes the shared files and, after every piece is on
@@ -37,19 +38,21 @@ disk, the results. A piece's numbers do not depend on the rank that ran it.
 
 The package, by what each module owns:
 
-    config.py   `RunConfig`, the presets, the fields each stage's results depend on
+    config.py   `RunConfig` (holding the stage configs), the presets, what each stage depends on
     plan.py     the grid of pieces (`plan_pieces`) and the cost model (`estimate_seconds`)
-    rundir.py   the run directory: its manifest, claiming and locking it, re-using finished files
+    rundir.py   the run directory: its layout (`RunDir`), manifest, claiming and locking it,
+                re-using finished files
     runner.py   `run_experiment`: every stage, in order, re-using what is finished
 """
 
 from __future__ import annotations
 
 from .config import (ADDITIVE_FIELDS, ALL_BASELINES, ATTR_FIELDS, ATTRIBUTABLE, BASELINES,
-                     DIAG_FIELDS, EVAL_FIELDS, PIPELINE_VERSION, PRESETS, TUNE_FIELDS, RunConfig)
+                     DIAG_FIELDS, EVAL_FIELDS, PIPELINE_DEFAULTS, PIPELINE_VERSION, PRESETS,
+                     RUN_CONFIG_FORMAT, RUN_NAMES, STAGES, TUNE_FIELDS, RunConfig)
 from .plan import (ATTRIBUTION_COST_AT, BUNDLED_TEST_SIZES, COST_S, Piece, attribution_seconds,
                    estimate_seconds, plan_pieces)
-from .rundir import RunMismatchError, check_piece, claim_run_dir, run_manifest
+from .rundir import RunDir, RunMismatchError, check_piece, claim_run_dir, run_manifest
 from .runner import (DegenerateTrainingError, check_not_degenerate, report_markdown, run_experiment,
                      run_figures, summarize)
 
@@ -60,7 +63,8 @@ from .plan import _generates  # noqa: E402,F401
 from .rundir import _load_piece, _release_locks, _state_key  # noqa: E402,F401
 from .runner import _datasets, _diag_key, _splits  # noqa: E402,F401
 
-__all__ = ["RunConfig", "PRESETS", "BASELINES", "ALL_BASELINES", "ATTRIBUTABLE", "PIPELINE_VERSION",
+__all__ = ["RunConfig", "PRESETS", "PIPELINE_DEFAULTS", "RUN_NAMES", "STAGES", "RUN_CONFIG_FORMAT",
+           "RunDir", "BASELINES", "ALL_BASELINES", "ATTRIBUTABLE", "PIPELINE_VERSION",
            "DIAG_FIELDS", "TUNE_FIELDS", "ATTR_FIELDS", "EVAL_FIELDS", "ADDITIVE_FIELDS", "Piece",
            "plan_pieces", "COST_S", "ATTRIBUTION_COST_AT", "BUNDLED_TEST_SIZES",
            "attribution_seconds", "estimate_seconds", "RunMismatchError", "run_manifest",

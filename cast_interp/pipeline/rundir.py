@@ -1,20 +1,108 @@
-"""A run's directory: what produced it (`run_manifest`), claiming it (`claim_run_dir`: refuse
-another run's files, lock it), and reading back what an earlier invocation finished (a piece is
-re-used only when the run wrote it and its key matches). Also the run's log line (`_log`)."""
+"""A run's directory: where each of its files goes (`RunDir`, the one place that names them), what
+produced it (`run_manifest`), claiming it (`claim_run_dir`: refuse another run's files, lock it),
+and reading back what an earlier invocation finished (a piece is re-used only when the run wrote it
+and its key matches). Also the run's log line (`_log`)."""
 
 from __future__ import annotations
 
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Union
 
 from .. import distributed
 from ..io import json_field, read_json, to_jsonable
-from .config import ADDITIVE_FIELDS, PIPELINE_VERSION, RunConfig
+from .config import ADDITIVE_FIELDS, PIPELINE_VERSION, STAGES, RunConfig
 
 _T0 = time.time()
+RESULTS_FORMAT = "run-results-1"  # results.json
+PIECE_FORMAT = "run-piece-1"      # arms/<piece>.json and arms/original.json
+
+
+@dataclass(frozen=True, init=False)
+class RunDir:
+    """The layout of a run directory: every file a run writes or reads, named here once.
+
+        config.json                  the run's settings (`RunConfig.to_dict`)
+        run.json                     what produced it (`run_manifest`)
+        results.json                 every piece, the comparisons (`report.compare_arms`)
+        report.md, figures/          the report and its figures
+        self_reference_{val,train}.jsonl   the original model's own benign answers (cached)
+        diagnosis/                   stage 1's `ConflictMap`
+        arms/<piece>.json            a tuned and evaluated piece; arms/original.json the original
+        arms/<piece>_state.safetensors     the tuned weights stage 4 reads (full: full_state)
+        attribution/<arm>/           stage 4 of an arm: its `AttributionResult` and summary
+        attribution/self_reference_test.jsonl   stage 4's reference answers (cached)
+
+    `io.RunDirectory` records which of these files the run wrote (manifest.json); this says where
+    each one goes."""
+
+    root: Path
+
+    def __init__(self, root: Union[str, Path]) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    def self_reference(self, split: str) -> Path:
+        """The cached self-reference answers of the benign "val" or "train" split."""
+        return self.root / f"self_reference_{split}.jsonl"
+
+    @property
+    def diagnosis(self) -> Path:
+        return self.root / "diagnosis"
+
+    @property
+    def arms(self) -> Path:
+        return self.root / "arms"
+
+    def piece(self, name: str) -> Path:
+        """A piece's result (`Piece.name`; "original" for the original model's evaluation)."""
+        return self.arms / f"{name}.json"
+
+    @property
+    def original(self) -> Path:
+        return self.piece("original")
+
+    def tuned_state(self, piece: Any) -> Path:
+        """The kept tuned weights of `piece` (a `Piece`): full tuning's are `full_state`."""
+        name = "full_state" if piece.method == "full" else f"{piece.name}_state"
+        return self.arms / f"{name}.safetensors"
+
+    @property
+    def attribution(self) -> Path:
+        return self.root / "attribution"
+
+    def attribution_arm(self, arm: str) -> Path:
+        """Stage 4's folder for `arm` (its `AttributionResult` files and `attribution_summary`)."""
+        return self.attribution / arm
+
+    def attribution_summary(self, arm: str) -> Path:
+        return self.attribution_arm(arm) / "attribution.json"
+
+    @property
+    def attribution_reference(self) -> Path:
+        return self.attribution / "self_reference_test.jsonl"
 
 
 def _log(msg: str) -> None:
@@ -41,7 +129,7 @@ def run_manifest(cfg: RunConfig, model, data: dict) -> dict:
 
     d = cfg.to_dict()
     return {"version": PIPELINE_VERSION,
-            "settings": {k: v for k, v in d.items() if k not in ADDITIVE_FIELDS},
+            "settings": {k: v for k, v in d.items() if k not in ADDITIVE_FIELDS and k != "format"},
             "data": {k: v.fingerprint() for k, v in data.items()},
             "split": {"seed": cfg.split_seed, "fractions": list(SPLIT_FRACTIONS)},
             "model": {**model_id(model), "weights": weight_fingerprint(model)}}
@@ -52,16 +140,31 @@ def _recorded_manifest(out: Path) -> Optional[dict]:
     manifest.json), or None for a directory without a run."""
     from ..io import RunDirectory
 
-    if not (out / "run.json").exists():
+    path = RunDir(out).manifest
+    if not path.exists():
         return None
-    RunDirectory(out).verify(out / "run.json")
-    doc = read_json(out / "run.json", expect=dict)
-    json_field(doc, "settings", dict, out / "run.json")
+    RunDirectory(out).verify(path)
+    doc = read_json(path, expect=dict)
+    json_field(doc, "settings", dict, path)
     return doc
+
+
+def _flat_settings(settings: dict) -> dict:
+    """Settings with each stage's section spread out as "stage.field" (so a difference names the
+    field)."""
+    out = {}
+    for k, v in settings.items():
+        if k in STAGES and isinstance(v, dict):
+            out.update({f"{k}.{f}": x for f, x in v.items() if f != "format"})
+        else:
+            out[k] = v
+    return out
+
+
 def _manifest_difference(old: dict, new: dict) -> list[str]:
     new = to_jsonable(new)
-    diff = [f"{k} ({old['settings'].get(k)!r} -> {v!r})" for k, v in new["settings"].items()
-            if k in old.get("settings", {}) and old["settings"][k] != v]
+    was, now = _flat_settings(old.get("settings", {})), _flat_settings(new["settings"])
+    diff = [f"{k} ({was[k]!r} -> {v!r})" for k, v in now.items() if k in was and was[k] != v]
     diff += [f"{part} fingerprint" for part in ("data", "model")
              if part in old and old[part] != new[part]]
     return diff
@@ -176,18 +279,18 @@ def _invocations(out: Path, doc: dict, cfg: RunConfig) -> list[dict]:
     run or a later `attribute` re-uses finished stages, so its own `time_s` is not the run's cost.
     Stage times of re-used stages stay those of the invocation that computed them."""
     old: list[dict] = []
-    if (out / "results.json").exists():
+    path = RunDir(out).results
+    if path.exists():
         try:
-            if _changed(out / "results.json"):
+            if _changed(path):
                 raise ValueError("changed")
-            prev = read_json(out / "results.json", expect=dict)
+            prev = read_json(path, expect=dict)
             old = prev.get("invocations") or [{"time_s": prev["time_s"],
                                                "timings": prev.get("timings", {})}]
             for i, inv in enumerate(old):
-                json_field(inv, "time_s", (int, float), out / "results.json",
-                           where=f"invocations[{i}].")
+                json_field(inv, "time_s", (int, float), path, where=f"invocations[{i}].")
             for name, v in (old[0].get("timings") or {}).items():
-                json_field(old[0]["timings"], name, (int, float), out / "results.json",
+                json_field(old[0]["timings"], name, (int, float), path,
                            where="invocations[0].timings.")
                 doc["timings"][name] = max(v, doc["timings"].get(name, 0.0))
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:

@@ -17,8 +17,8 @@ from .. import backend, distributed
 from ..io import atomic_write_json, atomic_write_text, read_json, to_jsonable
 from .config import ATTR_FIELDS, ATTRIBUTABLE, DIAG_FIELDS, EVAL_FIELDS, TUNE_FIELDS, RunConfig
 from .plan import Piece, _generates, estimate_seconds, plan_pieces
-from .rundir import (_changed, _invocations, _load_piece, _log, _release_locks, _state_key,
-                     claim_run_dir, run_manifest)
+from .rundir import (PIECE_FORMAT, RESULTS_FORMAT, RunDir, _changed, _invocations, _load_piece,
+                     _log, _release_locks, _state_key, claim_run_dir, run_manifest)
 
 
 def _splits(spec, split_seed: int) -> dict:
@@ -42,6 +42,7 @@ def _datasets(cfg: RunConfig) -> dict:
     from ..data import DataError, load_dataset
 
     out = {}
+    ecfg = cfg.evaluation
     for kind, spec in (("safe", cfg.safety_data), ("util", cfg.utility_data)):
         parts = _splits(spec, cfg.split_seed)
         train = parts["train"]
@@ -52,9 +53,10 @@ def _datasets(cfg: RunConfig) -> dict:
         out[f"{kind}_train"] = train.take(len(train) - cfg.n_val)
         out[f"{kind}_val"] = type(train)(f"{train.name}:val", train.examples[-cfg.n_val:],
                                          train.source)
-        out[f"{kind}_test"] = parts["test"].take(cfg.n_eval)
+        n_test = ecfg.n_harmful if kind == "safe" else ecfg.n_benign
+        out[f"{kind}_test"] = parts["test"].take(n_test)
     out["harmful_test"], out["benign_test"] = out.pop("safe_test"), out.pop("util_test")
-    out["over_refusal"] = load_dataset(cfg.over_refusal_data).take(cfg.n_eval)
+    out["over_refusal"] = load_dataset(ecfg.over_refusal).take(ecfg.n_over_refusal)
     return out
 
 
@@ -71,6 +73,7 @@ class _Context:
     monitor: Any
     curve_start: dict
     out: Path
+    run_dir: RunDir
     original_logprobs: Any = None  # the original's log-probs on the benign test set, built once
 
 
@@ -104,8 +107,8 @@ def _prepare(cfg: RunConfig, overwrite: bool):
 
     def claim() -> None:
         claim_run_dir(out, manifest, overwrite=overwrite)
-        atomic_write_json(cfg.to_dict(), out / "config.json")
-        atomic_write_json(manifest, out / "run.json")
+        atomic_write_json(cfg.to_dict(), RunDir(out).config)
+        atomic_write_json(manifest, RunDir(out).manifest)
 
     distributed.main_only(claim)
     return model, data
@@ -237,20 +240,21 @@ def _write_results(ctx: _Context, pieces: list[Piece], attribution: Optional[dic
     from .. import report
     from ..model import model_id
 
-    cfg, model, data, cmap, out = ctx.cfg, ctx.model, ctx.data, ctx.cmap, ctx.out
+    cfg, model, data, cmap, rd = ctx.cfg, ctx.model, ctx.data, ctx.cmap, ctx.run_dir
     base = _original_eval(ctx)
     results: dict[str, dict] = {}
     for piece in pieces:
         done = _finished_piece(ctx, piece)
         if done is None:
             raise RuntimeError(f"piece {piece.name} is not on disk after the grid ran: was "
-                               f"{out / 'arms'} changed by another job? Run again to redo it.")
+                               f"{rd.arms} changed by another job? Run again to redo it.")
         results[piece.name] = done
     doc = {
+        "format": RESULTS_FORMAT,
         "config": cfg.to_dict(),
         "model": model_id(model),
         "data": {k: v.describe() for k, v in data.items()},
-        "data_split": read_json(out / "run.json")["split"],
+        "data_split": read_json(rd.manifest)["split"],
         "diagnosis": {"concentration": cmap.concentration(unit=cfg.unit),
                       "top_units": cmap.top_units(_k0(cfg, model), unit=cfg.unit),
                       "top_heads": cmap.top_heads(_k0(cfg, model)) if cfg.unit == "head" else None,
@@ -268,11 +272,11 @@ def _write_results(ctx: _Context, pieces: list[Piece], attribution: Optional[dic
     doc["summary"] = report.summarize(base, results)
     doc["comparisons"] = report.compare_arms(doc)
     doc["time_s"] = time.time() - t_start
-    doc["invocations"] = _invocations(out, doc, cfg)
-    atomic_write_json(doc, out / "results.json")
-    report.run_figures(out)
-    atomic_write_text(report.report_markdown(doc), out / "report.md")
-    _log(f"done in {doc['time_s']:.0f} s: {out / 'report.md'}")
+    doc["invocations"] = _invocations(rd.root, doc, cfg)
+    atomic_write_json(doc, rd.results)
+    report.run_figures(rd.root)
+    atomic_write_text(report.report_markdown(doc), rd.report)
+    _log(f"done in {doc['time_s']:.0f} s: {rd.report}")
     return to_jsonable(doc)
 
 
@@ -300,17 +304,18 @@ def _self_references(cfg: RunConfig, model, data: dict, out: Path) -> None:
     _log(f"self-reference answers for {len(data['util_val'])} benign validation prompts")
     # Rank 0 writes the cached answers; every rank gets its answers (one list for all ranks).
     data["util_val"] = distributed.main_only(lambda: self_reference(
-        model, data["util_val"], max_new_tokens=n, cache_path=out / "self_reference_val.jsonl"))
+        model, data["util_val"], max_new_tokens=n, cache_path=RunDir(out).self_reference("val")))
     if cfg.benign_mix > 0 and cfg.benign_reference == "self":
         n_mix = min(len(data["util_train"]), math.ceil(cfg.steps * cfg.batch_size * cfg.benign_mix))
         _log(f"benign mix: the model's own answers to {n_mix} training prompts")
         data["util_train"] = distributed.main_only(lambda: self_reference(
             model, data["util_train"].take(n_mix), max_new_tokens=n,
-            cache_path=out / "self_reference_train.jsonl"))
+            cache_path=RunDir(out).self_reference("train")))
 
 
 def _diag_key(cfg: RunConfig) -> str:
-    """The key of a run's map (a float32 map keeps the key it had before `diag_dtype` existed)."""
+    """The key of a run's map (the settings it depends on; bf16 also marked apart, as before the
+    diagnosis settings were hashed as one config)."""
     return cfg.key(*DIAG_FIELDS, extra=None if cfg.diag_dtype == "float32" else cfg.diag_dtype)
 
 
@@ -319,12 +324,14 @@ def _diagnosis(cfg: RunConfig, model, data: dict, out: Path, progress: bool):
     from ..conflict_map import ConflictMap
     from ..diagnose import diagnose
 
-    diag_dir, diag_key = out / "diagnosis", _diag_key(cfg)
+    from ..conflict_map import META_FILE, TENSORS_FILE
+
+    diag_dir, diag_key = RunDir(out).diagnosis, _diag_key(cfg)
 
     def on_disk() -> bool:
-        if not (diag_dir / "conflict_map.json").exists():
+        if not (diag_dir / META_FILE).exists():
             return False
-        if any(_changed(diag_dir / n) for n in ("conflict_map.json", "conflict_map.safetensors")):
+        if any(_changed(diag_dir / n) for n in (META_FILE, TENSORS_FILE)):
             return False
         try:
             return ConflictMap.load(diag_dir).config.get("run_key") == diag_key
@@ -352,18 +359,16 @@ def _context(cfg: RunConfig, model, data: dict, cmap, out: Path) -> _Context:
     monitor = ValidationMonitor(original, data["safe_val"], data["util_val"], batch_size=8)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # Step 0 of every curve is the original model: measured once, not once per piece.
-    return _Context(cfg, model, original, state, data, cmap, monitor, monitor(original), out)
+    return _Context(cfg, model, original, state, data, cmap, monitor, monitor(original), out,
+                    RunDir(out))
 
 
 def _evaluate(ctx: _Context, *, generation: bool) -> tuple[dict, dict]:
     """Stage 3 of the current weights on the test sets: (EvalResult dict, per-prompt values
     {metric: [n]}), the per-prompt values from `EvalResult.per_prompt` (NaN where undefined)."""
-    from ..evaluate import EvalConfig, OriginalLogprobs, as_dataset, evaluate
+    from ..evaluate import OriginalLogprobs, as_dataset, evaluate
 
-    cfg, data = ctx.cfg, ctx.data
-    ecfg = EvalConfig(n_harmful=cfg.n_eval, n_benign=cfg.n_eval, n_over_refusal=cfg.n_eval,
-                      n_task=cfg.n_task, max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed,
-                      generation=generation)
+    data, ecfg = ctx.data, ctx.cfg.evaluation_config(generation)
     if ctx.original_logprobs is None:  # every piece's KL reuses the frozen original's log-probs
         benign = as_dataset(data["benign_test"], "benign").take(ecfg.n_benign)
         ctx.original_logprobs = OriginalLogprobs(ctx.original, benign, tokens=ecfg.tokens,
@@ -382,7 +387,7 @@ def _evaluate(ctx: _Context, *, generation: bool) -> tuple[dict, dict]:
 
 def _original_path_key(ctx: _Context) -> tuple[Path, str]:
     gen = _generates(ctx.cfg, None)
-    return ctx.out / "arms" / "original.json", ctx.cfg.key(*EVAL_FIELDS, extra=gen)
+    return ctx.run_dir.original, ctx.cfg.key(*EVAL_FIELDS, extra=gen)
 
 
 def _finished_original(ctx: _Context) -> Optional[dict]:
@@ -397,7 +402,7 @@ def _original_eval(ctx: _Context) -> dict:
         _log("stage 3: evaluating the original model")
         ctx.model.load_state_dict(ctx.original_state)  # the rank may have tuned a piece before
         ev, per_prompt = _evaluate(ctx, generation=gen)
-        base = {"key": key, "eval": ev, "per_prompt": per_prompt}
+        base = {"format": PIECE_FORMAT, "key": key, "eval": ev, "per_prompt": per_prompt}
         atomic_write_json(base, path)
     return base
 
@@ -405,7 +410,7 @@ def _original_eval(ctx: _Context) -> dict:
 def _finished_piece(ctx: _Context, piece: Piece) -> Optional[dict]:
     """A piece's result on disk if it can be re-used (same key, same skipped units, its kept
     weights present and of the same key), else None."""
-    path, key = ctx.out / "arms" / f"{piece.name}.json", _piece_key(ctx, piece)
+    path, key = ctx.run_dir.piece(piece.name), _piece_key(ctx, piece)
     done = _load_piece(path, key)
     if done is not None and [tuple(u) for u in done["skip"]] == _skipped(ctx, piece) and (
             not _keeps_state(ctx, piece) or _state_key(_state_path(ctx, piece)) == key):
@@ -433,15 +438,14 @@ def _keeps_state(ctx: _Context, piece: Piece) -> bool:
 
 
 def _state_path(ctx: _Context, piece: Piece) -> Path:
-    name = "full_state" if piece.method == "full" else f"{piece.name}_state"
-    return ctx.out / "arms" / f"{name}.safetensors"
+    return ctx.run_dir.tuned_state(piece)
 
 
 def _run_piece(ctx: _Context, piece: Piece, where: str, progress: bool) -> dict:
     """Train and evaluate one piece, or re-use it from disk (same key and same skipped units)."""
     from ..sparse_tuning import safety_finetune
 
-    cfg, path = ctx.cfg, ctx.out / "arms" / f"{piece.name}.json"
+    cfg, path = ctx.cfg, ctx.run_dir.piece(piece.name)
     key, skip = _piece_key(ctx, piece), _skipped(ctx, piece)
     keeps_state = _keeps_state(ctx, piece)
     done = _finished_piece(ctx, piece)
@@ -462,8 +466,8 @@ def _run_piece(ctx: _Context, piece: Piece, where: str, progress: bool) -> dict:
     ev, per_prompt = _evaluate(ctx, generation=_generates(cfg, piece.train_seed))
     eval_s = time.perf_counter() - t
     check_not_degenerate(tres, per_prompt, ctx.model.cfg.d_vocab, piece.name)
-    result = {"key": key, "piece": asdict(piece), "arm": {"method": piece.method, "k": piece.k,
-                                                         "seed": piece.train_seed},
+    result = {"format": PIECE_FORMAT, "key": key, "piece": asdict(piece),
+              "arm": {"method": piece.method, "k": piece.k, "seed": piece.train_seed},
               "unit": cfg.unit, "skip": skip, "tuning": tres.to_dict(), "eval": ev,
               "per_prompt": per_prompt, "eval_time_s": eval_s}
     if keeps_state:
@@ -518,21 +522,25 @@ def _attribution(ctx: _Context, progress: bool) -> dict:
     return {arm: _attribute_arm(ctx, arm, progress) for arm in ctx.cfg.attribution_arms}
 
 
+def _attribution_key(cfg: RunConfig, piece: Piece) -> str:
+    """Stage 4 of `piece` depends on its training and evaluation, the map and its own settings."""
+    return cfg.key(*TUNE_FIELDS, *EVAL_FIELDS, *ATTR_FIELDS, *DIAG_FIELDS, extra=asdict(piece))
+
+
 def _attribute_arm(ctx: _Context, arm: str, progress: bool) -> dict:
     from safetensors.torch import load_file
 
     from ..attribution import attribute
 
-    cfg, out, original = ctx.cfg, ctx.out, ctx.original
+    cfg, rd, original = ctx.cfg, ctx.run_dir, ctx.original
     piece = _attributed_piece(ctx, arm)
     state_path = _state_path(ctx, piece)
     if _state_key(state_path) != _piece_key(ctx, piece):
         raise RuntimeError(f"{state_path} is missing or from other settings; rerun "
                            "`cast-interp run` on this directory to retrain that piece.")
-    key = cfg.key(*TUNE_FIELDS, *EVAL_FIELDS, *ATTR_FIELDS, *DIAG_FIELDS, extra=asdict(piece)
-                  if cfg.diag_dtype == "float32" else {**asdict(piece), "dtype": cfg.diag_dtype})
-    arm_dir = out / "attribution" / arm
-    done = distributed.main_only(lambda: _load_piece(arm_dir / "attribution.json", key))
+    key = _attribution_key(cfg, piece)
+    arm_dir, summary_path = rd.attribution_arm(arm), rd.attribution_summary(arm)
+    done = distributed.main_only(lambda: _load_piece(summary_path, key))
     if done is not None:
         return done
     tuned = backend.copy_model(original)
@@ -540,20 +548,15 @@ def _attribute_arm(ctx: _Context, arm: str, progress: bool) -> dict:
     _log(f"stage 4: post-hoc attribution of {piece.name} ({cfg.attribution_examples} examples, "
          "halves A/B)")
     res = attribute(tuned, original, utility_data=ctx.data["benign_test"], conflict_map=ctx.cmap,
-                    safety_data=ctx.data["harmful_test"], unit=cfg.unit,
-                    k=_k0(cfg, ctx.model), n_examples=cfg.attribution_examples,
-                    utility_reference=cfg.attribution_reference,
-                    max_new_tokens=cfg.attribution_max_new_tokens,
-                    reference_cache=out / "attribution" / "self_reference_test.jsonl",
-                    n_candidates=cfg.attribution_candidates, n_spread=cfg.attribution_spread,
-                    n_draws=cfg.attribution_draws, seed=cfg.seed, label=arm,
+                    safety_data=ctx.data["harmful_test"], unit=cfg.unit, k=_k0(cfg, ctx.model),
+                    config=cfg.attribution, reference_cache=rd.attribution_reference, label=arm,
                     progress=progress)  # every rank: the exact reverts are shared out
 
     def save() -> dict:
         res.save(arm_dir)
         summary = {"key": key, "piece": piece.name, **res.summary()}
-        atomic_write_json(summary, arm_dir / "attribution.json")
-        return read_json(arm_dir / "attribution.json")
+        atomic_write_json(summary, summary_path)
+        return read_json(summary_path)
 
     return distributed.main_only(save)
 

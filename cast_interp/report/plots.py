@@ -62,11 +62,12 @@ def run_figures(out_dir, fig_dir=None) -> list[Path]:
     `fig_dir` (default `out_dir/figures`). Returns the written paths."""
     from .. import figures
     from ..conflict_map import ConflictMap
+    from ..pipeline.rundir import RunDir
 
-    out = Path(out_dir)
-    fig_dir = Path(fig_dir) if fig_dir is not None else out / "figures"
-    doc = read_results(out / "results.json")
-    cmap = ConflictMap.load(out / "diagnosis")
+    run = RunDir(out_dir)
+    fig_dir = Path(fig_dir) if fig_dir is not None else run.figures
+    doc = read_results(run.results)
+    cmap = ConflictMap.load(run.diagnosis)
     k = doc["comparisons"]["ks"][0] if doc["comparisons"]["ks"] else 1
     figures.diagnosis_figures(cmap, fig_dir, k=k if doc["config"]["unit"] == "head" else 0.1)
     _save(plot_safety_curves(doc["arms"]), fig_dir / "safety_curves")
@@ -77,7 +78,7 @@ def run_figures(out_dir, fig_dir=None) -> list[Path]:
         _save(figures.plot_drop_vs_k(doc["summary"]), fig_dir / "drop_vs_k")
     from ..attribution import META_FILE, AttributionResult
 
-    for meta in sorted((out / "attribution").glob(f"*/{META_FILE}")):
+    for meta in sorted(run.attribution.glob(f"*/{META_FILE}")):
         res = AttributionResult.load(meta.parent)
         name = attribution_figure_name(res.config.get("label") or meta.parent.name)
         _save(figures.plot_attribution_vs_map(res, cmap, k=k), fig_dir / name)
