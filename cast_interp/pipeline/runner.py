@@ -372,7 +372,8 @@ def _evaluate(ctx: _Context, *, generation: bool) -> tuple[dict, dict]:
     if ctx.original_logprobs is None:  # every piece's KL reuses the frozen original's log-probs
         benign = as_dataset(data["benign_test"], "benign").take(ecfg.n_benign)
         ctx.original_logprobs = OriginalLogprobs(ctx.original, benign, tokens=ecfg.tokens,
-                                                 batch_size=ecfg.batch_size)
+                                                 batch_size=ecfg.batch_size,
+                                                 group_by_length=ecfg.group_by_length)
     res = evaluate(ctx.model, original=ctx.original_logprobs, config=ecfg,
                    harmful=data["harmful_test"], benign=ctx.original_logprobs.data,
                    over_refusal=data["over_refusal"])
