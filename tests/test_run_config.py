@@ -16,9 +16,9 @@ from cast_interp.attribution import AttributionConfig
 from cast_interp.diagnose import DiagnosisConfig
 from cast_interp.evaluate import EvalConfig
 from cast_interp.io import RunDirectory, read_json
-from cast_interp.pipeline import (PIPELINE_DEFAULTS, PRESETS, RUN_NAMES, STAGES, Piece, RunConfig,
-                                  RunDir, run_experiment)
-from cast_interp.pipeline import runner
+from cast_interp.pipeline import (PIPELINE_DEFAULTS, PIPELINE_VERSION, PRESETS, RUN_NAMES, STAGES,
+                                  Piece, RunConfig, RunDir, run_experiment)
+from cast_interp.pipeline import rundir, runner
 from cast_interp.sparse_tuning import TuningConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,3 +203,20 @@ def test_every_file_a_run_writes_is_named_by_run_dir(tmp_path):
     # The saved config is the run's: resumed from config.json, nothing is redone.
     again = run_experiment(RunConfig.from_dict(read_json(rd.config)), progress=False)
     assert again["arms"] == doc["arms"]
+
+
+def test_a_run_directory_of_the_flat_config_era_is_refused_as_another_run():
+    """Its pieces are keyed by pipeline-2 (before the stage configs were hashed): resuming into it
+    would redo every piece, so it is refused with the fix rather than silently recomputed."""
+    old = read_json(COMMITTED_RUN / "run.json")
+    assert old["version"] == "pipeline-2"
+    why = rundir._other_run(old, {**old, "version": PIPELINE_VERSION})
+    assert why is not None and "'pipeline-2'" in why and "redo" in why
+    same = {**old, "version": PIPELINE_VERSION}
+    assert rundir._other_run(same, same) is None
+    changed = {**same, "settings": {**same["settings"], "steps": 9}}
+    assert "steps (8 -> 9)" in rundir._other_run(same, changed)
+    # A stage field without a run name is named with its stage.
+    a = {**same, "settings": {**same["settings"], "tuning": {"weight_decay": 0.01}}}
+    b = {**same, "settings": {**same["settings"], "tuning": {"weight_decay": 0.0}}}
+    assert "tuning.weight_decay (0.01 -> 0.0)" in rundir._other_run(a, b)

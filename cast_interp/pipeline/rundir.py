@@ -170,6 +170,17 @@ def _manifest_difference(old: dict, new: dict) -> list[str]:
     return diff
 
 
+def _other_run(old: dict, new: dict) -> Optional[str]:
+    """What makes the recorded run `old` another run than `new` (None: the same run)."""
+    if old.get("version") != new.get("version"):
+        # Another version keys its pieces otherwise (pipeline-2: before the stage configs were
+        # hashed), so none of them would be re-used.
+        return (f"a run of {old.get('version')!r}, whose pieces this cast_interp "
+                f"({new.get('version')!r}) keys otherwise and would all redo")
+    diff = _manifest_difference(old, new)
+    return f"a run made with other settings, data or model ({'; '.join(diff)})" if diff else None
+
+
 def claim_run_dir(out: Path, manifest: dict, *, overwrite: bool = False) -> None:
     """Make `out` this run's directory, before anything is written. Refused (before any change):
     a file or unwritable path, a non-empty folder that is not a run directory, a symbolic link
@@ -194,11 +205,9 @@ def claim_run_dir(out: Path, manifest: dict, *, overwrite: bool = False) -> None
     if overwrite:
         RunDirectory(out).remove_written()
     elif old is not None:
-        diff = _manifest_difference(old, manifest)
-        if diff:
-            raise RunMismatchError(
-                f"{out} holds a run made with other settings, data or model ({'; '.join(diff)}): "
-                "its pieces cannot be mixed with this run's")
+        why = _other_run(old, manifest)
+        if why:
+            raise RunMismatchError(f"{out} holds {why}: its pieces cannot be mixed with this run's")
     remove_own_partials(out)
     RunDirectory(out).start()
 
