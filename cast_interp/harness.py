@@ -219,6 +219,27 @@ def full_tuning_tax(full: list, original: dict, step: int, *, n_boot: int, seed:
     return tax
 
 
+def load_pieces(out: Path) -> dict[str, dict]:
+    """{piece name: record} of the finished pieces in `out/pieces` (claims are not pieces)."""
+    return {p.stem: read_json(p) for p in sorted((Path(out) / "pieces").glob("*.json"))}
+
+
+def costs_at_levels(curve: dict, levels) -> tuple[Any, list]:
+    """A piece's per-prompt cost at each safety level `[n_levels, n_prompts]` (NaN rows where it
+    cannot be read: `inference.utility_at_safety` never extrapolates), and the reasons.
+    curve: {"steps", "safety", "cost" `[n_points, n_prompts]`}."""
+    import numpy as np
+
+    from .inference import utility_at_safety
+
+    rows, reasons = [], []
+    for lv in levels:
+        r = utility_at_safety(curve["steps"], curve["safety"], curve["cost"], lv)
+        rows.append(np.asarray(r["utility"], float))
+        reasons.append(r["reason"])
+    return np.stack(rows), reasons
+
+
 def compliant(ds):
     """The examples whose (self-reference) answer the refusal judge does not call a refusal: the
     benign-but-sensitive D_util keeps what the model does when it helps."""

@@ -40,8 +40,8 @@ import numpy as np
 from .backend import Model
 from .checks import check_int
 from .harness import (MAPS, PRIMARY, CheckpointRecorder, CurveEvaluator, RegimeSettings,
-                      claim_piece, config_key, conflict_maps, full_tuning_tax, start_run,
-                      test_evaluator)
+                      claim_piece, config_key, conflict_maps, costs_at_levels, full_tuning_tax,
+                      load_pieces, start_run, test_evaluator)
 from .io import atomic_write_json, read_json, to_jsonable
 
 VERDICT_FORMAT = 1
@@ -280,10 +280,6 @@ def run_verdict(model: Model, cfg: VerdictConfig, out_dir: Union[str, Path], *,
 # --------------------------------------------------------------------------------------------------
 
 
-def _load_pieces(out: Path) -> dict[str, dict]:
-    return {p.stem: read_json(p) for p in sorted((out / "pieces").glob("*.json"))}
-
-
 def test_curve(piece: dict, original: dict, metric: str = PRIMARY) -> dict:
     """A piece's test curve: steps, mean safety (refusal score), and per-prompt cost of `metric`
     (tuned - original) `[n_checkpoints, n_prompts]`."""
@@ -292,18 +288,6 @@ def test_curve(piece: dict, original: dict, metric: str = PRIMARY) -> dict:
     safety = [float(np.mean(piece["test"][str(s)]["refusal_score"])) for s in steps]
     cost = np.stack([np.asarray(piece["test"][str(s)][metric], float) - base for s in steps])
     return {"steps": steps, "safety": safety, "cost": cost}
-
-
-def _at_levels(curve: dict, levels: Sequence[float]) -> tuple[np.ndarray, list]:
-    """Per-prompt cost at each level `[n_levels, n_prompts]` (NaN rows where not readable)."""
-    from .inference import utility_at_safety
-
-    rows, reasons = [], []
-    for lv in levels:
-        r = utility_at_safety(curve["steps"], curve["safety"], curve["cost"], lv)
-        rows.append(np.asarray(r["utility"], float))
-        reasons.append(r["reason"])
-    return np.stack(rows), reasons
 
 
 def summarize_verdict(out_dir: Union[str, Path], *, write: bool = True) -> dict:
@@ -317,7 +301,7 @@ def summarize_verdict(out_dir: Union[str, Path], *, write: bool = True) -> dict:
     out = Path(out_dir)
     meta, original = read_json(out / "verdict.json"), read_json(out / "original.json")
     cfg = VerdictConfig.from_dict(meta["config"])
-    pieces = _load_pieces(out)
+    pieces = load_pieces(out)
     seeds = cfg.train_seeds
     summary: dict[str, Any] = {"config": meta["config"], "model": meta["model"],
                                "versions": meta["versions"], "data": meta["data"],
@@ -340,7 +324,7 @@ def summarize_verdict(out_dir: Union[str, Path], *, write: bool = True) -> dict:
                                    n_levels=cfg.n_levels) if core else {"levels": []}
     summary["levels"] = levels
     L = levels["levels"]
-    at = {n: _at_levels(c, L)[0] for n, c in curves.items()} if L else {}
+    at = {n: costs_at_levels(c, L)[0] for n, c in curves.items()} if L else {}
     # Per piece: the primary cost at matched safety, averaged over the levels, per prompt.
     matched = {n: a.mean(0) for n, a in at.items()}
 

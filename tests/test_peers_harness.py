@@ -97,6 +97,39 @@ def test_common_levels_leave_out_the_arm_that_breaks_the_range():
     assert lv["levels"] == [] and "full tuning and CAST" in lv["reason"]
 
 
+def test_an_arm_left_out_is_still_compared_pairwise_at_matched_safety():
+    """Planted: along safety x, full tuning costs 1.0 * x per prompt and a weak arm 0.5 * x (half
+    the cost at the same safety), plus prompt noise; the weak arm reaches x in [0.5, 1.5], full in
+    [1, 3]. On their shared range [1, 1.5] the weak arm minus full is -0.5 * mean(levels) = -0.625,
+    found with a CI excluding 0; an arm with full's own cost curve (other noise) is not called
+    different; an arm whose range misses full's gets no reading, with the reason."""
+    from cast_interp.peers import pairwise_difference
+
+    rng = np.random.default_rng(0)
+    noise = {k: rng.normal(0, 0.05, size=40) for k in ("full", "weak", "same")}
+
+    def curve(arm, slope, lo, hi):
+        xs = np.array([lo, (lo + hi) / 2, hi])
+        return {"steps": [4, 8, 12], "safety": list(xs),
+                "cost": np.stack([slope * x + noise[arm] for x in xs])}
+
+    curves = {}
+    for s in (0, 1):
+        curves[f"full_t{s}"] = curve("full", 1.0, 1.0, 3.0)
+        curves[f"weak_t{s}"] = curve("weak", 0.5, 0.5, 1.5)
+        curves[f"same_t{s}"] = curve("same", 1.0, 0.8, 2.0)
+        curves[f"far_t{s}"] = curve("weak", 0.5, 3.5, 4.0)
+    d = pairwise_difference("weak", "full", curves, [0, 1], n_boot=500)
+    assert d["levels"] == pytest.approx([1.0, 1.25, 1.5])
+    assert d["diff"]["diff"] == pytest.approx(-0.625, abs=0.03)
+    assert d["diff"]["significant"] and d["diff"]["high"] < 0
+    same = pairwise_difference("same", "full", curves, [0, 1], n_boot=500)["diff"]
+    assert not same["significant"] and same["low"] < 0 < same["high"]
+    far = pairwise_difference("far", "full", curves, [0, 1], n_boot=500)
+    assert far["levels"] == [] and far["reason"]
+    assert pairwise_difference("weak", "full", curves, [0, 1, 2]) is None  # seed 2 missing
+
+
 def test_best_method_names_the_winner_and_a_tie():
     rng = np.random.default_rng(0)
     noise = rng.normal(0, 0.01, (2, 64))

@@ -44,7 +44,7 @@ from .projection import (PROJECTION_MODES, UnitBlocks, project_gradient, project
 from .config import (PEER_METHODS, PEERS_PRESETS, PeerPiece, PeersConfig, estimate_peers_seconds,
                      plan_peers)
 from .run import run_peers
-from .summary import best_method, common_levels, summarize_peers
+from .summary import best_method, common_levels, pairwise_difference, summarize_peers
 from .report import write_peers_report
 
 __all__ = ["ACTIVATION_ARMS", "activation_arm_units", "head_activation_shift", "head_outputs",
@@ -53,5 +53,5 @@ __all__ = ["ACTIVATION_ARMS", "activation_arm_units", "head_activation_shift", "
            "LoraAdapters", "LoraConfig", "lora_finetune", "merge_lora", "merged",
            "PROJECTION_MODES", "UnitBlocks", "project_gradient", "projected_finetune",
            "PEER_METHODS", "PEERS_PRESETS", "PeerPiece", "PeersConfig", "estimate_peers_seconds",
-           "plan_peers", "run_peers", "summarize_peers", "best_method", "common_levels",
+           "plan_peers", "run_peers", "summarize_peers", "best_method", "common_levels", "pairwise_difference",
            "write_peers_report"]

@@ -154,6 +154,16 @@ def peers_markdown(summary: dict) -> str:
         lines.append(f"No common level: {lv.get('reason')}")
     for e in lv.get("excluded", []):
         lines.append(f"- Left out: {summary['labels'].get(e['arm'], e['arm'])}: {e['reason']}.")
+        m = methods.get(e["arm"], {})
+        for key, other, what in (("pairwise_vs_full", "full tuning", "it minus full tuning"),
+                                 ("pairwise_cast_minus", "CAST", "CAST minus it")):
+            pw = m.get(key)
+            if pw and pw.get("diff"):
+                lines.append(f"  Against {other}, on the safety range the two share (levels "
+                             + ", ".join(f"{x:+.2f}" for x in pw["levels"]) + f"), {what}: "
+                             f"{_ci(pw['diff'])} nats ({_verdict(pw['diff'])}).")
+            elif pw:
+                lines.append(f"  Against {other}: no reading ({pw.get('reason')}).")
     lines += ["", "## 3. The comparison", "",
               "Cost at matched safety: mean over the levels, seeds and prompts, with a 95% CI over "
               "seeds and prompts (`stats.paired_difference`, paired by seed and prompt). "
@@ -184,7 +194,11 @@ def peers_markdown(summary: dict) -> str:
                      f"{_ci(m['cost'])} | {_ci(m.get('vs_full'))} | {_ci(cm)} | {vs} | {tt_s} |")
     lines += [""]
     if best:
-        lines += [f"**Lowest cost at matched safety**: {best['statement']}", ""]
+        left = [summary["labels"].get(e["arm"], e["arm"]) for e in lv.get("excluded", [])]
+        lines += [f"**Lowest cost at matched safety**: {best['statement']}"
+                  + (" (Among the arms on the common range. Left out, and compared in §2 on "
+                     "the range each shares with full tuning and with CAST: "
+                     f"{', '.join(left)}.)" if left else ""), ""]
         if best["best"] != "cast" and "cast_minus" in methods.get(best["best"], {}):
             d = methods[best["best"]]["cast_minus"]
             lines += [f"CAST − {summary['labels'][best['best']]}: {_ci(d)} nats "

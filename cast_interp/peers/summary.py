@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 
 from ..checks import check_number
-from ..harness import PRIMARY, full_tuning_tax
+from ..harness import PRIMARY, costs_at_levels, full_tuning_tax, load_pieces
 from ..io import atomic_write_json, read_json, to_jsonable
 from .config import (REQUIRED, PeersConfig, _share_label, arm_family, arm_label,
                      estimate_peers_seconds, plan_peers)
@@ -111,6 +111,33 @@ def common_levels(curves: dict, arm_of: dict, *, n_levels: int = 3,
             "ranges": {a: list(r) for a, r in ranges.items()}, "min_range_share": min_range_share}
 
 
+def pairwise_difference(a: str, b: str, curves: dict, seeds: Sequence[int], *, n_levels: int = 3,
+                        n_boot: int = 2000, seed: int = 0) -> Optional[dict]:
+    """Arm `a` minus arm `b` on the safety range just their pieces share: for an arm left out of
+    the common range (it learns too little or too fast to reach it), its comparison with one
+    other arm still at matched safety. curves: {piece name: `piece_curve`}; pieces "<arm>_t<seed>".
+    Returns {"levels", "diff": `stats.paired_difference` (per seed and prompt, the mean over the
+    levels)} or {"levels", "reason"} when there is no common range or a piece cannot be read at
+    every level; None when a piece is missing."""
+    from ..inference import matched_safety_levels
+    from ..stats import paired_difference
+
+    names = {x: [f"{x}_t{s}" for s in seeds] for x in (a, b)}
+    if any(n not in curves for ns in names.values() for n in ns):
+        return None
+    lv = matched_safety_levels({n: (curves[n]["steps"], curves[n]["safety"])
+                                for ns in names.values() for n in ns}, n_levels=n_levels)
+    if not lv["levels"]:
+        return {"levels": [], "reason": lv["reason"]}
+    g = {x: np.stack([costs_at_levels(curves[n], lv["levels"])[0].mean(0) for n in ns])
+         for x, ns in names.items()}
+    if not all(np.isfinite(v).all() for v in g.values()):
+        return {"levels": lv["levels"], "reason": "not readable at every level"}
+    return {"levels": lv["levels"],
+            "diff": paired_difference(g[a], g[b], n_boot=n_boot, seed=seed,
+                                      names=(arm_label(a), arm_label(b)))}
+
+
 def best_method(grids: dict, *, n_boot: int = 2000, seed: int = 0,
                 label: Callable[[str], str] = arm_label) -> dict:
     """Which arm has the lowest cost, and by how much.
@@ -156,7 +183,6 @@ def summarize_peers(out_dir: Union[str, Path], *, write: bool = True) -> dict:
     the interpolation's a = 1 check, budgets, times and the curves for the Pareto figure.
     Written to `summary.json` when `write`."""
     from ..stats import paired_difference
-    from ..verdict import _at_levels, _load_pieces
 
     out = Path(out_dir)
     if not (out / "peers.json").exists():
@@ -165,7 +191,7 @@ def summarize_peers(out_dir: Union[str, Path], *, write: bool = True) -> dict:
     meta, original = read_json(out / "peers.json"), read_json(out / "original.json")
     cfg = PeersConfig.from_dict(meta["config"])
     plan = plan_peers(cfg)
-    pieces = _load_pieces(out)
+    pieces = load_pieces(out)
     pieces = {p.name: pieces[p.name] for p in plan if p.name in pieces}
     seeds = cfg.train_seeds
     arms = list(dict.fromkeys(p.arm for p in plan))
@@ -192,9 +218,9 @@ def summarize_peers(out_dir: Union[str, Path], *, write: bool = True) -> dict:
     summary["levels"] = levels
     L = levels["levels"]
     kept = set(levels.get("arms", []))
-    matched = {n: _at_levels(c, L)[0].mean(0) for n, c in curves.items()
+    matched = {n: costs_at_levels(c, L)[0].mean(0) for n, c in curves.items()
                if L and arm_of[n] in kept}
-    kl_matched = {n: _at_levels(piece_curve(pieces[n], original, "kl"), L)[0].mean(0)
+    kl_matched = {n: costs_at_levels(piece_curve(pieces[n], original, "kl"), L)[0].mean(0)
                   for n in matched}
 
     def grid(arm: str, values: dict) -> Optional[np.ndarray]:
@@ -222,6 +248,12 @@ def summarize_peers(out_dir: Union[str, Path], *, write: bool = True) -> dict:
         ex = next((e for e in levels.get("excluded", []) if e["arm"] == a), None)
         if ex:
             row["excluded"] = ex["reason"]
+            # Still compared at matched safety: with full tuning and with CAST, each on the range
+            # the two arms share.
+            row["pairwise_vs_full"] = pairwise_difference(a, "full", curves, seeds,
+                                                          n_levels=cfg.n_levels, **boot)
+            row["pairwise_cast_minus"] = pairwise_difference("cast", a, curves, seeds,
+                                                             n_levels=cfg.n_levels, **boot)
         g = grids.get(a)
         if g is not None:
             zero = np.zeros_like(g)
