@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
 
@@ -27,6 +27,7 @@ import torch
 from . import backend
 from .backend import Model
 from .checks import check_int, check_number
+from .config_io import config_from_dict, config_to_dict
 from .io import atomic_write_json, package_versions, read_json, to_jsonable
 from .regime import PRIMARY  # the v3 primary utility endpoint, declared with the sweep
 
@@ -52,6 +53,7 @@ class RegimeSettings:
     """
 
     KIND: ClassVar[str] = "regime"
+    FORMAT: ClassVar[str] = "regime-settings-1"
     PRESETS: ClassVar[dict] = {}
 
     preset: str = "cpu"
@@ -117,15 +119,16 @@ class RegimeSettings:
                              f"{self.preset!r}.")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as JSON values, without a format key: the dict is compared on resume and
+        hashed into piece keys; the run's record (`verdict.json`, `peers.json`) carries the
+        format."""
+        return config_to_dict(self, with_format=False)
 
     @classmethod
     def from_dict(cls, d: dict) -> "RegimeSettings":
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"Unknown {cls.__name__} field(s) {unknown}: written by another "
-                             "version of cast_interp. Start a new run directory.")
-        return cls(**d)
+        """`config_io.config_from_dict`: a format other than `FORMAT` or an unknown key is an
+        error naming it."""
+        return config_from_dict(cls, d)
 
     @classmethod
     def from_preset(cls, preset: Optional[str] = None, **overrides) -> "RegimeSettings":

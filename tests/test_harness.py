@@ -31,6 +31,12 @@ def test_verdict_and_peers_share_the_regime_settings_and_their_defaults():
         VerdictConfig(n_harmful_test=0)
     with pytest.raises(ValueError, match="end at the last step"):
         PeersConfig(test_checkpoints=[6, 11])
+    # One save/load protocol (config_io): the format is read if present, another one refused.
+    d = p.to_dict()
+    assert "format" not in d  # compared on resume and hashed into keys: the record has the format
+    assert PeersConfig.from_dict({**d, "format": PeersConfig.FORMAT}) == p
+    with pytest.raises(ValueError, match="format"):
+        VerdictConfig.from_dict({**v.to_dict(), "format": "regime-settings-0"})
 
 
 def test_the_committed_verdict_run_config_loads_unchanged():
