@@ -39,12 +39,16 @@ def test_verdict_and_peers_share_the_regime_settings_and_their_defaults():
         VerdictConfig.from_dict({**v.to_dict(), "format": "regime-settings-0"})
 
 
-def test_the_committed_verdict_run_config_loads_unchanged():
-    """figures/verdict resumes only if its saved config reloads to the same dict."""
+def test_the_committed_runs_configs_load_unchanged():
+    """figures/verdict and figures/peers resume only if their saved configs reload to the same
+    dicts (and they are their presets')."""
     doc = json.loads((ROOT / "figures" / "verdict" / "verdict.json").read_text())
     cfg = VerdictConfig.from_dict(doc["config"])
     assert json.loads(json.dumps(cfg.to_dict())) == doc["config"]
     assert cfg == VerdictConfig.from_preset("cpu-full")
+    doc = json.loads((ROOT / "figures" / "peers" / "peers.json").read_text())
+    assert PeersConfig.from_dict(doc["config"]).to_dict() == doc["config"]
+    assert PeersConfig.from_dict(doc["config"]) == PeersConfig.from_preset("peers")
 
 
 def test_bf16_curves_reuse_one_copy_and_equal_a_fresh_copy(one_thread):

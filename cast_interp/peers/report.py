@@ -29,6 +29,14 @@ def _verdict(d: Optional[dict]) -> str:
     return d["statement"]
 
 
+def _stage_time(s: Optional[float]) -> str:
+    """Minutes, or "re-used" for a stage the run found done in its folder (cached answers, a map
+    with the same key) and so did not time."""
+    if s is None:
+        return "—"
+    return "re-used" if s < 5 else f"{s / 60:.1f} min"
+
+
 def _count(n: Optional[int]) -> str:
     if n is None:
         return "—"
@@ -224,8 +232,8 @@ def peers_markdown(summary: dict) -> str:
         lines.append("")
     est = summary.get("estimate", {})
     lines += ["## 6. Time", "",
-              f"Data {t.get('data_s', 0) / 60:.1f} min, diagnosis (general map) "
-              f"{(t.get('diagnosis_s') or 0) / 60:.1f} min, activation scores "
+              f"Data {_stage_time(t.get('data_s'))}, diagnosis (general map) "
+              f"{_stage_time(t.get('diagnosis_s'))}, activation scores "
               f"{(t.get('activation_s') or 0):.0f} s, original {(t.get('original_s') or 0):.0f} s; "
               f"pieces {t.get('pieces_s', 0) / 60:.1f} min in all"
               + (f" (full tuning trains {full_t:.0f} s per piece)" if full_t is not None else "")
