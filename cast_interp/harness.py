@@ -366,6 +366,18 @@ class CheckpointRecorder:
                 "curve_time_s": self.curve_time_s, "test_time_s": self.test_time_s}
 
 
+def evaluators(model: Model, cfg: RegimeSettings, data, out: Path) -> tuple[CurveEvaluator, Any]:
+    """The validation-curve and test evaluators every piece of a run shares, and the untrained
+    model's record on both splits, `out/original.json`, written once (what costs are taken from)."""
+    curve = CurveEvaluator(data, dtype=cfg.val_dtype)
+    test = test_evaluator(model, data)
+    if not (Path(out) / "original.json").exists():
+        t = time.perf_counter()
+        atomic_write_json({"val": curve(model), "test": test(model),
+                           "time_s": time.perf_counter() - t}, Path(out) / "original.json")
+    return curve, test
+
+
 def test_evaluator(model: Model, data, batch_size: int = 16):
     """The float32 evaluation of the test split at a checkpoint (`regime.RegimeEvaluator`): refusal
     and over-refusal scores, KL and NLL on the original's own answers to benign test prompts."""

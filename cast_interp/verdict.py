@@ -41,7 +41,7 @@ from .backend import Model
 from .checks import check_int
 from .harness import (MAPS, PRIMARY, CheckpointRecorder, CurveEvaluator, RegimeSettings,
                       claim_piece, config_key, conflict_maps, costs_at_levels, full_tuning_tax,
-                      load_pieces, start_run, test_evaluator)
+                      evaluators, load_pieces, start_run)
 from .io import atomic_write_json, read_json, to_jsonable
 
 VERDICT_FORMAT = 1
@@ -237,12 +237,7 @@ def run_verdict(model: Model, cfg: VerdictConfig, out_dir: Union[str, Path], *,
     maps = conflict_maps(model, cfg, data, out, cfg.maps, progress=progress)
     timings.setdefault("diagnosis_s", time.perf_counter() - t)
     original_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    curve = CurveEvaluator(data, dtype=cfg.val_dtype)
-    test = test_evaluator(model, data)
-    if not (out / "original.json").exists():
-        t = time.perf_counter()
-        atomic_write_json({"val": curve(model), "test": test(model),
-                           "time_s": time.perf_counter() - t}, out / "original.json")
+    curve, test = evaluators(model, cfg, data, out)
     atomic_write_json(timings, out / "timings.json")
     from .sparse_tuning import k_from_fraction
 
@@ -252,8 +247,9 @@ def run_verdict(model: Model, cfg: VerdictConfig, out_dir: Union[str, Path], *,
     for i, piece in enumerate(pieces):
         units = piece_units(piece, maps, k, cfg, model)
         key = config_key({"tuning": cfg.tuning(piece.seed, piece.precision).to_dict(),
-                    "units": units, "data": meta["data"], "curve": [cfg.curve_every, cfg.val_dtype],
-                    "test": cfg.test_checkpoints, "model": meta["model"]})
+                          "units": units, "data": meta["data"],
+                          "curve": [cfg.curve_every, cfg.val_dtype],
+                          "test": cfg.test_checkpoints, "model": meta["model"]})
         path = out / "pieces" / f"{piece.name}.json"
         if path.exists() and read_json(path).get("key") == key:
             continue

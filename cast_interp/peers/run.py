@@ -15,8 +15,8 @@ import torch
 
 from ..backend import Model
 from ..checks import check_int, check_number
-from ..harness import (PRIMARY, CheckpointRecorder, CurveEvaluator, claim_piece, config_key,
-                       conflict_maps, start_run, test_evaluator)
+from ..harness import (PRIMARY, CheckpointRecorder, claim_piece, config_key, conflict_maps,
+                       evaluators, start_run)
 from ..io import atomic_save_safetensors, atomic_write_json, read_json
 from ..model import model_id
 from .config import (PEERS_FORMAT, PeerPiece, PeersConfig, _lora_label, _share_label,
@@ -242,12 +242,7 @@ def run_peers(model: Model, cfg: PeersConfig, out_dir: Union[str, Path], *,
         act = _activation_scores(model, data, out, progress)
         timings.setdefault("activation_s", time.perf_counter() - t)
     original = parameter_state(model)
-    curve = CurveEvaluator(data, dtype=cfg.val_dtype)
-    test = test_evaluator(model, data)
-    if not (out / "original.json").exists():
-        t = time.perf_counter()
-        atomic_write_json({"val": curve(model), "test": test(model),
-                           "time_s": time.perf_counter() - t}, out / "original.json")
+    curve, test = evaluators(model, cfg, data, out)
     atomic_write_json(timings, out / "timings.json")
 
     from ..registry.arms import select_arm_units

@@ -113,7 +113,7 @@ PRESETS: dict[str, dict[str, Any]] = {
               "attribution_examples": 4, "attribution_candidates": None, "attribution_spread": 4,
               "attribution_max_new_tokens": 16, "n_boot": 200,
               "self_reference_tokens": 16, "utility_reference": "dataset", "attribute": True},
-    # The default (RunConfig's defaults): a quick look, sized for about 20 minutes on 2 CPU cores.
+    # The default (RunConfig's defaults): a quick look on 2 CPU cores (its time: the README).
     # Same design (paired seeds, draws, curves, CIs) on full tuning, CAST and random only, 2 seeds,
     # 4 draws, small test sets, no generation: the CIs are wide and the report says so. Stage 4
     # is left to `cast-interp attribute`, sized down (`PIPELINE_DEFAULTS["attribution"]`).
