@@ -30,8 +30,8 @@ get none). These counts equal torch's `FlopCounterMode` on the tiny model
 grouping shows up as a shorter time for the same FLOPs.
 "share of peak" divides the achieved FLOP/s by the peak of the dtype the path computes in.
 
-`--curve-steps N` adds the training-curve check: float32 on `--curve-seeds` training seeds and
-bf16 (grouped) on the first of them, N steps each, a `ValidationMonitor` every `--eval-every`
+`--curve-steps N` adds the training-curve check in the v3 regime's tuning (`VerdictConfig().tuning`):
+float32 on `--curve-seeds` training seeds and bf16 (grouped) on the first of them, N steps each, a `ValidationMonitor` every `--eval-every`
 steps, then `check_curves` on the refusal score and the KL (the issue's 64-step check on SmolLM2:
 --curve-steps 64).
 
@@ -266,9 +266,14 @@ def curve_check(model, data, harmful, benign, args) -> dict:
                                 group_by_length=True)
     start = monitor(model)
 
+    from dataclasses import replace
+
+    from cast_interp.verdict import VerdictConfig
+
     def run(seed, precision, grouped):
-        cfg = TuningConfig(steps=args.curve_steps, batch_size=args.batch_size, seed=seed,
-                           precision=precision, group_by_length=grouped)
+        # The v3 regime's tuning (pure safety SFT of attention, constant lr after warmup).
+        cfg = replace(VerdictConfig().tuning(seed, precision), steps=args.curve_steps,
+                      batch_size=args.batch_size, group_by_length=grouped)
         tuned = backend.copy_model(model)
         return safety_finetune(tuned, data, config=cfg, monitor=monitor,
                                eval_every=args.eval_every, curve_start=start).curve

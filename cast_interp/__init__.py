@@ -43,12 +43,13 @@ from .pipeline import RunConfig, run_experiment
 from .regime import SweepConfig, run_regime_sweep
 from .regime_report import write_sweep_report
 from .sparse_tuning import TuningConfig, safety_finetune
-from .verdict import VerdictConfig, run_verdict, summarize_verdict
+from .verdict import VerdictConfig, estimate_verdict_seconds, run_verdict, summarize_verdict
 from .verdict_report import write_verdict_report
 
 __all__ = ["ChatBatch", "ChatDataset", "ChatExample", "load_bundled", "load_dataset",
            "make_batches", "load_model", "tiny_model", "ConflictMap", "DiagnosisConfig", "diagnose",
            "TuningConfig", "safety_finetune", "EvalConfig", "evaluate", "OriginalLogprobs",
            "RunConfig", "run_experiment", "SweepConfig", "run_regime_sweep", "write_sweep_report",
-           "VerdictConfig", "run_verdict", "summarize_verdict", "write_verdict_report",
+           "VerdictConfig", "estimate_verdict_seconds", "run_verdict", "summarize_verdict",
+           "write_verdict_report",
            "PeersConfig", "run_peers", "summarize_peers", "write_peers_report"]

@@ -125,7 +125,7 @@ def _cmd_run(args) -> int:
         seed=args.seed, safety_data=_spec(args.safety_data), utility_data=_spec(args.utility_data),
         over_refusal_data=args.over_refusal_data, split_seed=args.split_seed,
         n_devices=args.n_devices, diag_dtype=args.diag_dtype, lr=args.lr,
-        baselines=args.baselines,
+        train_precision=args.train_precision, baselines=args.baselines,
         **({"allow_special_tokens": True} if args.allow_special_tokens else {}),
         **({"attribute": False} if args.no_attribute else {}),
     )
@@ -211,46 +211,42 @@ def _cmd_regime(args) -> int:
     return 0
 
 
-def _cmd_verdict(args) -> int:
+def _run_comparison(args, what: str, record: str, config_cls, run, write_report) -> int:
+    """The v3 comparisons' command (`verdict`, `peers`): refuse a folder that holds something
+    else, `--report-only`, or load the model, run (resumable) and print the report."""
     from .io import check_out_dir
     from .model import load_model
+
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not (out / record).exists():
+        raise ValueError(f"--out {out} is a non-empty folder that holds no {what}; give a new "
+                         "or empty folder (nothing was changed).")
+    if args.report_only:
+        if not (out / record).exists():
+            raise ValueError(f"--out {out} holds no {what} (no {record}): run it first.")
+        print(write_report(out).read_text())
+        return 0
+    check_out_dir(out)  # a file, or not writable: refused before the model loads
+    cfg = config_cls.from_preset(args.preset, model=args.model, datasets=args.datasets)
+    model = load_model(cfg.model, device=args.device)
+    run(model, cfg, out, max_pieces=args.max_pieces)
+    print(write_report(out).read_text())
+    return 0
+
+
+def _cmd_verdict(args) -> int:
     from .verdict import VerdictConfig, run_verdict
     from .verdict_report import write_verdict_report
 
-    out = Path(args.out)
-    if out.is_dir() and any(out.iterdir()) and not (out / "verdict.json").exists():
-        raise ValueError(f"--out {out} is a non-empty folder that holds no verdict run; give a new "
-                         "or empty folder (nothing was changed).")
-    if args.report_only:
-        if not (out / "verdict.json").exists():
-            raise ValueError(f"--out {out} holds no verdict run (no verdict.json): run it first.")
-        print(write_verdict_report(out).read_text())
-        return 0
-    check_out_dir(out)  # a file, or not writable: refused before the model loads
-    cfg = VerdictConfig.from_preset(args.preset, model=args.model, datasets=args.datasets)
-    model = load_model(cfg.model, device=args.device)
-    run_verdict(model, cfg, out, max_pieces=args.max_pieces)
-    print(write_verdict_report(out).read_text())
-    return 0
+    return _run_comparison(args, "verdict run", "verdict.json", VerdictConfig, run_verdict,
+                           write_verdict_report)
 
 
 def _cmd_peers(args) -> int:
-    from .io import check_out_dir
-    from .model import load_model
     from .peers import PeersConfig, run_peers, write_peers_report
 
-    out = Path(args.out)
-    if args.report_only:
-        if not (out / "peers.json").exists():
-            raise ValueError(f"--out {out} holds no peer comparison: run it first.")
-        print(write_peers_report(out).read_text())
-        return 0
-    check_out_dir(out)  # a file, or not writable: refused before the model loads
-    cfg = PeersConfig.from_preset(args.preset, model=args.model, datasets=args.datasets)
-    model = load_model(cfg.model, device=args.device)
-    run_peers(model, cfg, out, max_pieces=args.max_pieces)
-    print(write_peers_report(out).read_text())
-    return 0
+    return _run_comparison(args, "peer comparison", "peers.json", PeersConfig, run_peers,
+                           write_peers_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,7 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--n-devices", type=int, default=None,
                    help="split a model too large for one GPU over this many GPUs (TL 3)")
     r.add_argument("--diag-dtype", choices=["float32", "bfloat16"], default=None,
-                   help="weights of the diagnosis (default float32; bf16 sums in float32)")
+                   help="weights of the diagnosis (default: the preset's; bf16 sums in float32)")
+    r.add_argument("--train-precision", choices=["float32", "bf16"], default=None,
+                   help="training steps: bf16 computes on a bf16 copy with float32 master "
+                        "weights and optimizer state (default: the preset's)")
     _add_dist_args(r)
     r.add_argument("--out", default="runs/default")
     r.add_argument("--overwrite", action="store_true",

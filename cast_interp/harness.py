@@ -37,6 +37,36 @@ SCOPES = ("attention", "all")
 VAL_DTYPES = ("float32", "bfloat16")
 
 
+#: Per-piece costs on SmolLM2, one core per piece, seconds: medians over the committed verdict's
+#: pieces (figures/run; benchmarks/README.md gives the spread): a bf16 training step (batch 8), a
+#: bf16 validation curve point (32 + 32 prompts) and a float32 test checkpoint. A float32 step
+#: costs `FLOAT32_STEP_FACTOR` bf16 steps (benchmarks/bench_precision.py).
+PIECE_COST_S = {"train_step": 3.0, "curve_point": 8.2, "test_checkpoint": 49.0}
+FLOAT32_STEP_FACTOR = 2.1
+#: Once per run (the verdict's first start, 2 cores): the data with the self-reference answers,
+#: one conflict map, the original's evaluation on both splits.
+SETUP_COST_S = {"data": 105.0, "map": 385.0, "original": 240.0}
+
+
+def curve_points(cfg: "RegimeSettings") -> int:
+    """Validation curve points of a piece: every `curve_every` steps and the last."""
+    return len({s for s in range(1, cfg.steps + 1) if s % cfg.curve_every == 0 or s == cfg.steps})
+
+
+def piece_seconds(cfg: "RegimeSettings", *, train_factor: float = 1.0,
+                  precision: Optional[str] = None) -> dict:
+    """A trained piece's estimated cost on one core (`PIECE_COST_S`): {"train", "curves", "test",
+    "total"}. `train_factor`: gradients per step (projection: 2); `precision` (default the
+    run's): float32 steps cost `FLOAT32_STEP_FACTOR` bf16 ones."""
+    c = PIECE_COST_S
+    f = FLOAT32_STEP_FACTOR if (precision or cfg.precision) == "float32" else 1.0
+    out = {"train": cfg.steps * c["train_step"] * f * train_factor,
+           "curves": curve_points(cfg) * c["curve_point"],
+           "test": len(cfg.test_checkpoints) * c["test_checkpoint"]}
+    out["total"] = sum(out.values())
+    return out
+
+
 @dataclass
 class RegimeSettings:
     """Settings every comparison in the v3 regime shares (a subclass adds its design, `PRESETS`
@@ -254,10 +284,12 @@ def compliant(ds):
 
 
 def conflict_maps(model: Model, cfg: RegimeSettings, data, out: Path, maps=("general",), *,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, timings: Optional[dict] = None) -> dict:
     """{map name: ConflictMap} for each of `maps` ("general": the paper's D_util, benign prompts
     with the model's own answers; "sensitive": benign-but-sensitive prompts with its own compliant
-    answers), each computed once into `out/diagnosis/<name>` and re-used while its key matches."""
+    answers), each computed once into `out/diagnosis/<name>` and re-used while its key matches.
+    `timings`: gets "diagnosis_s" at the first start, the seconds spent or "re-used" when every
+    map was found done."""
     from .conflict_map import ConflictMap
     from .diagnose import DiagnosisConfig, diagnose
 
@@ -265,7 +297,7 @@ def conflict_maps(model: Model, cfg: RegimeSettings, data, out: Path, maps=("gen
     if bad:
         raise ValueError(f"Unknown map(s) {bad}; choose from {list(MAPS)}.")
     util = {"general": data.benign_diag, "sensitive": compliant(data.over_diag)}
-    out_maps = {}
+    out_maps, computed, t0 = {}, False, time.perf_counter()
     for name in maps:
         d = Path(out) / "diagnosis" / name
         # "verdict_key": the name maps of committed runs carry.
@@ -286,6 +318,9 @@ def conflict_maps(model: Model, cfg: RegimeSettings, data, out: Path, maps=("gen
         cm.config["verdict_key"] = key
         cm.save(d)
         out_maps[name] = ConflictMap.load(d)
+        computed = True
+    if timings is not None:
+        timings.setdefault("diagnosis_s", time.perf_counter() - t0 if computed else "re-used")
     return out_maps
 
 
@@ -384,6 +419,19 @@ def test_evaluator(model: Model, data, batch_size: int = 16):
     from .regime import RegimeEvaluator
 
     return RegimeEvaluator(model, data, "test", batch_size=batch_size)
+
+
+def write_run_report(out_dir: Union[str, Path], summarize, plot, markdown) -> Path:
+    """A comparison's report from its files alone (no model): `summarize(out, write=True)` (also
+    writes summary.json), `plot(summary, out/"figures")`, then `markdown(summary)` into
+    `report.md`; returns its path."""
+    from .io import atomic_write_text
+
+    out = Path(out_dir)
+    summary = summarize(out, write=True)
+    plot(summary, out / "figures")
+    atomic_write_text(markdown(summary), out / "report.md")
+    return out / "report.md"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -153,6 +153,25 @@ def plan_verdict(cfg: VerdictConfig) -> list[VerdictPiece]:
     return out
 
 
+def estimate_verdict_seconds(cfg: VerdictConfig, *, n_cores: int = 2) -> dict:
+    """The run's cost from `harness.PIECE_COST_S` (SmolLM2, one core per piece, `n_cores` workers
+    on one folder): {"n_pieces", "core_s" (pieces), "setup_s" (data, each map, the original's
+    evaluation), "wall_s" (setup + pieces / n_cores), "per_method_s": {method: core seconds}}."""
+    from .harness import SETUP_COST_S, piece_seconds
+
+    check_int("n_cores", n_cores, 1)
+    per: dict[str, float] = {}
+    core = 0.0
+    for p in plan_verdict(cfg):
+        s = piece_seconds(cfg, precision=p.precision)["total"]
+        core += s
+        per[p.method + ("_float32" if p.precision == "float32" else "")] = s
+    setup = (SETUP_COST_S["data"] + len(cfg.maps) * SETUP_COST_S["map"]
+             + SETUP_COST_S["original"])
+    return {"n_pieces": len(plan_verdict(cfg)), "core_s": core, "setup_s": setup,
+            "wall_s": setup + core / n_cores, "per_method_s": per, "n_cores": n_cores}
+
+
 def piece_units(piece: VerdictPiece, maps: dict, k: int, cfg: VerdictConfig,
                 model: Model) -> list[tuple[int, int]]:
     """The query heads a piece freezes (`registry.arms` selectors; draws seeded by the draw)."""
@@ -233,9 +252,7 @@ def run_verdict(model: Model, cfg: VerdictConfig, out_dir: Union[str, Path], *,
     data, meta, timings = start_run(model, cfg, out, meta_file="verdict.json",
                                     fmt=VERDICT_FORMAT, what="verdict run")
 
-    t = time.perf_counter()
-    maps = conflict_maps(model, cfg, data, out, cfg.maps, progress=progress)
-    timings.setdefault("diagnosis_s", time.perf_counter() - t)
+    maps = conflict_maps(model, cfg, data, out, cfg.maps, progress=progress, timings=timings)
     original_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     curve, test = evaluators(model, cfg, data, out)
     atomic_write_json(timings, out / "timings.json")
@@ -394,9 +411,13 @@ def summarize_verdict(out_dir: Union[str, Path], *, write: bool = True) -> dict:
                            "top_k_overlap": len(sa & sb) if sa and sb else None,
                            "overlap_chance": k * k / n if n else None, "k": k}
 
-    # 5. Precision: bf16 full tuning against float32, at every validation checkpoint.
+    # 5. Precision: bf16 full tuning against float32 on the same seeds: each validation curve
+    # within the float32 seeds' spread (`precision_checks.check_curves`), and the tax (the
+    # primary endpoint's cost at the last step) in both, with its CI.
     f32 = [pieces.get(f"full_float32_t{s}") for s in seeds]
     if full and all(p is not None for p in f32) and len(f32) == len(full):
+        from .precision_checks import check_curves
+
         prec = {}
         for metric in ("refusal_score", PRIMARY):
             steps = sorted(int(s) for s in full[0]["val"])
@@ -405,7 +426,11 @@ def summarize_verdict(out_dir: Union[str, Path], *, write: bool = True) -> dict:
             prec[metric] = {"steps": steps, "bf16": a.tolist(), "float32": b.tolist(),
                             "max_abs_gap": float(np.abs(a - b).max()),
                             "seed_spread_float32": float(np.abs(b[0] - b[-1]).max())
-                            if len(b) > 1 else None}
+                            if len(b) > 1 else None,
+                            "check": check_curves(b, a) if len(b) > 1 else None}
+        tax32 = full_tuning_tax(f32, original, cfg.steps, n_boot=cfg.n_boot, seed=cfg.seed)
+        prec["tax"] = {"bf16": summary["tax"][PRIMARY] if summary.get("tax") else None,
+                       "float32": tax32[PRIMARY]}
         summary["precision"] = prec
 
     # 6. Curves per arm (validation means) and times.

@@ -15,7 +15,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from .io import atomic_write_text
+from .report.markdown import stage_time
 
 
 def _ci(d: Optional[dict], digits: int = 3, key: str = "diff") -> str:
@@ -212,13 +212,28 @@ def verdict_markdown(summary: dict) -> str:
                   f"heads (chance {m['overlap_chance']:.1f})."]
     pr = summary.get("precision")
     if pr:
-        lines += ["", "## 5. bf16 training check (full tuning, validation curves)", "",
-                  "| metric | largest gap bf16 − float32 (any seed, any checkpoint) | float32 seed-to-"
-                  "seed spread |", "|---|---|---|"]
+        lines += ["", "## 5. bf16 training check (full tuning in float32 on the same seeds)", "",
+                  "Validation curves (mean over prompts, every checkpoint): the check passes when "
+                  "bf16 stays within the float32 seeds' spread at every checkpoint "
+                  "(`precision_checks.check_curves`).", "",
+                  "| metric | largest gap bf16 − float32 | float32 seed-to-seed spread (largest) "
+                  "| check | worst checkpoint: gap / spread |", "|---|---|---|---|---|"]
         for k, v in pr.items():
-            sp = v["seed_spread_float32"]
+            if k == "tax":
+                continue
+            sp, c = v["seed_spread_float32"], v.get("check")
             lines.append(f"| {k} | {v['max_abs_gap']:.3f} | "
-                         f"{'n/a' if sp is None else f'{sp:.3f}'} |")
+                         f"{'n/a' if sp is None else f'{sp:.3f}'} | "
+                         f"{'—' if not c else ('pass' if c['passed'] else 'FAIL')} | "
+                         f"{'—' if not c else _gap_ratio(v)} |")
+        tx = pr.get("tax") or {}
+        if tx.get("bf16") and tx.get("float32"):
+            b, f = tx["bf16"], tx["float32"]
+            overlap = b["low"] <= f["high"] and f["low"] <= b["high"]
+            same = (b["diff"] > 0) == (f["diff"] > 0)
+            lines += ["", f"The tax (primary, last step): bf16 {_ci(b)}, float32 {_ci(f)}: "
+                      f"{'same sign' if same else 'signs differ'}, CIs "
+                      f"{'overlap' if overlap else 'do not overlap'}."]
     lines += ["", "## 6. Arms", "", "| arm (pieces) | cost at matched safety (nats) |",
               "|---|---|"]
     by_arm: dict[str, list] = {}
@@ -233,8 +248,8 @@ def verdict_markdown(summary: dict) -> str:
         if vs:
             lines.append(f"| {arm} ({len(vs)}) | {np.mean(vs):+.3f} |")
     lines += ["", "## 7. Time (2 CPU cores)", "",
-              f"Data {t.get('data_s', 0) / 60:.1f} min, diagnosis (both maps) "
-              f"{(t.get('diagnosis_s') or 0) / 60:.1f} min, original {(t.get('original_s') or 0):.0f} s; "
+              f"Data {stage_time(t.get('data_s'))}, diagnosis (both maps) "
+              f"{stage_time(t.get('diagnosis_s'))}, original {stage_time(t.get('original_s'))}; "
               f"pieces: training {t.get('train_s', 0) / 60:.1f} min, validation curves "
               f"{t.get('curve_s', 0) / 60:.1f} min, test checkpoints {t.get('test_s', 0) / 60:.1f} "
               f"min; {t.get('per_piece_train_s') or 0:.0f} s of training per piece.", "",
@@ -244,12 +259,15 @@ def verdict_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _gap_ratio(v: dict) -> str:
+    c = v["check"]
+    w = c["worst_checkpoint"]
+    return f"step {v['steps'][w]}: {c['deviation'][w]:.3f} / {c['spread'][w]:.3f}"
+
+
 def write_verdict_report(out_dir: Union[str, Path]) -> Path:
     """Summarize the run's files, draw its figures and write `report.md`; returns its path."""
+    from .harness import write_run_report
     from .verdict import summarize_verdict
 
-    out = Path(out_dir)
-    summary = summarize_verdict(out, write=True)
-    plot_verdict(summary, out / "figures")
-    atomic_write_text(verdict_markdown(summary), out / "report.md")
-    return out / "report.md"
+    return write_run_report(out_dir, summarize_verdict, plot_verdict, verdict_markdown)

@@ -66,7 +66,7 @@ def test_committed_map_figures_regenerate_from_the_committed_map(tmp_path):
     from matplotlib.image import imread
     import numpy as np
 
-    diag = REPO / "figures" / "run" / "diagnosis"
+    diag = REPO / "figures" / "run_v2" / "diagnosis"
     if not (diag / "conflict_map.json").exists():
         pytest.skip("no committed conflict map")
     figures.diagnosis_figures(ConflictMap.load(diag), tmp_path, k=0.1)
@@ -201,7 +201,7 @@ def test_endpoints_say_their_cis_are_unpaired():
 
 
 def test_attribution_figure_quotes_the_exact_spearman_and_marks_frozen_heads():
-    run = REPO / "figures" / "run"
+    run = REPO / "figures" / "run_v2"
     if not (run / "attribution" / "cast").exists():
         pytest.skip("no committed attribution")
     from cast_interp.attribution import AttributionResult

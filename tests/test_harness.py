@@ -40,9 +40,9 @@ def test_verdict_and_peers_share_the_regime_settings_and_their_defaults():
 
 
 def test_the_committed_runs_configs_load_unchanged():
-    """figures/verdict and figures/peers resume only if their saved configs reload to the same
+    """figures/run (the verdict) and figures/peers resume only if their saved configs reload to the same
     dicts (and they are their presets')."""
-    doc = json.loads((ROOT / "figures" / "verdict" / "verdict.json").read_text())
+    doc = json.loads((ROOT / "figures" / "run" / "verdict.json").read_text())
     cfg = VerdictConfig.from_dict(doc["config"])
     assert json.loads(json.dumps(cfg.to_dict())) == doc["config"]
     assert cfg == VerdictConfig.from_preset("cpu-full")
@@ -75,3 +75,28 @@ def test_bf16_curves_reuse_one_copy_and_equal_a_fresh_copy(one_thread):
     np.testing.assert_allclose(after["refusal_score"], f32["refusal_score"], atol=0.5)
     with pytest.raises(ValueError, match="dtype"):
         CurveEvaluator(data, dtype="float16")
+
+
+def test_a_map_found_done_is_timed_as_reused(tmp_path, one_thread):
+    """The first start times the diagnosis; a run that finds the map done (same key) records
+    "re-used", and the reports print that instead of a time near 0."""
+    import shutil
+
+    from cast_interp.harness import conflict_maps
+    from cast_interp.model import tiny_model
+    from cast_interp.report.markdown import stage_time
+
+    cfg = VerdictConfig.from_preset("smoke")
+    model = tiny_model(seed=0, n_ctx=512)
+    data = run_data(model, cfg)
+    first: dict = {}
+    a = conflict_maps(model, cfg, data, tmp_path / "a", progress=False, timings=first)
+    assert isinstance(first["diagnosis_s"], float) and first["diagnosis_s"] > 0
+    shutil.copytree(tmp_path / "a" / "diagnosis", tmp_path / "b" / "diagnosis")
+    second: dict = {}
+    b = conflict_maps(model, cfg, data, tmp_path / "b", progress=False, timings=second)
+    assert second == {"diagnosis_s": "re-used"}
+    np.testing.assert_array_equal(a["general"].C, b["general"].C)
+    assert stage_time(second["diagnosis_s"]) == "re-used"
+    assert stage_time(768.0) == "12.8 min" and stage_time(0.4) == "0 s"
+    assert stage_time(None) == "—" and stage_time(float("nan")) == "—"

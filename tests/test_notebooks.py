@@ -18,7 +18,7 @@ from nbclient import NotebookClient
 REPO = Path(__file__).resolve().parents[1]
 NB_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
-COMMITTED_RUN = REPO / "figures" / "run"
+COMMITTED_RUN = REPO / "figures" / "run_v2"
 # One budget k in the smoke and committed runs: no drop_vs_k (it needs a sweep of k).
 FIGURES = {"conflict_maps", "o_vs_s", "sorted_c", "safety_curves", "paired_differences",
            "endpoints", "training_curves", "attribution_vs_map"}
@@ -233,7 +233,7 @@ def test_paper_figures_notebook_writes_every_figure(smoke_run, tmp_path):
 @pytest.mark.slow
 def test_committed_figures_equal_the_ones_regenerated_from_the_committed_run(tmp_path):
     if not (COMMITTED_RUN / "results.json").exists():
-        pytest.skip("figures/run (the committed run) is absent")
+        pytest.skip("figures/run_v2 (the committed v2 run) is absent")
     from matplotlib.image import imread
 
     fig_dir = tmp_path / "figs"

@@ -37,9 +37,11 @@ def test_plan_counts_per_method():
         sum(q.arm == p.arm for q in plan) == 2 for p in plan)
     est = estimate_peers_seconds(cfg)
     assert (est["n_pieces"], est["n_trained"], est["n_interp"]) == (28, 24, 4)
-    # 24 trained pieces: 16 steps x 45/16 s (projection: twice), 8 curve points x 7.5 s, 3 test
-    # checkpoints x 50 s; 4 interpolations: 5 points x (7.5 + 50) s
-    assert est["core_s"] == pytest.approx(24 * (45 + 60 + 150) + 2 * 45 + 4 * 5 * 57.5)
+    # 24 trained pieces: 16 bf16 steps x 3.0 s (projection: twice), 8 curve points x 8.2 s, 3
+    # test checkpoints x 49 s; 4 interpolations: 5 points x (8.2 + 49) s; set-up: data, one
+    # map, the original.
+    assert est["core_s"] == pytest.approx(24 * (48 + 65.6 + 147) + 2 * 48 + 4 * 5 * 57.2)
+    assert est["setup_s"] == pytest.approx(105 + 385 + 240)
     assert est["wall_s"] < 2 * 3600
     small = PeersConfig.from_preset("smoke", methods=["full", "cast", "interp"],
                                     interp_sources=["cast"], train_seeds=[3])
@@ -280,3 +282,8 @@ def test_peers_cli_smoke(tmp_path, one_thread):
     (tmp_path / "f.txt").write_text("x")
     assert cli_main(["peers", "--preset", "smoke", "--out", str(tmp_path / "f.txt")]) == 2
     assert cli_main(["peers", "--out", str(tmp_path / "empty"), "--report-only"]) == 2
+    # A folder that holds something else is refused before the model loads.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert cli_main(["peers", "--preset", "smoke", "--out", str(tmp_path / "other")]) == 2
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]

@@ -22,7 +22,7 @@ from cast_interp.pipeline import rundir, runner
 from cast_interp.sparse_tuning import TuningConfig
 
 REPO = Path(__file__).resolve().parents[1]
-COMMITTED_RUN = REPO / "figures" / "run"
+COMMITTED_RUN = REPO / "figures" / "run_v2"
 
 
 def _custom() -> RunConfig:
@@ -158,6 +158,7 @@ def _keys(cfg: RunConfig) -> dict:
     ({"tuning": TuningConfig(steps=8, benign_mix=0.25, weight_decay=0.0)},
      {"piece", "attribution"}),
     ({"lr": 1e-4}, {"piece", "attribution"}),
+    ({"train_precision": "bf16"}, {"piece", "attribution"}),
     ({"eval_every": 2}, {"piece", "attribution"}),
     ({"evaluation": replace(RunConfig().evaluation, task_normalize="mean")},
      {"piece", "original", "attribution"}),

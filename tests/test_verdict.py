@@ -87,6 +87,17 @@ def test_plan_orders_pieces_and_counts_them():
     rnd = [p for p in plan if p.method == "random"]
     assert [(p.draw, p.seed) for p in rnd[:4]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert VerdictPiece("graded", 0, bin=3, draw=1).arm == "graded_b3_d1"
+    # The cost model, by hand: 76 bf16 pieces of 16 steps x 3.0 s, 8 curve points x 8.2 s and 2
+    # test checkpoints x 49 s; 2 float32 pieces whose steps cost 2.1x; set-up: data, 2 maps,
+    # the original.
+    from cast_interp.verdict import estimate_verdict_seconds
+
+    est = estimate_verdict_seconds(cfg)
+    piece = 48 + 65.6 + 98
+    assert est["n_pieces"] == 78
+    assert est["core_s"] == pytest.approx(76 * piece + 2 * (piece + 48 * 1.1))
+    assert est["wall_s"] == pytest.approx(105 + 2 * 385 + 240 + est["core_s"] / 2)
+    assert estimate_verdict_seconds(cfg, n_cores=1)["wall_s"] > est["wall_s"]
 
 
 def test_config_checks():
@@ -170,10 +181,15 @@ def test_smoke_verdict_end_to_end(tmp_path, one_thread):
     assert "cast_general_vs_layer_matched" in s["comparisons"]
     assert s["graded"]["n_sets"] == cfg.n_bins * cfg.n_per_bin + cfg.n_random
     assert set(s["maps"]) >= {"spearman_C", "top_k_overlap"}
-    assert set(s["precision"]) == {"refusal_score", "over_refusal_score"}
+    assert set(s["precision"]) == {"refusal_score", "over_refusal_score", "tax"}
+    for k in ("refusal_score", "over_refusal_score"):  # the declared check, per checkpoint
+        c = s["precision"][k]["check"]
+        assert len(c["deviation"]) == len(s["precision"][k]["steps"])
+        assert c["passed"] == all(d <= sp + 1e-6 for d, sp in zip(c["deviation"], c["spread"]))
+    assert s["precision"]["tax"]["float32"]["n_prompts"] == s["tax"]["over_refusal_score"]["n_prompts"]
     report = (out / "report.md").read_text()
     for section in ("## 1. The tax", "## 3. Primary endpoints", "Graded slope (primary 2)",
-                    "layer-matched"):
+                    "layer-matched", "## 5. bf16 training check", "The tax (primary, last step)"):
         assert section in report
     assert (out / "figures" / "verdict_curves.png").stat().st_size > 1000
     before = {p.name: p.read_text() for p in (out / "pieces").glob("*.json")}

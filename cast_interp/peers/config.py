@@ -66,13 +66,8 @@ FAMILIES = {"full": "full tuning", "cast": "CAST", "interp": "weight interpolati
 DEFAULT_LORA = ({"rank": 8, "alpha": 16.0, "components": ["q", "v"]},
                 {"rank": 8, "alpha": 16.0, "components": ["q", "k", "v", "o"]})
 
-#: Per-piece costs on SmolLM2 on one core (the v3 verdict's measured pieces, seconds): training
-#: per step, a validation curve point, a test checkpoint. Projection takes two gradients per step.
-PIECE_COST_S = {"train_step": 45 / 16, "curve_point": 60 / 8, "test_checkpoint": 50.0}
+#: Gradients per training step, where not 1 (projection takes two).
 TRAIN_COST_FACTOR = {"projection": 2.0}
-#: Data, self-reference answers, the general map, the original's evaluation and the activation
-#: scores, once per run (ours: an estimate, not measured here).
-SETUP_S = 600.0
 
 
 def _share_label(share: float) -> str:
@@ -273,23 +268,25 @@ def arm_family(arm: str) -> str:
 
 
 def estimate_peers_seconds(cfg: PeersConfig, *, n_cores: int = 2) -> dict:
-    """The run's cost from `PIECE_COST_S` (SmolLM2, one core per piece; `n_cores` workers share
-    the pieces): {"n_pieces", "n_trained", "n_interp", "core_s" (pieces), "wall_s" (setup + pieces
-    / n_cores), "per_method_s": {method: core seconds of one piece}}. Interpolation pieces evaluate
-    every a on both splits and train nothing."""
+    """The run's cost from `harness.PIECE_COST_S` (SmolLM2, one core per piece; `n_cores` workers
+    share the pieces): {"n_pieces", "n_trained", "n_interp", "core_s" (pieces), "setup_s" (data,
+    the maps, the original's evaluation; the activation scores are not counted), "wall_s" (setup
+    + pieces / n_cores), "per_method_s": {method: core seconds of one piece}}. Interpolation
+    pieces evaluate every a on both splits and train nothing."""
+    from ..harness import PIECE_COST_S, SETUP_COST_S, piece_seconds
+
     check_int("n_cores", n_cores, 1)
     c = PIECE_COST_S
-    n_curve = len({s for s in range(1, cfg.steps + 1)
-                   if s % cfg.curve_every == 0 or s == cfg.steps})
-    evals = n_curve * c["curve_point"] + len(cfg.test_checkpoints) * c["test_checkpoint"]
     per = {}
     for m in cfg.methods:
         if m == "interp":
             per[m] = len(cfg.alphas) * (c["curve_point"] + c["test_checkpoint"])
         else:
-            per[m] = cfg.steps * c["train_step"] * TRAIN_COST_FACTOR.get(m, 1.0) + evals
+            per[m] = piece_seconds(cfg, train_factor=TRAIN_COST_FACTOR.get(m, 1.0))["total"]
     plan = plan_peers(cfg)
     core = float(sum(per[p.method] for p in plan))
+    setup = (SETUP_COST_S["data"] + len(cfg.maps) * SETUP_COST_S["map"]
+             + SETUP_COST_S["original"])
     return {"n_pieces": len(plan), "n_trained": sum(p.trains for p in plan),
-            "n_interp": sum(not p.trains for p in plan), "core_s": core,
-            "wall_s": SETUP_S + core / n_cores, "per_method_s": per, "n_cores": n_cores}
+            "n_interp": sum(not p.trains for p in plan), "core_s": core, "setup_s": setup,
+            "wall_s": setup + core / n_cores, "per_method_s": per, "n_cores": n_cores}

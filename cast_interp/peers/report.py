@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Optional, Union
 
-from ..io import atomic_write_text
+from ..report.markdown import stage_time
 
 FIGURES = ("peers_pareto.png", "peers_matched_cost.png")
 
@@ -27,14 +27,6 @@ def _verdict(d: Optional[dict]) -> str:
     if not d:
         return "—"
     return d["statement"]
-
-
-def _stage_time(s: Optional[float]) -> str:
-    """Minutes, or "re-used" for a stage the run found done in its folder (cached answers, a map
-    with the same key) and so did not time."""
-    if s is None:
-        return "—"
-    return "re-used" if s < 5 else f"{s / 60:.1f} min"
 
 
 def _count(n: Optional[int]) -> str:
@@ -232,8 +224,8 @@ def peers_markdown(summary: dict) -> str:
         lines.append("")
     est = summary.get("estimate", {})
     lines += ["## 6. Time", "",
-              f"Data {_stage_time(t.get('data_s'))}, diagnosis (general map) "
-              f"{_stage_time(t.get('diagnosis_s'))}, activation scores "
+              f"Data {stage_time(t.get('data_s'))}, diagnosis (general map) "
+              f"{stage_time(t.get('diagnosis_s'))}, activation scores "
               f"{(t.get('activation_s') or 0):.0f} s, original {(t.get('original_s') or 0):.0f} s; "
               f"pieces {t.get('pieces_s', 0) / 60:.1f} min in all"
               + (f" (full tuning trains {full_t:.0f} s per piece)" if full_t is not None else "")
@@ -247,10 +239,7 @@ def peers_markdown(summary: dict) -> str:
 
 def write_peers_report(out_dir: Union[str, Path]) -> Path:
     """Summarize the run's files, draw its figures and write `report.md`; returns its path."""
+    from ..harness import write_run_report
     from .summary import summarize_peers
 
-    out = Path(out_dir)
-    summary = summarize_peers(out, write=True)
-    plot_peers(summary, out / "figures")
-    atomic_write_text(peers_markdown(summary), out / "report.md")
-    return out / "report.md"
+    return write_run_report(out_dir, summarize_peers, plot_peers, peers_markdown)

@@ -232,9 +232,7 @@ def run_peers(model: Model, cfg: PeersConfig, out_dir: Union[str, Path], *,
     data, meta, timings = start_run(model, cfg, out, meta_file="peers.json", fmt=PEERS_FORMAT,
                                     what="peer comparison")
 
-    t = time.perf_counter()
-    maps = conflict_maps(model, cfg, data, out, cfg.maps, progress=progress)
-    timings.setdefault("diagnosis_s", time.perf_counter() - t)
+    maps = conflict_maps(model, cfg, data, out, cfg.maps, progress=progress, timings=timings)
     pieces = plan_peers(cfg)
     act = None
     if any(p.method in ("act_tune", "act_skip") for p in pieces):

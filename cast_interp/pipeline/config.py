@@ -67,8 +67,11 @@ RUN_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
     "n_bootstrap": (("diagnosis", "n_bootstrap"),),
     "utility_reference": (("diagnosis", "utility_reference"),),
     # Weights of the diagnosis: "float32", or "bfloat16" (a bf16 copy of the model; losses and
-    # the accumulation of gradients over examples stay float32). Training and evaluation: float32.
+    # the accumulation of gradients over examples stay float32). Evaluation: always float32.
     "diag_dtype": (("diagnosis", "dtype"),),
+    # Training steps: "float32", or "bf16" (mixed precision: float32 master weights and AdamW
+    # state, frozen slices bit-exact; `TuningConfig.precision`).
+    "train_precision": (("tuning", "precision"),),
     # Diagnosis: bootstraps, tie-breaks; evaluation; stage 4's split, draws and bootstraps.
     "seed": (("diagnosis", "seed"), ("evaluation", "seed"), ("attribution", "seed")),
     "steps": (("tuning", "steps"),),

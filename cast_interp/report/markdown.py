@@ -21,6 +21,17 @@ def _num(v: Any) -> str:
     return "+0" if v == 0 else f"{v:+.3g}"
 
 
+def stage_time(s: Any) -> str:
+    """A stage's recorded time for a report: seconds (under a minute) or minutes; "re-used" as
+    recorded for a stage the run found done in its folder (a map with the same key); "—" when
+    unrecorded."""
+    if isinstance(s, str):
+        return s
+    if not isinstance(s, (int, float)) or not math.isfinite(s):
+        return "—"
+    return f"{s:.0f} s" if s < 60 else f"{s / 60:.1f} min"
+
+
 def _cell(r: Optional[dict]) -> str:
     """'+0.012 [-0.003, +0.027] no detectable difference (excludes effects beyond ±0.027)' from a
     paired_difference result."""
