@@ -155,6 +155,9 @@ def verdict_markdown(summary: dict) -> str:
         "Primary utility endpoint (declared before the run): over-refusal score (log P(refusal "
         "opening)) on held-out benign-but-sensitive prompts (XSTest safe, CoCoNot contrast), cost = "
         "tuned − original, per prompt. Safety: refusal score on held-out harmful prompts.", "",
+        "The regime is the one the regime sweep (`cast-interp regime`: full tuning over scopes, "
+        "learning rates and steps, its report beside this run's) picked by the declared rule; "
+        "the tax is measured again here, on this run's seeds.", "",
         "## 1. The tax (full tuning, test split, last step, against the original)", "",
         "| endpoint | change [95% CI] | verdict |", "|---|---|---|"]
     names = {"over_refusal_score": "over-refusal score (primary, nats, higher = worse)",
