@@ -251,7 +251,7 @@ def verdict_markdown(summary: dict) -> str:
         if vs:
             lines.append(f"| {arm} ({len(vs)}) | {np.mean(vs):+.3f} |")
     lines += ["", "## 7. Time (2 CPU cores)", "",
-              f"Data {stage_time(t.get('data_s'))}, diagnosis (both maps) "
+              f"Data {stage_time(t.get('data_s'))}, diagnosis ({_maps_label(cfg)}) "
               f"{stage_time(t.get('diagnosis_s'))}, original {stage_time(t.get('original_s'))}; "
               f"pieces: training {t.get('train_s', 0) / 60:.1f} min, validation curves "
               f"{t.get('curve_s', 0) / 60:.1f} min, test checkpoints {t.get('test_s', 0) / 60:.1f} "
@@ -260,6 +260,11 @@ def verdict_markdown(summary: dict) -> str:
               "`figures/verdict_graded.png`.", "",
               f"Versions: {json.dumps(summary.get('versions', {}))}.", ""]
     return "\n".join(lines)
+
+
+def _maps_label(cfg: dict) -> str:
+    maps = cfg.get("maps") or []
+    return "both maps" if len(maps) == 2 else ", ".join(f"{m} map" for m in maps) or "no map"
 
 
 def _gap_ratio(v: dict) -> str:
