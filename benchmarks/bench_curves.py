@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_precision import BF16, Flops, matmul_peak  # noqa: E402
 
+from cast_interp import backend  # noqa: E402
 from cast_interp.data import example_lengths, load_bundled, with_refusals  # noqa: E402
 from cast_interp.harness import CurveEvaluator  # noqa: E402
 from cast_interp.model import load_model  # noqa: E402
@@ -78,8 +79,6 @@ def time_training(model, data, args, flops: Flops) -> dict:
     batches = [source.next() for _ in range(cfg.steps)]
     step_flops = [flops.train(example_lengths(b).tolist(), flops.attn_weights) for b in batches]
     ends: list = []
-    from cast_interp import backend
-
     tuned = backend.copy_model(model)
     safety_finetune(tuned, data, config=cfg, on_step=lambda s, loss: ends.append(
         time.perf_counter()))

@@ -30,10 +30,10 @@ get none). These counts equal torch's `FlopCounterMode` on the tiny model
 grouping shows up as a shorter time for the same FLOPs.
 "share of peak" divides the achieved FLOP/s by the peak of the dtype the path computes in.
 
-`--curve-steps N` adds the training-curve check in the v3 regime's tuning (`VerdictConfig().tuning`):
-float32 on `--curve-seeds` training seeds and bf16 (grouped) on the first of them, N steps each, a `ValidationMonitor` every `--eval-every`
-steps, then `check_curves` on the refusal score and the KL (the issue's 64-step check on SmolLM2:
---curve-steps 64).
+`--curve-steps N` adds the training-curve check in the v3 regime's tuning
+(`VerdictConfig().tuning`): float32 on `--curve-seeds` training seeds and bf16 (grouped) on the
+first of them, N steps each, a `ValidationMonitor` every `--eval-every` steps, then `check_curves`
+on the refusal score and the KL (the issue's 64-step check on SmolLM2: --curve-steps 64).
 
 Run it on an otherwise idle machine; under load the times are meaningless. Example:
 python benchmarks/bench_precision.py --threads 2 --out bench_precision.json

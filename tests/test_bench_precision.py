@@ -3,9 +3,6 @@ tiny model (the table's rows, grouped paths padding less, the checks' verdicts).
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -13,15 +10,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from cast_interp import backend
 from cast_interp.model import tiny_model
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_precision.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_precision", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_benchmark):
+    return load_benchmark("bench_precision")
 
 
 @pytest.mark.parametrize("n_kv", [None, 2])

@@ -273,7 +273,7 @@ def estimate_peers_seconds(cfg: PeersConfig, *, n_cores: int = 2) -> dict:
     the maps, the original's evaluation; the activation scores are not counted), "wall_s" (setup
     + pieces / n_cores), "per_method_s": {method: core seconds of one piece}}. Interpolation
     pieces evaluate every a on both splits and train nothing."""
-    from ..harness import PIECE_COST_S, SETUP_COST_S, piece_seconds
+    from ..harness import PIECE_COST_S, piece_seconds, setup_seconds
 
     check_int("n_cores", n_cores, 1)
     c = PIECE_COST_S
@@ -285,8 +285,7 @@ def estimate_peers_seconds(cfg: PeersConfig, *, n_cores: int = 2) -> dict:
             per[m] = piece_seconds(cfg, train_factor=TRAIN_COST_FACTOR.get(m, 1.0))["total"]
     plan = plan_peers(cfg)
     core = float(sum(per[p.method] for p in plan))
-    setup = (SETUP_COST_S["data"] + len(cfg.maps) * SETUP_COST_S["map"]
-             + SETUP_COST_S["original"])
+    setup = setup_seconds(cfg)
     return {"n_pieces": len(plan), "n_trained": sum(p.trains for p in plan),
             "n_interp": sum(not p.trains for p in plan), "core_s": core, "setup_s": setup,
             "wall_s": setup + core / n_cores, "per_method_s": per, "n_cores": n_cores}
